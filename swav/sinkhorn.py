@@ -1,0 +1,110 @@
+"""Sinkhorn-Knopp codes with equipartition (SPEC §3, paper eq. 3).
+
+Legend: B batch (local rows), K prototypes, Q_KB the transport plan with prototypes as rows.
+
+The official algorithm works on ``exp(scores / eps)`` directly; we subtract the global maximum
+first (identical result after the first normalisation, no overflow) and always compute in
+float32 or float64, whatever the autocast dtype. A log-domain variant handles any epsilon.
+"""
+from __future__ import annotations
+
+import torch
+
+from swav.distributed import all_reduce_max_, all_reduce_sum_
+
+__all__ = ["sinkhorn_knopp"]
+
+
+def _check(scores: torch.Tensor, epsilon: float, iterations: int) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be a 2-D (B x K) tensor, got shape {tuple(scores.shape)}")
+    if scores.shape[1] < 1:
+        raise ValueError("scores must have at least one prototype column (K >= 1)")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    scores: torch.Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    *,
+    log_domain: bool = False,
+    distributed: bool = True,
+) -> torch.Tensor:
+    """Soft codes for a batch of prototype scores, spread evenly over the prototypes.
+
+    Args:
+        scores: ``B x K`` prototype scores (cosines) of this rank's rows.
+        epsilon: entropy regularisation (0.05 official); smaller is harder.
+        iterations: number of row/column normalisation rounds (3 official).
+        log_domain: normalise with log-sum-exp; stays finite for any epsilon.
+        distributed: when a process group exists, sum over all ranks so that B is the global
+            batch and every rank gets exactly its slice of the single-process result.
+
+    Returns:
+        ``B x K`` codes in float32 (float64 if ``scores`` is float64); each row sums to 1.
+        No gradient flows (codes are targets).
+
+    Example:
+        >>> import torch
+        >>> codes = sinkhorn_knopp(torch.randn(8, 5), epsilon=0.05, iterations=3)
+        >>> torch.allclose(codes.sum(1), torch.ones(8))
+        True
+    """
+    _check(scores, epsilon, iterations)
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        s_BK = scores.detach().to(dtype)
+        reduce_sum = all_reduce_sum_ if distributed else (lambda t: t)
+        reduce_max = all_reduce_max_ if distributed else (lambda t: t)
+        num_prototypes = s_BK.shape[1]
+        total_rows = reduce_sum(torch.tensor([float(s_BK.shape[0])], dtype=dtype, device=s_BK.device))
+        if log_domain:
+            return _sinkhorn_log(s_BK, epsilon, iterations, num_prototypes, total_rows, reduce_sum, reduce_max)
+        return _sinkhorn_exp(s_BK, epsilon, iterations, num_prototypes, total_rows, reduce_sum, reduce_max)
+
+
+def _global_max(s_BK: torch.Tensor, reduce_max) -> torch.Tensor:
+    local = s_BK.max() if s_BK.numel() else torch.tensor(float("-inf"), dtype=s_BK.dtype, device=s_BK.device)
+    return reduce_max(local.reshape(1).clone())
+
+
+def _sinkhorn_exp(s_BK, epsilon, iterations, K, B_total, reduce_sum, reduce_max) -> torch.Tensor:
+    Q_KB = torch.exp((s_BK - _global_max(s_BK, reduce_max)) / epsilon).t()
+    Q_KB /= reduce_sum(Q_KB.sum().reshape(1))
+    tiny = torch.finfo(Q_KB.dtype).tiny
+    for _ in range(iterations):
+        # clamp: a prototype (or sample) whose mass underflowed to 0 stays 0 instead of NaN
+        row_sums_K1 = reduce_sum(Q_KB.sum(dim=1, keepdim=True))
+        Q_KB /= row_sums_K1.clamp_min(tiny)
+        Q_KB /= K
+        Q_KB /= Q_KB.sum(dim=0, keepdim=True).clamp_min(tiny)
+        Q_KB /= B_total
+    Q_KB *= B_total
+    return Q_KB.t()
+
+
+def _log_reduce_sum(logx: torch.Tensor, dim: int | None, reduce_sum, reduce_max) -> torch.Tensor:
+    """log(sum(exp(logx))) over ``dim`` *and over all ranks*, computed stably."""
+    if dim is None:
+        m = reduce_max(logx.max().reshape(1).clone())
+        return torch.log(reduce_sum(torch.exp(logx - m).sum().reshape(1))) + m
+    m = reduce_max(logx.max(dim=dim, keepdim=True).values.clone())
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.log(reduce_sum(torch.exp(logx - m).sum(dim=dim, keepdim=True))) + m
+
+
+def _sinkhorn_log(s_BK, epsilon, iterations, K, B_total, reduce_sum, reduce_max) -> torch.Tensor:
+    logQ_KB = (s_BK / epsilon).t()
+    logQ_KB = logQ_KB - _log_reduce_sum(logQ_KB, None, reduce_sum, reduce_max)
+    log_K = torch.log(torch.tensor(float(K), dtype=s_BK.dtype, device=s_BK.device))
+    log_B = torch.log(B_total)
+    no_reduce = lambda t: t  # noqa: E731  (column sums are local to each rank)
+    for _ in range(iterations):
+        logQ_KB = logQ_KB - _log_reduce_sum(logQ_KB, 1, reduce_sum, reduce_max) - log_K
+        logQ_KB = logQ_KB - _log_reduce_sum(logQ_KB, 0, no_reduce, no_reduce) - log_B
+    return torch.exp(logQ_KB + log_B).t()

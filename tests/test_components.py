@@ -1,0 +1,134 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from swav.head import ProjectionHead
+from swav.lars import LARS
+from swav.model import ModelSpec, SwAVModel
+from swav.prototypes import Prototypes
+from swav.queue import EmbeddingQueue
+from swav.schedule import warmup_cosine_schedule
+
+
+def tiny_backbone():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_projection_head_layouts():
+    head = ProjectionHead(16, 32, 8)
+    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert set(head.state_dict()) >= {"0.weight", "1.running_mean", "3.weight", "3.bias"}
+    assert len(ProjectionHead(16, 0, 8)) == 1
+    assert isinstance(ProjectionHead(16, 32, 8, batch_norm=False)[1], nn.Identity)
+    with pytest.raises(ValueError, match="hidden_dim"):
+        ProjectionHead(16, -1, 8)
+
+
+def test_prototypes_no_bias_unit_rows_and_heads():
+    protos = Prototypes(16, 50)
+    assert list(protos.state_dict()) == ["weight"]
+    with torch.no_grad():
+        protos.weight.mul_(7.0)
+    protos.normalize_()
+    torch.testing.assert_close(protos.weight.norm(dim=1), torch.ones(50), atol=1e-6, rtol=0)
+    multi = Prototypes(16, [5, 7])
+    assert sorted(multi.state_dict()) == ["prototypes0.weight", "prototypes1.weight"]
+    assert [s.shape[1] for s in multi(torch.randn(3, 16))] == [5, 7]
+    with pytest.raises(ValueError, match="num_prototypes"):
+        Prototypes(16, 0)
+
+
+def test_grouped_forward_equals_crop_by_crop():
+    model = SwAVModel(tiny_backbone(), 8, hidden_dim=16, output_dim=4, num_prototypes=10).eval()
+    crops = [torch.randn(3, 3, 24, 24), torch.randn(3, 3, 24, 24), torch.randn(3, 3, 12, 12), torch.randn(3, 3, 12, 12)]
+    out = model(crops)
+    one_by_one = torch.cat([model.forward_embeddings(c) for c in crops])
+    torch.testing.assert_close(out.embeddings, one_by_one, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.embeddings.norm(dim=1), torch.ones(12), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.scores[0], one_by_one @ model.prototypes.weight.t(), atol=1e-6, rtol=1e-5)
+
+
+def test_one_backbone_pass_per_resolution_run():
+    calls = []
+    backbone = tiny_backbone()
+    backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    model = SwAVModel(backbone, 8, hidden_dim=16, output_dim=4, num_prototypes=10)
+    model([torch.randn(2, 3, 24, 24)] * 2 + [torch.randn(2, 3, 12, 12)] * 6)
+    assert calls == [torch.Size([4, 3, 24, 24]), torch.Size([12, 3, 12, 12])]
+
+
+def test_model_spec_validation_and_round_trip():
+    spec = ModelSpec(backbone="resnet18", num_prototypes=[30, 40])
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown model spec keys"):
+        ModelSpec.from_dict({"backbon": "resnet50"})
+    with pytest.raises(ValueError, match="num_prototypes"):
+        ModelSpec(num_prototypes=0)
+
+
+def test_queue_fifo_order_and_round_trip():
+    q = EmbeddingQueue(num_assign_crops=2, length=5, dim=3)
+    batches = [torch.full((2, 2, 3), float(i)) for i in range(1, 4)]
+    for b in batches[:2]:
+        q.push(b)
+    assert not q.is_full and int(q.filled) == 4
+    q.push(batches[2])
+    assert q.is_full
+    # newest first: rows 0-1 = batch 3, rows 2-3 = batch 2, row 4 = first row of batch 2's predecessor
+    assert q.embeddings[0, :, 0].tolist() == [3, 3, 2, 2, 1]
+    restored = EmbeddingQueue(2, 5, 3)
+    restored.load_state_dict(q.state_dict())
+    assert restored.is_full and torch.equal(restored.embeddings, q.embeddings)
+    with pytest.raises(ValueError, match="push expects"):
+        q.push(torch.zeros(3, 2, 3))
+
+
+def naive_lars_step(params, grads, bufs, lr, momentum, wd, trust, eps=1e-8):
+    out = []
+    for p, g, buf in zip(params, grads, bufs):
+        p, g = p.clone(), g.clone()
+        pn, gn = p.norm().item(), g.norm().item()
+        if pn != 0 and gn != 0:
+            rate = trust * pn / (gn + wd * pn + eps)
+            g = (g + wd * p) * rate
+        buf = g if buf is None else momentum * buf + g
+        out.append((p - lr * buf, buf))
+    return out
+
+
+def test_lars_matches_reference():
+    torch.manual_seed(1)
+    layer = nn.Linear(5, 3)
+    with torch.no_grad():
+        layer.bias.zero_()  # zero norm: the gradient must pass through unscaled
+    opt = LARS(layer.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-2, trust_coefficient=0.001)
+    bufs = [None, None]
+    for _ in range(3):
+        x = torch.randn(4, 5)
+        opt.zero_grad()
+        layer(x).pow(2).sum().backward()
+        params = [p.detach() for p in layer.parameters()]
+        grads = [p.grad.detach() for p in layer.parameters()]
+        expected = naive_lars_step(params, grads, bufs, 0.5, 0.9, 1e-2, 0.001)
+        bufs = [b for _, b in expected]
+        opt.step()
+        for p, (ref, _) in zip(layer.parameters(), expected):
+            torch.testing.assert_close(p.detach(), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_schedule_official_formula():
+    base, final, epochs, spe, warm, start = 4.8, 0.0048, 5, 7, 2, 0.3
+    lrs = warmup_cosine_schedule(base, final, epochs, spe, warm, start)
+    assert len(lrs) == epochs * spe
+    wsteps = warm * spe
+    for i in range(wsteps):
+        assert abs(lrs[i] - (start + (base - start) * i / (wsteps - 1))) < 1e-12
+    T = epochs * spe - wsteps
+    for t in range(T):
+        assert abs(lrs[wsteps + t] - (final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / T)))) < 1e-12
+    np.testing.assert_allclose(warmup_cosine_schedule(1.0, 0.0, 2, 3)[0], 1.0)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        warmup_cosine_schedule(1.0, 0.0, 2, 3, warmup_epochs=3)
