@@ -147,7 +147,9 @@ def available_backbones() -> list[str]:
         >>> "resnet50w2" in available_backbones() and "vit_b_16" in available_backbones()
         True
     """
-    return sorted(set(_RESNETS) | set(_torchvision_names()))
+    from swav.compact_backbones import available_compact_backbones
+
+    return sorted(set(_RESNETS) | set(_torchvision_names()) | set(available_compact_backbones()))
 
 
 def build_backbone(
@@ -201,6 +203,11 @@ def build_backbone(
             zero_init_residual=zero_init_residual,
         )
         dim = module.feature_dim
+    elif model_name.startswith("resnet-compact"):
+        # compact trunks are built for small images already (3x3 stem, no max-pool)
+        from swav.compact_backbones import build_compact_backbone
+
+        module, dim = build_compact_backbone(model_name, in_channels=in_channels)
     elif model_name in _torchvision_names():
         module, dim = _build_torchvision(model_name, small_images, in_channels, zero_init_residual)
     else:

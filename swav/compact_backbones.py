@@ -1,0 +1,100 @@
+"""Compact ResNets for tiny images on small CPUs (the Fashion-MNIST CPU recipe, issue 3).
+
+A torchvision ResNet-18 with the small-image stem costs about 0.5 GMAC per 28 px crop: far too slow
+for a 2-core CPU budget of minutes. These trunks keep the ResNet recipe (3x3 convolutions,
+BatchNorm, ReLU, BasicBlock residual units with 1x1 projection shortcuts, global average pooling)
+but with few, narrow stages, sized for 28-32 px inputs. Names:
+
+``resnet-compact-<w>[-<d>]``
+    3x3 stem conv with w channels at full resolution, then three stages of ``d`` BasicBlocks
+    (default 1) with w, 2w, 4w channels at strides 1, 2, 2; pooled feature 4w.
+``resnet-compact-s2-<w>[-<d>]``
+    the same with a stride-2 stem (a quarter of the cost: the first stage runs at 14 x 14 for
+    28 px inputs).
+
+The modules return pooled ``(B, C)`` features, like :func:`swav.backbones.build_backbone`, and use
+torchvision's initialisation (He normal, fan-out; BN gamma 1, beta 0).
+
+Legend: B batch, C feature dim.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, conv1x1
+
+__all__ = ["CompactResNet", "build_compact_backbone", "available_compact_backbones"]
+
+_NAME = re.compile(r"^resnet-compact-(?P<s2>s2-)?(?P<width>\d+)(?:-(?P<depth>\d+))?$")
+_EXAMPLES = ("resnet-compact-16", "resnet-compact-32", "resnet-compact-32-2", "resnet-compact-s2-32")
+
+
+class CompactResNet(nn.Module):
+    """Stem + three BasicBlock stages (w, 2w, 4w channels) + global average pooling.
+
+    Example:
+        >>> trunk = CompactResNet(width=16, depth=1, in_channels=1)
+        >>> trunk(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 64])
+    """
+
+    def __init__(self, width: int, depth: int = 1, in_channels: int = 3, stem_stride: int = 1) -> None:
+        super().__init__()
+        for name, value in (("width", width), ("depth", depth), ("in_channels", in_channels)):
+            if value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 1")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride={stem_stride!r} is invalid: expected 1 or 2")
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        channels = width
+        for index, (out_channels, stride) in enumerate(((width, 1), (2 * width, 2), (4 * width, 2)), start=1):
+            blocks = []
+            for block in range(depth):
+                downsample = None
+                if block == 0 and (stride != 1 or channels != out_channels):
+                    downsample = nn.Sequential(conv1x1(channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+                blocks.append(BasicBlock(channels, out_channels, stride if block == 0 else 1, downsample))
+                channels = out_channels
+            self.add_module(f"layer{index}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = channels
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def available_compact_backbones() -> list[str]:
+    """Example names (any width/depth following the patterns in the module docstring is valid)."""
+    return list(_EXAMPLES)
+
+
+def build_compact_backbone(name: str, in_channels: int = 3) -> tuple[nn.Module, int]:
+    """Build a compact trunk by name; returns ``(module, feature_dim)``.
+
+    Example:
+        >>> trunk, dim = build_compact_backbone("resnet-compact-32", in_channels=1)
+        >>> dim, trunk(torch.randn(2, 1, 28, 28)).shape
+        (128, torch.Size([2, 128]))
+    """
+    match = _NAME.match(name)
+    if match is None:
+        raise ValueError(
+            f"backbone name {name!r} is not a compact backbone: expected resnet-compact[-s2]-<width>[-<depth>], "
+            f"e.g. {', '.join(_EXAMPLES)}"
+        )
+    width = int(match["width"])
+    depth = int(match["depth"]) if match["depth"] else 1
+    module = CompactResNet(width, depth, in_channels, stem_stride=2 if match["s2"] else 1)
+    return module, module.feature_dim

@@ -1,0 +1,327 @@
+"""Robust image decoding for pretraining data (engine layer, SPEC §7 input side).
+
+Real photo collections contain truncated downloads, empty files, HTML error pages saved as
+``.jpg``, CMYK JPEGs, palette images with transparency, 16-bit PNGs and phone photos whose
+orientation lives only in EXIF. A multi-day pretraining run must neither crash on them nor
+silently feed garbage, so every file goes through :func:`load_image`, which either returns a
+fully decoded 8-bit ``RGB`` (or ``L``) image or raises :class:`ImageDecodeError` naming the file
+and the reason. Global Pillow settings (``ImageFile.LOAD_TRUNCATED_IMAGES``,
+``Image.MAX_IMAGE_PIXELS``) are never modified.
+
+What a dataset does with an unreadable file is decided here too (:class:`BadImageTracker`): the
+file is logged, remembered and skipped, and the run is aborted with
+:class:`TooManyBadImagesError` once at least ``min_bad_count`` (default 10) distinct bad files were
+met *and* they make up more than ``max_bad_fraction`` (default 1%) of the decode attempts made so
+far in this process. The count threshold keeps an early unlucky streak (1 bad of the first 3) from
+stopping a run. Each data-loader worker keeps its own counts (it sees a random share of the data,
+so its estimate is unbiased). Because workers are separate processes, bad paths reach the main
+process through ``bad_list_path``: every process appends one line per new bad file (a single
+``write`` on a file opened in append mode, which POSIX keeps whole on local disks);
+:attr:`BadImageTracker.bad_files` reads it back deduplicated. On a shared network file system
+give each rank its own path.
+
+Example:
+    >>> import io
+    >>> from PIL import Image
+    >>> buf = io.BytesIO()
+    >>> Image.new("RGBA", (2, 1), (0, 0, 0, 0)).save(buf, "PNG")
+    >>> load_image(buf.getvalue()).getpixel((0, 0))   # transparent -> white
+    (255, 255, 255)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import struct
+import zlib
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "ImageDecodeError", "load_image", "default_max_pixels", "ImageSource",
+    "TooManyBadImagesError", "BadImageTracker", "IMAGE_FORMATS",
+]
+
+logger = logging.getLogger(__name__)
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+#: Exceptions Pillow's decoders raise on corrupt data (they are not all OSError).
+_DECODER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError,
+                   TypeError, KeyError, ZeroDivisionError, zlib.error)
+
+#: Pillow formats we decode. Anything else (EPS, which would start Ghostscript, PSD, ICO, ...)
+#: is refused as "not an image", whatever the file name says. JPEG includes multi-picture (MPO)
+#: camera files; PPM covers .ppm/.pgm/.pbm.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+
+_EXIF_ORIENTATION = 0x0112
+
+#: Reasons an :class:`ImageDecodeError` can carry (``kind``), used by ``swav scan`` to group.
+DECODE_ERROR_KINDS = ("empty", "unreadable", "not_an_image", "too_large", "truncated", "corrupt")
+
+
+class ImageDecodeError(ValueError):
+    """A file that is not a decodable image.
+
+    ``path`` names the file (or ``"<bytes>"``), ``reason`` says why in words and ``kind`` is one
+    of :data:`DECODE_ERROR_KINDS`. It is a ``ValueError`` so generic handlers still catch it.
+
+    Example:
+        >>> err = ImageDecodeError("a.jpg", "file is empty (0 bytes)", kind="empty")
+        >>> str(err)
+        'cannot decode image a.jpg: file is empty (0 bytes)'
+    """
+
+    def __init__(self, path: object, reason: str = "unknown error", kind: str = "corrupt") -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.kind = kind if kind in DECODE_ERROR_KINDS else "corrupt"
+        super().__init__(f"cannot decode image {self.path}: {reason}")
+
+    def __reduce__(self):  # keep path/reason/kind across DataLoader worker pickling
+        return (type(self), (self.path, self.reason, self.kind))
+
+
+def default_max_pixels() -> int:
+    """Pixel limit used when none is given: Pillow's own error threshold (2 x MAX_IMAGE_PIXELS,
+    about 178.9 M pixels with Pillow's defaults), or unlimited if the application set it to None.
+    """
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    return 2 * int(pil_limit) if pil_limit is not None else 0
+
+
+def _read_source(source: ImageSource, name: str | None) -> tuple[bytes, str]:
+    """Read the whole encoded file into memory (one read; no open handle outlives the call)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = name or "<bytes>"
+    elif isinstance(source, (str, os.PathLike)):
+        label = name or os.fspath(source)
+        try:
+            with open(source, "rb") as fh:
+                data = fh.read()
+        except IsADirectoryError as exc:
+            raise ImageDecodeError(label, "is a directory, not an image file",
+                                   "unreadable") from exc
+        except OSError as exc:  # missing, permission denied, broken symlink, I/O error
+            raise ImageDecodeError(label, f"cannot read file ({exc.strerror or exc})",
+                                   "unreadable") from exc
+    else:
+        raise TypeError(f"load_image: source must be a path or bytes, got {type(source).__name__}")
+    if not data:
+        raise ImageDecodeError(label, "file is empty (0 bytes)", "empty")
+    return data, label
+
+
+def _open_checked(data: bytes, label: str, max_pixels: int) -> Image.Image:
+    """Parse the header, refuse decompression bombs, then decode fully (first frame)."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(label, f"refused as a decompression bomb ({exc})",
+                               "too_large") from exc
+    except UnidentifiedImageError as exc:
+        head = data[:16]
+        raise ImageDecodeError(label, f"not a supported image format (starts with {head!r})",
+                               "not_an_image") from exc
+    except _DECODER_ERRORS as exc:
+        kind = "truncated" if "truncat" in str(exc).lower() else "corrupt"
+        raise ImageDecodeError(label, f"cannot parse header ({exc})", kind) from exc
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(label, f"invalid size {width}x{height}", "corrupt")
+    if max_pixels and width * height > max_pixels:
+        raise ImageDecodeError(
+            label, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+                   "(decompression-bomb guard; raise max_pixels to allow it)", "too_large")
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # GIF/TIFF/WebP animations: use the first frame
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(label, f"refused as a decompression bomb ({exc})",
+                               "too_large") from exc
+    except _DECODER_ERRORS as exc:
+        message = str(exc)
+        kind = "truncated" if ("truncat" in message.lower() or "broken data stream" in message
+                               or isinstance(exc, EOFError)) else "corrupt"
+        raise ImageDecodeError(label, f"decoding failed ({message or type(exc).__name__})",
+                               kind) from exc
+    return img
+
+
+def _apply_exif_orientation(img: Image.Image, label: str) -> Image.Image:
+    """Rotate/flip as the EXIF Orientation tag says; broken EXIF keeps the stored pixels."""
+    try:
+        if img.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):
+            return img  # the common case: no copy
+        return ImageOps.exif_transpose(img)
+    except _DECODER_ERRORS as exc:  # malformed EXIF must not make a good image unusable
+        logger.warning("ignoring malformed EXIF orientation in %s: %s", label, exc)
+        return img
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """Scale 16-bit / 32-bit / float grey images to 8 bits (scaled, never clipped).
+
+    ``I;16*`` (16-bit PNG/TIFF) maps 0..65535 to 0..255 (x / 257, rounded). Mode ``I`` is treated
+    the same when its values lie in 0..65535 (older Pillow versions report 16-bit PNGs as ``I``);
+    otherwise, and for ``F``, the image's own min..max range is stretched to 0..255 (a float image
+    already in 0..1 is multiplied by 255).
+    """
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16") or (img.mode == "I" and arr.min() >= 0 and arr.max() <= 65535):
+        out = (arr.astype(np.uint32) * 255 + 32767) // 65535
+    else:
+        arr = arr.astype(np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        out = np.rint((arr - lo) * scale)
+    return Image.fromarray(out.astype(np.uint8))  # 2-D uint8 -> mode L
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info
+
+
+def _to_8bit(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any decoded mode to 8-bit RGB (channels=3) or L (channels=1)."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _high_bit_depth_to_l(img)
+    if _has_alpha(img):
+        # Composite on white: transparent regions of logos/icons become white, not black.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode not in ("RGB", "L"):
+        # CMYK, YCbCr, LAB, HSV, P, 1, RGBX, RGBA, ... through Pillow's own conversions.
+        img = img.convert("RGB")
+    target = "RGB" if channels == 3 else "L"
+    if img.mode != target:
+        img = img.convert(target)
+    return img
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    channels: int = 3,
+    max_pixels: int | None = None,
+    name: str | None = None,
+) -> Image.Image:
+    """Decode one image fully into an 8-bit ``RGB`` (``channels=3``) or ``L`` (``channels=1``).
+
+    Handles JPEG/PNG/WebP/BMP/GIF (first frame)/TIFF, applies EXIF orientation, converts CMYK,
+    composites transparency (RGBA/LA/P with tRNS) on white and scales 16-bit data to 8 bits.
+
+    Args:
+        source: a file path or the encoded bytes (e.g. from a tar shard).
+        channels: 3 for RGB, 1 for grey.
+        max_pixels: refuse images with more pixels than this (decompression bombs). ``None``
+            uses :func:`default_max_pixels`; 0 disables our check. Pillow still refuses images
+            above its own global threshold on open; to allow bigger ones the application must
+            raise ``PIL.Image.MAX_IMAGE_PIXELS`` itself (we never change globals).
+        name: label used in error messages when ``source`` is bytes.
+
+    Raises:
+        ImageDecodeError: empty, unreadable, not an image, too large, truncated or corrupt.
+        ValueError: ``channels`` not 1 or 3.
+
+    Example:
+        >>> import io
+        >>> from PIL import Image
+        >>> buf = io.BytesIO(); Image.new("L", (3, 2), 7).save(buf, "PNG")
+        >>> img = load_image(buf.getvalue(), channels=3)
+        >>> img.mode, img.size
+        ('RGB', (3, 2))
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"load_image: channels must be 1 or 3, got {channels!r}")
+    if max_pixels is not None and max_pixels < 0:
+        raise ValueError(f"load_image: max_pixels must be >= 0 (0 = no limit), got {max_pixels!r}")
+    limit = default_max_pixels() if max_pixels is None else max_pixels
+    data, label = _read_source(source, name)
+    img = _open_checked(data, label, limit)
+    img = _apply_exif_orientation(img, label)
+    try:
+        return _to_8bit(img, channels)
+    except _DECODER_ERRORS as exc:
+        raise ImageDecodeError(label, f"cannot convert mode {img.mode} ({exc})", "corrupt") from exc
+
+
+class TooManyBadImagesError(RuntimeError):
+    """Too many unreadable images: the data set is probably broken (wrong folder, bad copy).
+
+    Constructed from one message string so that a DataLoader worker can re-raise it unchanged
+    in the main process.
+    """
+
+
+class BadImageTracker:
+    """Per-process record of unreadable files and the abort rule described in the module doc.
+
+    Example:
+        >>> t = BadImageTracker(max_bad_fraction=0.5, min_bad_count=2)
+        >>> t.record_ok(); t.record_bad("a.jpg", "empty")
+        >>> t.bad_files, t.attempted
+        (['a.jpg'], 2)
+    """
+
+    def __init__(self, max_bad_fraction: float = 0.01, min_bad_count: int = 10,
+                 bad_list_path: str | os.PathLike | None = None) -> None:
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
+        if min_bad_count < 1:
+            raise ValueError(f"min_bad_count must be >= 1, got {min_bad_count!r}")
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.min_bad_count = int(min_bad_count)
+        self.bad_list_path = os.fspath(bad_list_path) if bad_list_path is not None else None
+        self.attempted = 0
+        self.bad: dict[str, str] = {}  # path -> reason, in order of discovery
+
+    def record_ok(self) -> None:
+        self.attempted += 1
+
+    def record_bad(self, path: str, reason: str) -> None:
+        """Count one failed decode; raise :class:`TooManyBadImagesError` if the rule trips."""
+        self.attempted += 1
+        if path not in self.bad:
+            self.bad[path] = reason
+            logger.warning("skipping unreadable image %s: %s", path, reason)
+            if self.bad_list_path is not None:
+                self._append(path)
+        self.check()
+
+    def _append(self, path: str) -> None:
+        parent = os.path.dirname(self.bad_list_path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        line = path.replace("\n", "\\n") + "\n"
+        with open(self.bad_list_path, "a", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.write(line)
+
+    def check(self) -> None:
+        n_bad = len(self.bad)
+        if n_bad >= self.min_bad_count and n_bad > self.max_bad_fraction * self.attempted:
+            examples = "; ".join(f"{p} ({r})" for p, r in list(self.bad.items())[:3])
+            raise TooManyBadImagesError(
+                f"{n_bad} unreadable images out of {self.attempted} decode attempts in this "
+                f"process ({n_bad / self.attempted:.1%} > max_bad_fraction="
+                f"{self.max_bad_fraction}); e.g. {examples}. Run `swav scan` on the data to list "
+                "them all, then fix or remove them, or raise max_bad_fraction.")
+
+    @property
+    def bad_files(self) -> list[str]:
+        """Bad paths seen by this process plus those other processes wrote to bad_list_path."""
+        paths = list(self.bad)
+        if self.bad_list_path is not None and os.path.exists(self.bad_list_path):
+            with open(self.bad_list_path, encoding="utf-8", errors="surrogateescape") as fh:
+                paths += [line.rstrip("\n") for line in fh if line.strip()]
+        return list(dict.fromkeys(paths))

@@ -1,0 +1,152 @@
+"""Check a folder of images before training on it (engine layer; backs ``swav scan``).
+
+A pretraining run skips unreadable images (:class:`swav.images.BadImageTracker`), but it is
+better to know up front: :func:`scan_folder` decodes every file exactly as training will
+(:func:`swav.images.load_image`, same walk as :class:`swav.datasets.ImageFolderDataset`) and
+reports how many are readable, which are not and why, and the range of image sizes.
+
+Example:
+    >>> import tempfile; from PIL import Image
+    >>> d = tempfile.mkdtemp(); Image.new("RGB", (8, 6)).save(f"{d}/a.png")
+    >>> _ = open(f"{d}/b.jpg", "wb")             # an empty file
+    >>> report = scan_folder(d, workers=1)
+    >>> report.total, report.ok, report.bad_by_kind
+    (2, 1, {'empty': 1})
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from swav.datasets import IMAGE_EXTENSIONS, list_image_files
+from swav.images import ImageDecodeError, load_image
+
+__all__ = ["BadFile", "ScanReport", "scan_folder", "format_report"]
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """One unreadable file: its path, the error kind (see ``DECODE_ERROR_KINDS``) and why."""
+
+    path: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class ScanReport:
+    """Result of :func:`scan_folder`; ``to_dict()`` gives a JSON-ready view."""
+
+    root: str
+    total: int = 0
+    ok: int = 0
+    bad: list[BadFile] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list, repr=False)
+    heights: list[int] = field(default_factory=list, repr=False)
+    seconds: float = 0.0
+
+    @property
+    def bad_by_kind(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for item in self.bad:
+            counts[item.kind] = counts.get(item.kind, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
+    def bad_fraction(self) -> float:
+        return len(self.bad) / self.total if self.total else 0.0
+
+    def size_stats(self) -> dict[str, dict[str, float]]:
+        """min / median / max / mean of widths and heights of the readable images."""
+        stats = {}
+        for name, values in (("width", self.widths), ("height", self.heights)):
+            if values:
+                stats[name] = {"min": min(values), "median": statistics.median(values),
+                               "max": max(values), "mean": statistics.fmean(values)}
+        return stats
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": self.root, "total": self.total, "ok": self.ok,
+                "bad_count": len(self.bad), "bad_fraction": self.bad_fraction,
+                "bad_by_kind": self.bad_by_kind, "bad": [asdict(b) for b in self.bad],
+                "sizes": self.size_stats(), "seconds": self.seconds}
+
+
+def _check(path: str, channels: int, max_pixels: int | None) -> tuple[int, int] | BadFile:
+    try:
+        image = load_image(path, channels=channels, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        return BadFile(path, exc.kind, exc.reason)
+    return image.size
+
+
+def scan_folder(
+    root: str | os.PathLike,
+    *,
+    channels: int = 3,
+    workers: int | None = None,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    max_pixels: int | None = None,
+) -> ScanReport:
+    """Decode every image under ``root`` and report the outcome (bad files in path order).
+
+    ``workers`` threads decode in parallel (Pillow releases the GIL while decoding); the
+    default is ``min(8, cpu count)``.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: ``root`` missing or not a folder.
+    """
+    root = os.path.expanduser(os.fspath(root))
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"scan_folder: {root!r} does not exist; expected a folder of "
+                                "images")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"scan_folder: {root!r} is not a folder")
+    if channels not in (1, 3):
+        raise ValueError(f"scan_folder: channels must be 1 or 3, got {channels!r}")
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers < 1:
+        raise ValueError(f"scan_folder: workers must be >= 1, got {workers!r}")
+    start = time.perf_counter()
+    paths = [os.path.join(root, rel) for rel in list_image_files(root, extensions)]
+    report = ScanReport(root=root, total=len(paths))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(lambda p: _check(p, channels, max_pixels), paths):
+            if isinstance(result, BadFile):
+                report.bad.append(result)
+            else:
+                report.ok += 1
+                report.widths.append(result[0])
+                report.heights.append(result[1])
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def format_report(report: ScanReport, max_listed: int = 50) -> str:
+    """Human-readable summary: counts, error kinds, size range, then the bad files."""
+    lines = [f"scanned {report.root}: {report.total} image files in {report.seconds:.1f} s"]
+    if report.total == 0:
+        lines.append("  no image files found (hidden files and folders are skipped)")
+        return "\n".join(lines)
+    lines.append(f"  readable:   {report.ok} ({report.ok / report.total:.1%})")
+    kinds = ", ".join(f"{k} {n}" for k, n in report.bad_by_kind.items())
+    lines.append(f"  unreadable: {len(report.bad)} ({report.bad_fraction:.1%})"
+                 + (f": {kinds}" if kinds else ""))
+    stats = report.size_stats()
+    if stats:
+        w, h = stats["width"], stats["height"]
+        lines.append(f"  width  min {w['min']}, median {w['median']:g}, max {w['max']}")
+        lines.append(f"  height min {h['min']}, median {h['median']:g}, max {h['max']}")
+    if report.bad:
+        lines.append("unreadable files:")
+        for item in report.bad[:max_listed]:
+            lines.append(f"  [{item.kind}] {item.path}: {item.reason}")
+        if len(report.bad) > max_listed:
+            lines.append(f"  ... and {len(report.bad) - max_listed} more (write them all with "
+                         "--json or --bad-list)")
+    return "\n".join(lines)

@@ -1,0 +1,384 @@
+"""WebDataset tar shards: write them once, stream them on many nodes (engine layer).
+
+Reading millions of small files from a network file system is slow; a few hundred tar files
+("shards") read sequentially are fast everywhere. :func:`write_shards` packs a folder or a
+dataset into ``shard-000000.tar, ...`` plus an index ``shards.json`` (names, sample counts,
+classes). Each sample keeps the original encoded bytes (``.jpg``/``.png``/... as found; arrays
+from IDX/CIFAR are encoded as PNG), its label (``.cls``, absent when unlabelled) and, for files,
+its relative path (``.path.txt``). The tar key is the sample's running number, because
+WebDataset splits member names at the first dot and real file names often contain dots.
+
+:class:`ShardDataset` streams them. Splitting rule (every sample exactly once per epoch across
+all ranks x workers): the shard list is permuted with a seed derived from ``(seed, epoch)``
+(identical on every rank), the first ``start_shard`` shards are skipped (resume at a shard
+boundary), rank ``r`` of ``W`` takes shards ``r, r+W, r+2W, ...`` of the rest and data-loader
+worker ``w`` of ``n`` takes every n-th of the rank's shards. Each shard therefore goes to exactly
+one (rank, worker). Uneven counts are allowed by design: nothing is duplicated or dropped, but
+ranks then yield different numbers of samples. Under DDP every rank must run the same number of
+steps, so either make the shard count a multiple of ``world_size`` with equal-size shards
+(``write_shards(..., num_shards=k * world_size)``, ideally ``k >= workers``) or stop each epoch
+after ``min(samples_per_rank())`` samples (those leftovers are then skipped that epoch). A rank
+holding fewer shards than workers leaves some workers idle. Inside a worker, samples pass through
+a shuffle buffer seeded by ``(seed, epoch, rank, worker)``.
+
+Example:
+    >>> import tempfile; from PIL import Image
+    >>> src, out = tempfile.mkdtemp(), tempfile.mkdtemp()
+    >>> for i in range(4): Image.new("L", (2, 2), i).save(f"{src}/{i}.png")
+    >>> paths = write_shards(src, out, max_samples_per_shard=2)
+    >>> ds = ShardDataset(out, rank=0, world_size=1, return_key=True)
+    >>> sorted(key for _, _, key in ds)
+    ['0.png', '1.png', '2.png', '3.png']
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import json
+import logging
+import os
+import random
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from swav.images import BadImageTracker, ImageDecodeError, load_image
+
+__all__ = ["write_shards", "ShardDataset", "expand_shards", "looks_like_shards", "INDEX_NAME"]
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "shards.json"
+_IMAGE_FIELDS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff",
+                 "ppm", "pgm", "pbm")
+
+
+def looks_like_shards(path: str | os.PathLike) -> bool:
+    """True for a ``.tar`` file, a ``shards.json`` index, or a folder holding either an index
+    or only ``.tar`` files."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path.endswith(".tar") or os.path.basename(path) == INDEX_NAME
+    if not os.path.isdir(path):
+        return False
+    if os.path.isfile(os.path.join(path, INDEX_NAME)):
+        return True
+    names = [n for n in os.listdir(path) if not n.startswith(".")]
+    return bool(names) and all(n.endswith(".tar") for n in names)
+
+
+def _read_index(index_path: str) -> tuple[list[str], list[int]]:
+    with open(index_path, encoding="utf-8") as fh:
+        index = json.load(fh)
+    folder = os.path.dirname(index_path)
+    shards = index.get("shards")
+    if not isinstance(shards, list):
+        raise ValueError(f"{index_path} is not a shard index (no 'shards' list)")
+    return ([os.path.join(folder, s["name"]) for s in shards],
+            [int(s["num_samples"]) for s in shards])
+
+
+def expand_shards(spec: str | os.PathLike | Sequence[str]) -> tuple[list[str], list[int] | None]:
+    """Shard paths and, when an index knows them, per-shard sample counts.
+
+    ``spec``: a list of paths, a folder (its ``shards.json`` or else its sorted ``*.tar``), a
+    ``shards.json`` path, or a brace pattern such as ``data/shard-{000000..000007}.tar``.
+    """
+    if isinstance(spec, (list, tuple)):
+        return [os.fspath(s) for s in spec], None
+    spec = os.path.expanduser(os.fspath(spec))
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, INDEX_NAME)):
+            return _read_index(os.path.join(spec, INDEX_NAME))
+        return sorted(os.path.join(spec, n) for n in os.listdir(spec) if n.endswith(".tar")), None
+    if os.path.basename(spec) == INDEX_NAME:
+        return _read_index(spec)
+    from webdataset.shardlists import expand_urls
+    urls = expand_urls(spec)
+    index = os.path.join(os.path.dirname(urls[0]), INDEX_NAME) if urls else ""
+    if urls and os.path.isfile(index):  # take counts for the selected shards from the index
+        names, counts = _read_index(index)
+        known = dict(zip(names, counts, strict=True))
+        if all(u in known for u in urls):
+            return urls, [known[u] for u in urls]
+    return urls, None
+
+
+def _records(source: Any, verify: bool) -> Iterator[tuple[int, str | None, str, bytes, int]]:
+    """(index, relative path or None, extension, encoded bytes, label) per sample."""
+    import numpy as np
+    from PIL import Image
+
+    from swav.datasets import ImageFolderDataset
+    if isinstance(source, ImageFolderDataset):
+        for index, (path, label) in enumerate(source.samples):
+            with open(path, "rb") as fh:
+                data = fh.read()
+            if verify:
+                try:
+                    load_image(data, name=path)
+                except ImageDecodeError as exc:
+                    logger.warning("not packing unreadable image %s: %s", path, exc.reason)
+                    continue
+            ext = os.path.splitext(path)[1].lower().lstrip(".")
+            yield index, os.path.relpath(path, source.root), ext, data, label
+        return
+    for i in range(len(source)):
+        if hasattr(source, "data") and hasattr(source, "targets"):
+            image, label = Image.fromarray(np.asarray(source.data[i])), int(source.targets[i])
+        else:
+            image, label = source[i]
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"write_shards: source[{i}] gives {type(image).__name__}; expected "
+                            "a PIL image (build the dataset without a transform)")
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        yield i, None, "png", buf.getvalue(), int(label)
+
+
+def write_shards(
+    source: Any,
+    out_dir: str | os.PathLike,
+    *,
+    max_samples_per_shard: int = 1000,
+    max_bytes: int | None = None,
+    num_shards: int | None = None,
+    prefix: str = "shard",
+    verify: bool = True,
+) -> list[str]:
+    """Pack ``source`` (a folder path, an :class:`~swav.datasets.ImageFolderDataset`, an
+    IDX/CIFAR dataset or any dataset of ``(PIL image, label)``) into tar shards in ``out_dir``.
+
+    A new shard starts after ``max_samples_per_shard`` samples or before its tar content (headers
+    and data; tar adds up to 10 KiB of end padding) would exceed ``max_bytes``. ``num_shards``
+    instead splits the samples into exactly that many shards whose sizes differ by at most one
+    (files skipped by ``verify`` make a shard smaller); use a multiple of ``world_size``.
+    ``verify`` decodes every file first and leaves out unreadable ones. Each shard is written
+    under a temporary name and renamed when complete. Returns the shard paths;
+    ``out_dir/shards.json`` records names, counts and classes.
+
+    Example: see the module docstring.
+    """
+    if max_samples_per_shard < 1:
+        raise ValueError(f"max_samples_per_shard must be >= 1, got {max_samples_per_shard!r}")
+    if num_shards is not None and (num_shards < 1 or max_bytes is not None):
+        raise ValueError(f"num_shards must be >= 1 and cannot be combined with max_bytes, got "
+                         f"num_shards={num_shards!r}, max_bytes={max_bytes!r}")
+    from webdataset import TarWriter
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if isinstance(source, (str, os.PathLike)):
+        from swav.datasets import ImageFolderDataset
+        source = ImageFolderDataset(source)
+    if num_shards is not None:  # exactly num_shards near-equal runs of source indices
+        total = len(source)
+        sizes = [total // num_shards + (i < total % num_shards) for i in range(num_shards)]
+        ends = [sum(sizes[:i + 1]) for i in range(num_shards)]
+    shards: list[dict[str, Any]] = []
+    writer, tmp_path, count, size, group = None, "", 0, 0, -1
+
+    def close() -> None:
+        writer.close()
+        os.replace(tmp_path, tmp_path[:-len(".tmp")])
+        shards.append({"name": os.path.basename(tmp_path[:-len(".tmp")]), "num_samples": count})
+
+    for index, rel, ext, data, label in _records(source, verify):
+        sample = {"__key__": f"{index:09d}", ext: data}
+        if rel is not None:
+            sample["path.txt"] = rel.encode("utf-8", "surrogateescape")
+        if label >= 0:
+            sample["cls"] = str(label).encode()
+        # bytes this sample adds to the tar: a 512-byte header per member, data padded to 512
+        sample_bytes = sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k[0] != "_")
+        if num_shards is not None:
+            new_group = bisect.bisect_right(ends, index)
+            full, group = new_group != group, new_group
+        else:
+            full = count >= max_samples_per_shard or (
+                max_bytes is not None and count > 0 and size + sample_bytes > max_bytes)
+        if writer is None or full:
+            if writer is not None:
+                close()
+            tmp_path = os.path.join(out_dir, f"{prefix}-{len(shards):06d}.tar.tmp")
+            writer, count, size = TarWriter(tmp_path, encoder=False, mtime=0.0), 0, 0
+        writer.write(sample)
+        size += sample_bytes
+        count += 1
+    if writer is not None:
+        close()
+    if not shards:
+        raise ValueError(f"write_shards: nothing to write, every sample of {source!r} was skipped")
+    index = {"format": "swav-shards", "version": 1, "num_samples": sum(s["num_samples"] for s in
+                                                                        shards),
+             "classes": list(getattr(source, "classes", [])), "shards": shards}
+    with open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as fh:
+        json.dump(index, fh, indent=1)
+    logger.info("wrote %d samples into %d shards in %s", index["num_samples"], len(shards),
+                out_dir)
+    return [os.path.join(out_dir, s["name"]) for s in shards]
+
+
+def _default_ranks() -> tuple[int, int] | None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+class ShardDataset(IterableDataset):
+    """Stream ``(transform(image), label)`` (``label`` -1 when absent) from tar shards.
+
+    Args:
+        shards: see :func:`expand_shards`.
+        rank, world_size: this process's place; both or neither. When omitted they come from
+            ``torch.distributed`` (construct the dataset, or call :meth:`set_epoch`, after
+            ``init_process_group``) and default to 0 and 1.
+        seed: must be the same on every rank (the shard permutation depends on it).
+        shuffle_buffer: samples held per worker for shuffling (0 or 1 = stream order).
+        shuffle_shards: permute the shard list each epoch.
+        start_shard: shards of the current epoch's permutation to skip (resume at a boundary).
+        return_key: yield ``(image, label, relative path)`` instead.
+        max_bad_fraction, min_bad_count, bad_list_path, max_pixels: as in
+            :class:`swav.images.BadImageTracker` / :func:`swav.images.load_image`; an unreadable
+            sample is skipped.
+
+    Epoch state travels to data-loader workers when an iterator is created, so call
+    :meth:`set_epoch` before each epoch and do not use ``persistent_workers=True``.
+
+    Example:
+        >>> ds = ShardDataset("shards/", seed=0)           # doctest: +SKIP
+        >>> ds.set_epoch(3)                                 # doctest: +SKIP
+        >>> loader = DataLoader(ds, batch_size=64, num_workers=8)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike | Sequence[str],
+        *,
+        transform: Callable[[Any], Any] | None = None,
+        channels: int = 3,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        shuffle_shards: bool = True,
+        start_shard: int = 0,
+        return_key: bool = False,
+        max_bad_fraction: float = 0.01,
+        min_bad_count: int = 10,
+        bad_list_path: str | os.PathLike | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        self.urls, self.counts = expand_shards(shards)
+        if not self.urls:
+            raise FileNotFoundError(f"ShardDataset: no .tar shards found for {shards!r}; expected "
+                                    "a folder of shards, a shards.json or a brace pattern")
+        missing = [u for u in self.urls if "://" not in u and not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(f"ShardDataset: {len(missing)} shard(s) missing, e.g. "
+                                    f"{missing[0]!r}")
+        if (rank is None) != (world_size is None):
+            raise ValueError(f"ShardDataset: give both rank and world_size or neither, got "
+                             f"rank={rank!r}, world_size={world_size!r}")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"ShardDataset: need 0 <= rank < world_size, got {rank}/{world_size}")
+        if channels not in (1, 3):
+            raise ValueError(f"ShardDataset: channels must be 1 or 3, got {channels!r}")
+        self._explicit = (rank, world_size) if rank is not None else None
+        self._ranks = self._explicit or _default_ranks() or (0, 1)
+        self.transform, self.channels, self.max_pixels = transform, channels, max_pixels
+        self.seed, self.shuffle_buffer, self.shuffle_shards = seed, shuffle_buffer, shuffle_shards
+        self.return_key = return_key
+        self.tracker = BadImageTracker(max_bad_fraction, min_bad_count, bad_list_path)
+        self.epoch = 0
+        self.start_shard = 0
+        self.set_epoch(0, start_shard)
+
+    @property
+    def rank(self) -> int:
+        return self._ranks[0]
+
+    @property
+    def world_size(self) -> int:
+        return self._ranks[1]
+
+    def set_epoch(self, epoch: int, start_shard: int = 0) -> None:
+        """Select the epoch (reseeds shard order and shuffling) and where in it to start."""
+        if not 0 <= start_shard < len(self.urls):
+            raise ValueError(f"ShardDataset.set_epoch: start_shard must be in [0, "
+                             f"{len(self.urls)}), got {start_shard!r}")
+        self.epoch, self.start_shard = int(epoch), int(start_shard)
+        self._ranks = self._explicit or _default_ranks() or self._ranks
+
+    def shard_order(self, epoch: int | None = None) -> list[int]:
+        """Indices into :attr:`urls` in the order used for ``epoch`` (same on every rank)."""
+        order = list(range(len(self.urls)))
+        if self.shuffle_shards:
+            random.Random(f"swav-shards-{self.seed}-{self.epoch if epoch is None else epoch}"
+                          ).shuffle(order)
+        return order
+
+    def rank_shards(self, rank: int | None = None) -> list[str]:
+        """Shards this rank (or ``rank``) reads in the current epoch, after ``start_shard``."""
+        order = self.shard_order()[self.start_shard:]
+        return [self.urls[i] for i in order[self.rank if rank is None else rank::self.world_size]]
+
+    def samples_per_rank(self) -> list[int]:
+        """Samples each rank yields this epoch (from the index; needs ``shards.json``)."""
+        if self.counts is None:
+            raise TypeError("ShardDataset: sample counts unknown (no shards.json index)")
+        count = dict(zip(self.urls, self.counts, strict=True))
+        return [sum(count[u] for u in self.rank_shards(r)) for r in range(self.world_size)]
+
+    def __len__(self) -> int:
+        return self.samples_per_rank()[self.rank]
+
+    def _shuffled(self, samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
+        buffer: list[dict] = []
+        for sample in samples:
+            if len(buffer) < max(self.shuffle_buffer, 1):
+                buffer.append(sample)
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], sample = sample, buffer[j]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decode(self, sample: dict) -> tuple | None:
+        key = sample.get("path.txt", sample["__key__"])
+        key = key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
+        field = next((k for k in sample if k.rsplit(".", 1)[-1] in _IMAGE_FIELDS), None)
+        name = f"{sample.get('__url__')}:{key}"
+        try:
+            if field is None:
+                raise ImageDecodeError(name, "sample has no image field", "not_an_image")
+            image = load_image(sample[field], channels=self.channels,
+                               max_pixels=self.max_pixels, name=name)
+        except ImageDecodeError as exc:
+            self.tracker.record_bad(name, exc.reason)
+            return None
+        self.tracker.record_ok()
+        label = int(sample["cls"]) if "cls" in sample else -1
+        image = self.transform(image) if self.transform is not None else image
+        return (image, label, key) if self.return_key else (image, label)
+
+    def __iter__(self) -> Iterator[tuple]:
+        from webdataset.tariterators import tarfile_samples
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is None:  # main process: pick up a process group created after __init__
+            self._ranks = self._explicit or _default_ranks() or self._ranks
+        mine = self.rank_shards()[worker::workers]
+        if not mine:
+            logger.warning("rank %d worker %d has no shard to read this epoch (%d shards for "
+                           "%d ranks x %d workers)", self.rank, worker, len(self.urls),
+                           self.world_size, workers)
+            return
+        rng = random.Random(f"swav-buffer-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        samples = tarfile_samples([{"url": url} for url in mine])
+        for sample in self._shuffled(samples, rng):
+            item = self._decode(sample)
+            if item is not None:
+                yield item
