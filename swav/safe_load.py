@@ -1,0 +1,242 @@
+"""Safe reading of checkpoint files: never run code hidden in a pickle (issue 7, SPEC §13).
+
+``torch.load`` unpickles, and a pickle can call any Python function while it is read. Files from
+the internet (the official release, model zoos, colleagues) are therefore read with
+``weights_only=True`` passed explicitly, whatever the installed torch's default, so that only
+tensors and plain containers (dict, list, tuple, str, int, float, bool, None) can come out.
+A file that needs anything else is refused *before* any of its code runs, with an
+:class:`UnsafeCheckpointError` that says how to convert it if its origin is trusted.
+``.safetensors`` files contain no code at all and are read with the safetensors library.
+
+Damaged files (zero bytes, truncated, not a checkpoint) raise :class:`CorruptCheckpointError`
+naming the path, so that callers such as checkpoint resumption can fall back to an older file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "convert_trusted_checkpoint",
+    "is_safetensors_file",
+    "load_state_file",
+    "read_safetensors_metadata",
+    "safe_torch_load",
+]
+
+logger = logging.getLogger(__name__)
+
+_SAFETENSORS_SUFFIX = ".safetensors"
+
+
+class CorruptCheckpointError(ValueError):
+    """The file is empty, truncated or not a checkpoint at all."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file holds pickled objects other than tensors and plain containers (could run code)."""
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint path {str(path)!r} is a directory, expected a file")
+    if path.stat().st_size == 0:
+        raise CorruptCheckpointError(f"checkpoint file {str(path)!r} is empty (0 bytes); it was probably not fully written")
+
+
+def _unsafe_detail(message: str) -> str:
+    """The line of torch's message that names the refused global or opcode."""
+    for line in message.splitlines():
+        line = line.strip()
+        if "Unsupported global" in line or "unsupported GLOBAL" in line or "Unsupported operand" in line:
+            return line.split("WeightsUnpickler error:")[-1].strip()
+    return message.strip().splitlines()[-1] if message.strip() else "unknown object"
+
+
+def _unsafe_message(path: Path, detail: str) -> str:
+    return (
+        f"refusing to load {str(path)!r}: it contains pickled Python objects other than tensors and plain "
+        f"containers, and unpickling those can run arbitrary code ({detail}). Nothing from the file was executed. "
+        "(A truncated file in the old non-zip torch format can look the same.) If you trust where the file "
+        "came from, convert it once into a weights-only file: "
+        f"`python -c \"from swav.safe_load import convert_trusted_checkpoint as c; c('{path}', 'converted.pt')\"`, "
+        "then load the converted file; or allow just the named class with "
+        "torch.serialization.add_safe_globals([...])."
+    )
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> Any:
+    """``torch.load(path, map_location, weights_only=True)`` with clear errors.
+
+    Raises ``FileNotFoundError``, :class:`CorruptCheckpointError` (empty, truncated or not a torch
+    file) or :class:`UnsafeCheckpointError` (would need to unpickle arbitrary objects; nothing runs).
+
+    Example:
+        >>> import tempfile, torch
+        >>> f = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
+        >>> torch.save({"w": torch.ones(2)}, f)
+        >>> safe_torch_load(f)["w"].tolist()
+        [1.0, 1.0]
+    """
+    path = Path(path)
+    _check_readable(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        if "Weights only load failed" in message or "WeightsUnpickler" in message:
+            raise UnsafeCheckpointError(_unsafe_message(path, _unsafe_detail(message))) from None
+        raise CorruptCheckpointError(f"checkpoint file {str(path)!r} is damaged or not a torch file: {error}") from error
+    except (PermissionError, MemoryError):
+        raise
+    except Exception as error:  # damaged files surface as RuntimeError, EOFError, KeyError, IndexError, OSError...
+        raise CorruptCheckpointError(
+            f"checkpoint file {str(path)!r} is damaged, truncated or not a torch checkpoint "
+            f"({type(error).__name__}: {str(error)[:300]})"
+        ) from error
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string-to-string metadata of a ``.safetensors`` file (empty dict when it has none).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> f = tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False).name
+        >>> save_file({"w": torch.ones(2)}, f, metadata={"note": "hi"})
+        >>> read_safetensors_metadata(f)
+        {'note': 'hi'}
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_readable(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own SafetensorError (a Rust exception type)
+        raise CorruptCheckpointError(f"safetensors file {str(path)!r} is damaged or not a safetensors file: {error}") from error
+
+
+def is_safetensors_file(path: str | os.PathLike) -> bool:
+    """True for a ``.safetensors`` name, or content that starts like one (8-byte header size, then ``{``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> f = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
+        >>> torch.save({"w": torch.ones(1)}, f)
+        >>> is_safetensors_file(f)
+        False
+    """
+    path = Path(path)
+    if path.suffix.lower() == _SAFETENSORS_SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def load_state_file(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> Any:
+    """Read a checkpoint safely: safetensors files with safetensors, anything else with :func:`safe_torch_load`.
+
+    Safetensors files are recognised by suffix or content (:func:`is_safetensors_file`).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> f = tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False).name
+        >>> save_file({"w": torch.zeros(3)}, f)
+        >>> load_state_file(f)["w"].shape
+        torch.Size([3])
+    """
+    path = Path(path)
+    if not is_safetensors_file(path):
+        return safe_torch_load(path, map_location=map_location)
+    from safetensors.torch import load_file
+
+    _check_readable(path)
+    device = "cpu" if map_location is None else str(map_location)
+    try:
+        return load_file(str(path), device=device)
+    except Exception as error:  # SafetensorError is not a subclass of a standard exception
+        raise CorruptCheckpointError(f"safetensors file {str(path)!r} is damaged, truncated or not a safetensors file: {error}") from error
+
+
+_DROP = object()  # marker for values that convert_trusted_checkpoint leaves out
+
+
+def _plain(value: Any, where: str, dropped: list[str]) -> Any:
+    """Keep tensors, plain containers and scalars; numpy becomes torch/python; anything else is dropped."""
+    if type(value).__module__.startswith("numpy"):  # np.float64 subclasses float but is not allowed
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, np.generic):
+            return value.item()
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                dropped.append(f"{where}[{key!r}] (key of type {type(key).__name__})")
+                continue
+            kept = _plain(item, f"{where}[{key!r}]", dropped)
+            if kept is not _DROP:
+                out[key] = kept
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item, f"{where}[{i}]", dropped) for i, item in enumerate(value)]
+        items = [item for item in items if item is not _DROP]
+        return items if isinstance(value, list) else tuple(items)
+    dropped.append(f"{where} ({type(value).__module__}.{type(value).__qualname__})")
+    return _DROP
+
+
+def convert_trusted_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Re-save a *trusted* pickle checkpoint so that :func:`safe_torch_load` can read it.
+
+    This loads ``src`` with ``weights_only=False``, which RUNS any code the file contains: call it
+    only for files whose origin you trust. Tensors, plain containers and numbers are kept (numpy
+    values become tensors/Python numbers); every other object is dropped and listed in a WARNING.
+    The result is verified by reading it back with ``weights_only=True``.
+
+    Example:
+        >>> import tempfile, torch, numpy as np
+        >>> d = tempfile.mkdtemp()
+        >>> torch.save({"w": torch.ones(1), "best_acc": np.float64(0.5)}, d + "/old.pt")
+        >>> out = convert_trusted_checkpoint(d + "/old.pt", d + "/new.pt")
+        >>> safe_torch_load(out)["best_acc"]
+        0.5
+    """
+    src, dst = Path(src), Path(dst)
+    _check_readable(src)
+    logger.warning("loading %s with weights_only=False: any code inside it runs now (trusted conversion)", src)
+    obj = torch.load(src, map_location="cpu", weights_only=False)
+    dropped: list[str] = []
+    plain = _plain(obj, "checkpoint", dropped)
+    if plain is _DROP:
+        raise UnsafeCheckpointError(f"{str(src)!r} holds a single {type(obj).__name__} object and nothing convertible")
+    if dropped:
+        logger.warning("dropped %d non-plain objects while converting %s: %s", len(dropped), src, "; ".join(dropped[:20]))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save(plain, tmp)
+    os.replace(tmp, dst)
+    safe_torch_load(dst)  # must now be readable the safe way
+    return dst

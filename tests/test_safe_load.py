@@ -1,0 +1,149 @@
+"""Safe checkpoint reading: pickles that run code are refused without running, damaged files named."""
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from swav.safe_load import (
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    convert_trusted_checkpoint,
+    load_state_file,
+    read_safetensors_metadata,
+    safe_torch_load,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _CreatesMarker:
+    """Unpickling this calls os.mkdir(marker): a stand-in for any code a malicious file runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_payload_really_runs_code_with_plain_pickle(tmp_path):
+    # The check below is meaningful only if the payload does run when unpickled unsafely.
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_CreatesMarker(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_is_refused_and_its_code_does_not_run(tmp_path, writer):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pth.tar"
+    payload = {"state_dict": {"w": torch.zeros(2)}, "trap": _CreatesMarker(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as fh:
+            pickle.dump(payload, fh)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        safe_torch_load(path)
+    assert not marker.exists()
+    message = str(info.value)
+    assert str(path) in message and "arbitrary code" in message and "convert_trusted_checkpoint" in message
+    with pytest.raises(UnsafeCheckpointError):  # same through the dispatcher
+        load_state_file(path)
+    assert not marker.exists()
+
+
+def test_plain_checkpoints_load_in_both_torch_formats(tmp_path):
+    state = {"a": torch.arange(6.0).view(2, 3), "meta": {"epoch": 3, "name": "x", "sizes": [1, 2]}}
+    for i, zip_format in enumerate((True, False)):
+        path = tmp_path / f"ok{i}.pt"
+        torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+        loaded = safe_torch_load(path)
+        assert torch.equal(loaded["a"], state["a"]) and loaded["meta"] == state["meta"]
+
+
+def test_safetensors_dispatch_and_metadata(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.full((2, 2), 3.0)}, str(path), metadata={"k": "v"})
+    assert torch.equal(load_state_file(path)["w"], torch.full((2, 2), 3.0))
+    assert read_safetensors_metadata(path) == {"k": "v"}
+
+
+def _truncate(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated-zip", "text", "empty-safetensors", "truncated-safetensors",
+                                  "text-safetensors"])
+def test_damaged_files_raise_corrupt_error_naming_the_path(tmp_path, kind):
+    suffix = ".safetensors" if "safetensors" in kind else ".pt"
+    path = tmp_path / f"damaged{suffix}"
+    if kind.startswith("empty"):
+        path.write_bytes(b"")
+    elif kind.startswith("text"):
+        path.write_text("this is not a checkpoint\n" * 10)
+    elif suffix == ".pt":
+        torch.save({"w": torch.randn(64, 64)}, path)
+        _truncate(path)
+    else:
+        save_file({"w": torch.randn(64, 64)}, str(path))
+        _truncate(path)
+    with pytest.raises(CorruptCheckpointError) as info:
+        load_state_file(path)
+    assert str(path) in str(info.value)
+    if kind == "empty":
+        assert "empty" in str(info.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        safe_torch_load(tmp_path / "nope.pt")
+    with pytest.raises(IsADirectoryError):
+        load_state_file(tmp_path)
+
+
+def test_convert_trusted_checkpoint_keeps_plain_values_and_drops_objects(tmp_path, caplog):
+    src, dst = tmp_path / "old.pth.tar", tmp_path / "new.pt"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "best_acc": np.float64(0.75), "hist": np.arange(4),
+                "epoch": np.int64(7), "args": Path("/some/where")}, src)
+    with pytest.raises(UnsafeCheckpointError):
+        safe_torch_load(src)  # numpy scalars are not weights-only loadable
+    with caplog.at_level(logging.WARNING, logger="swav.safe_load"):
+        convert_trusted_checkpoint(src, dst)
+    out = safe_torch_load(dst)
+    assert torch.equal(out["state_dict"]["w"], torch.ones(3))
+    assert out["best_acc"] == 0.75 and type(out["best_acc"]) is float and out["epoch"] == 7
+    assert torch.equal(out["hist"], torch.arange(4))
+    assert "args" not in out and "checkpoint['args']" in caplog.text
+
+
+def _torch_load_calls(path: Path) -> list[tuple[int, dict]]:
+    calls = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        is_call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+        if is_call and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+            calls.append((node.lineno, {k.arg: k.value for k in node.keywords}))
+    return calls
+
+
+def test_every_torch_load_in_the_package_passes_weights_only_explicitly():
+    offenders = []
+    for path in [*sorted((REPO / "swav").rglob("*.py")), REPO / "hubconf.py"]:
+        for line, keywords in _torch_load_calls(path):
+            value = keywords.get("weights_only")
+            explicit_true = isinstance(value, ast.Constant) and value.value is True
+            trusted_conversion = path.name == "safe_load.py" and isinstance(value, ast.Constant) and value.value is False
+            if not (explicit_true or trusted_conversion):
+                offenders.append(f"{path.relative_to(REPO)}:{line}")
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
