@@ -1,0 +1,188 @@
+"""Tests of swav.extract and ``swav extract``: values equal a direct forward pass, resume continues
+after the last complete chunk and ends with what an uninterrupted run writes."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from swav.extract import extract_to_dir, load_extracted
+from swav.model import SwAVModel
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they cost seconds."""
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency: OpenMP/BLAS threads
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+class _Images(Dataset):
+    """Random labelled images; counts accesses and can fail at one index (a crash mid-run)."""
+
+    def __init__(self, n: int = 37, fail_at: int | None = None) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 3, 6, 6, generator=g)
+        self.y = torch.arange(n) % 3
+        self.fail_at = fail_at
+        self.seen: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        if i == self.fail_at:
+            raise RuntimeError(f"simulated crash at {i}")
+        self.seen.append(i)
+        return self.x[i], int(self.y[i])
+
+
+def _model(seed: int = 0) -> SwAVModel:
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = SwAVModel(backbone, feature_dim=8, hidden_dim=16, output_dim=5, num_prototypes=7)
+    model.train()  # BatchNorm: running stats differ from batch stats, so eval mode matters
+    with torch.no_grad():
+        model(torch.randn(16, 3, 6, 6) * 3 + 1)
+    return model
+
+
+def test_extract_matches_direct_forward_in_eval_mode(tmp_path):
+    model, data = _model(), _Images()
+    out = extract_to_dir(model, data, tmp_path / "x", batch_size=5, chunk_rows=8, progress=False)
+    assert model.training, "extraction must restore the model's mode"
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(data.x)
+        embs = model.forward_embeddings(data.x)
+    got = load_extracted(out)
+    np.testing.assert_allclose(got.features, feats.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.embeddings, embs.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.labels, data.y.numpy())
+    np.testing.assert_allclose(got.prototypes[0], F.normalize(model.prototypes.weight.detach(), dim=1).numpy(), rtol=1e-6)
+    assert got.paths == [f"_Images#{i}" for i in range(37)]
+    with open(out / "index.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["row", "path", "label"] and rows[5] == ["4", "_Images#4", "1"]
+    assert not (out / "chunks").exists()
+    assert json.loads((out / "progress.json").read_text())["complete"] is True
+
+
+def test_resume_continues_after_last_complete_chunk(tmp_path):
+    model = _model()
+    crashing = _Images(fail_at=21)  # batches of 4, chunks of 8 rows: chunks 0-1 complete, then crash
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract_to_dir(model, crashing, tmp_path / "r", batch_size=4, chunk_rows=8, progress=False)
+    marker = json.loads((tmp_path / "r" / "progress.json").read_text())
+    assert marker["completed_chunks"] == 2 and not marker["complete"]
+    assert not (tmp_path / "r" / "meta.json").exists()
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        load_extracted(tmp_path / "r")
+
+    resumed = _Images()
+    extract_to_dir(model, resumed, tmp_path / "r", batch_size=4, chunk_rows=8, progress=False)
+    assert min(resumed.seen) == 16 and sorted(resumed.seen) == list(range(16, 37))
+    extract_to_dir(model, _Images(), tmp_path / "fresh", batch_size=4, chunk_rows=8, progress=False)
+    a, b = load_extracted(tmp_path / "r"), load_extracted(tmp_path / "fresh")
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+    again = _Images()  # complete: a third run does no work
+    extract_to_dir(model, again, tmp_path / "r", batch_size=4, chunk_rows=8, progress=False)
+    assert again.seen == []
+
+
+def test_resume_refuses_another_model_unless_overwrite(tmp_path):
+    with pytest.raises(RuntimeError):
+        extract_to_dir(_model(0), _Images(fail_at=30), tmp_path, batch_size=4, chunk_rows=8, progress=False)
+    with pytest.raises(ValueError, match="model_sha256"):
+        extract_to_dir(_model(1), _Images(), tmp_path, batch_size=4, chunk_rows=8, progress=False)
+    data = _Images()
+    extract_to_dir(_model(1), data, tmp_path, batch_size=4, chunk_rows=8, overwrite=True, progress=False)
+    assert sorted(data.seen) == list(range(37))
+
+
+def test_features_only_limit_and_bad_arguments(tmp_path):
+    out = extract_to_dir(_model(), _Images(), tmp_path, what="features", limit=10, batch_size=3, progress=False)
+    got = load_extracted(out)
+    assert got.features.shape == (10, 8) and got.embeddings is None and got.prototypes == []
+    with pytest.raises(ValueError, match="what must be one of"):
+        extract_to_dir(_model(), _Images(), tmp_path / "a", what="logits")
+    with pytest.raises(ValueError, match="batch_size"):
+        extract_to_dir(_model(), _Images(), tmp_path / "b", batch_size=0)
+
+
+def test_image_folder_paths_labels_and_safetensors(tmp_path):
+    from safetensors.numpy import load_file
+
+    from swav.datasets import ImageFolderDataset
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    to_tensor = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
+    data = ImageFolderDataset(tmp_path / "imgs", transform=to_tensor)
+    out = extract_to_dir(_model(), data, tmp_path / "o", batch_size=4, write_safetensors=True, progress=False)
+    got = load_extracted(out)
+    assert [os.path.relpath(p, tmp_path / "imgs") for p in got.paths] == \
+        [os.path.join(c, f"{i}.png") for c in ("cat", "dog") for i in range(3)]
+    assert got.labels.tolist() == [0, 0, 0, 1, 1, 1] and got.meta["classes"] == ["cat", "dog"]
+    stored = load_file(str(out / "extracted.safetensors"))
+    np.testing.assert_array_equal(stored["features"], got.features)
+    np.testing.assert_array_equal(stored["embeddings"], got.embeddings)
+    np.testing.assert_array_equal(stored["labels"], got.labels)
+
+
+def _run_cli(argv: list[str]) -> int:
+    from swav.cli.extract import register
+
+    parser = argparse.ArgumentParser(prog="swav")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason="Fashion-MNIST IDX files not installed")
+def test_cli_extract_fashion_mnist_equals_model(tmp_path, capsys):
+    from swav.datasets import IDXDataset
+    from swav.eval.transforms import transforms_for_spec
+    from swav.export import export_full
+    from swav.model import ModelSpec, build_model
+
+    spec = ModelSpec("resnet-compact-s2-8", small_images=True, in_channels=1, hidden_dim=16, output_dim=8,
+                     num_prototypes=10)
+    model = build_model(spec)
+    checkpoint = export_full(model, tmp_path / "model.pt")
+    argv = ["extract", "--checkpoint", str(checkpoint), "--data", FASHION, "--split", "test", "--limit", "40",
+            "--what", "embeddings", "--batch-size", "16", "--workers", "0", "--device", "cpu",
+            "--output-dir", str(tmp_path / "feats"), "--no-progress"]
+    assert _run_cli(argv) == 0
+    assert "embeddings (40, 8)" in capsys.readouterr().out
+    got = load_extracted(tmp_path / "feats")
+    assert got.features is None and got.meta["split"] == "test" and got.meta["channels"] == 1
+    test = IDXDataset(FASHION, "test", transforms_for_spec(spec)[1])
+    x = torch.stack([test[i][0] for i in range(40)])
+    model.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(got.embeddings, model.forward_embeddings(x).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got.labels, test.targets[:40].numpy())
+    assert _run_cli(argv[:-3] + ["--output-dir", str(tmp_path / "bad"), "--batch-size", "0"]) == 1
