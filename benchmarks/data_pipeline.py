@@ -1,0 +1,140 @@
+"""Multi-crop data pipeline throughput per CPU core (issue "Speed", SPEC §7).
+
+Runs, side by side in one process with one thread, 2x224 + 6x96 crops of real 500x375 JPEGs,
+decode included, cycling the photos:
+  torchvision-pil      the straightforward per-image pipeline (torchvision transforms on PIL,
+                       torchvision GaussianBlur): the baseline
+  torchvision-pil+PILblur  same, blur by PIL's ImageFilter.GaussianBlur (the original SwAV's choice)
+  MultiCropTransform   swav.multicrop, per image, torchvision v2 ops on uint8 tensors
+  FastMultiCrop        swav.batch_augment: per-image decode + uint8 crop, batched colour/blur
+
+images/s/core uses the process CPU time (robust on a shared machine); wall time is shown too.
+
+    python benchmarks/data_pipeline.py --images 256 --json out.json
+    python benchmarks/data_pipeline.py --device cuda   # batched colour stage on the GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from collections.abc import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+import torch  # noqa: E402
+import torchvision.transforms as T  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
+
+from swav.batch_augment import FastMultiCrop  # noqa: E402
+from swav.multicrop import (IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform,  # noqa: E402
+                            blur_kernel_size, crop_groups_from_lists)
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "photos-500x375"
+GROUPS = crop_groups_from_lists([2, 6], [224, 96], [0.14, 0.05], [1.0, 0.14])
+
+
+class PILGaussianBlur:
+    """PIL's Gaussian blur with sigma ~ U[0.1, 2.0] (what the original SwAV used)."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        sigma = torch.empty(1).uniform_(0.1, 2.0).item()
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def baseline_transforms(pil_blur: bool) -> list[Callable[[Image.Image], torch.Tensor]]:
+    """One torchvision Compose per crop, applied crop by crop on the PIL image."""
+    per_crop = []
+    for group in GROUPS:
+        blur = PILGaussianBlur() if pil_blur else T.GaussianBlur(blur_kernel_size(group.size),
+                                                                  (0.1, 2.0))
+        chain = T.Compose([
+            T.RandomResizedCrop(group.size, scale=(group.min_scale, group.max_scale)),
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([blur], p=0.5),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+        per_crop += [chain] * group.count
+    return per_crop
+
+
+def run_per_image(files: list[Path], num_images: int, fn: Callable[[Path], object]) -> None:
+    for i in range(num_images):
+        fn(files[i % len(files)])
+
+
+def measure(name: str, work: Callable[[int], None], num_images: int) -> dict:
+    work(min(8, num_images))  # warm-up (allocators, lazy imports)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    work(num_images)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return {"pipeline": name, "images": num_images, "cpu_s": cpu, "wall_s": wall,
+            "images_per_s_per_core": num_images / cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--images", type=int, default=256, help="images per pipeline")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="device of the batched stage")
+    parser.add_argument("--skip", nargs="*", default=[], help="pipelines to skip (by name)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    files = sorted(p for p in args.data.resolve().iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        raise SystemExit(f"no JPEG files in {args.data}")
+    device = torch.device(args.device)
+
+    def pil_pipeline(pil_blur: bool) -> Callable[[int], None]:
+        chains = baseline_transforms(pil_blur)
+
+        def one(path: Path) -> list[torch.Tensor]:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+            return [chain(image) for chain in chains]
+        return lambda n: run_per_image(files, n, one)
+
+    reference = MultiCropTransform(GROUPS)
+
+    def reference_one(path: Path) -> list[torch.Tensor]:
+        with Image.open(path) as image:
+            return reference(image.convert("RGB"))
+
+    fast = FastMultiCrop(GROUPS)
+
+    def fast_work(n: int) -> None:
+        for start in range(0, n, args.batch_size):
+            paths = [files[i % len(files)] for i in range(start, min(n, start + args.batch_size))]
+            fast(paths, device=device if device.type != "cpu" else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    pipelines = [("torchvision-pil", pil_pipeline(False)),
+                 ("torchvision-pil+PILblur", pil_pipeline(True)),
+                 ("MultiCropTransform", lambda n: run_per_image(files, n, reference_one)),
+                 (f"FastMultiCrop ({device.type})", fast_work)]
+    results = [measure(name, work, args.images) for name, work in pipelines
+               if name.split(" ")[0] not in args.skip]
+    base = next((r for r in results if r["pipeline"] == "torchvision-pil"), results[0])
+    print(f"{len(files)} photos from {args.data.resolve()}, crops 2x224 + 6x96, "
+          f"{args.images} images each, torch threads 1")
+    print(f"{'pipeline':<28} {'images/s/core':>14} {'ratio vs baseline':>18} {'wall s':>8}")
+    for r in results:
+        r["ratio_vs_baseline"] = r["images_per_s_per_core"] / base["images_per_s_per_core"]
+        print(f"{r['pipeline']:<28} {r['images_per_s_per_core']:>14.1f} "
+              f"{r['ratio_vs_baseline']:>18.2f} {r['wall_s']:>8.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"baseline": base["pipeline"], "results": results},
+                                        indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Tests for swav.batch_augment: batched ops vs torchvision, SPEC §7 statistics, shapes, crops."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torchvision.transforms as T1
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from swav.batch_augment import (BatchColorAugment, ColorParams, FastMultiCrop, MultiCropCropper,
+                                adjust_brightness_batch, adjust_contrast_batch, adjust_hue_batch,
+                                adjust_saturation_batch, decode_image_source, gaussian_blur_batch,
+                                grayscale_batch, multicrop_collate)
+from swav.multicrop import (IMAGENET_MEAN, IMAGENET_STD, CropGroup, MultiCropTransform,
+                            blur_kernel_size)
+
+GROUPS = [CropGroup(32, 2, 0.14, 1.0), CropGroup(16, 3, 0.05, 0.14)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: thread start-up costs more than it saves on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def float_images(n: int = 6, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """Random images with gray pixels, channel ties and quantised values (hue edge cases)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, channels, 18, 22, generator=g)
+    if channels == 3:
+        x[:, :, :3] = x[:, :1, :3]                     # gray pixels (zero chroma)
+        x[:, 0, 3:5] = x[:, 1, 3:5]                    # red == green
+        x[:, 2, 5:7] = x[:, 0, 5:7]                    # blue == red
+        x[:, :, 7:9] = (x[:, :, 7:9] * 4).round() / 4  # many exact ties
+    return x
+
+
+def per_sample(op, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return torch.stack([op(x[i], float(factors[i])) for i in range(len(x))])
+
+
+# --- individual ops against torchvision's functional ops -----------------------------------------
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("ours, theirs, low, high", [
+    (adjust_brightness_batch, TF.adjust_brightness, 0.2, 1.8),
+    (adjust_contrast_batch, TF.adjust_contrast, 0.2, 1.8),
+    (adjust_saturation_batch, TF.adjust_saturation, 0.0, 1.8),
+    (adjust_hue_batch, TF.adjust_hue, -0.5, 0.5),
+])
+def test_jitter_ops_match_torchvision(ours, theirs, low: float, high: float, channels: int) -> None:
+    x = float_images(channels=channels)
+    factors = torch.linspace(low, high, len(x))
+    expected = per_sample(theirs, x, factors)
+    assert torch.allclose(ours(x, factors), expected, atol=2e-6)
+
+
+def test_grayscale_matches_torchvision() -> None:
+    x = float_images()
+    assert torch.allclose(grayscale_batch(x), TF.rgb_to_grayscale(x, num_output_channels=3))
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 9, 23])
+def test_blur_matches_torchvision(kernel_size: int) -> None:
+    x = float_images()
+    sigma = torch.tensor([0.1, 0.3, 0.7, 1.2, 1.7, 2.0])
+    expected = torch.stack([TF.gaussian_blur(x[i], [kernel_size] * 2, [float(sigma[i])] * 2)
+                            for i in range(len(x))])
+    assert torch.allclose(gaussian_blur_batch(x, sigma, kernel_size), expected, atol=2e-6)
+
+
+def test_blur_rejects_bad_kernel() -> None:
+    with pytest.raises(ValueError, match="kernel_size"):
+        gaussian_blur_batch(torch.zeros(1, 3, 8, 8), torch.ones(1), 4)
+    with pytest.raises(ValueError, match="kernel_size"):
+        gaussian_blur_batch(torch.zeros(1, 3, 4, 4), torch.ones(1), 9)
+
+
+# --- the whole batched stage against a naive per-sample torchvision loop ----------------------------
+
+def naive_apply(aug: BatchColorAugment, crops: torch.Tensor, p: ColorParams) -> torch.Tensor:
+    """The slow obvious version: one sample at a time with torchvision functional ops."""
+    ops = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+           "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+    out = []
+    for i in range(len(crops)):
+        x = crops[i].float() / 255
+        if p.flip[i]:
+            x = TF.horizontal_flip(x)
+        if p.jitter[i]:
+            for j in p.order[i].tolist():
+                x = ops[aug.jitter_ops[j]](x, float(p.factors[i, j]))
+        if p.grayscale[i]:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if p.blur[i]:
+            k = blur_kernel_size(x.shape[-1])
+            x = TF.gaussian_blur(x, [k, k], [float(p.sigma[i])] * 2)
+        out.append(TF.normalize(x, list(aug.mean), list(aug.std)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("strategy, chunk_elements", [
+    ("masked", None), ("grouped", None), ("grouped", 1), ("grouped", 3000)])
+def test_apply_matches_naive_per_sample_loop(channels: int, strategy: str,
+                                             chunk_elements: int | None) -> None:
+    aug = BatchColorAugment(channels=channels, seed=1, strategy=strategy,
+                            chunk_elements=chunk_elements)
+    g = torch.Generator().manual_seed(2)
+    crops = torch.randint(0, 256, (40, channels, 20, 20), dtype=torch.uint8, generator=g)
+    params = aug.sample_params(len(crops))
+    assert params.jitter.any() and not params.jitter.all() and params.blur.any()
+    assert torch.allclose(aug.apply(crops, params), naive_apply(aug, crops, params), atol=1e-5)
+
+
+def test_forward_merges_equal_shapes_but_keeps_each_crops_parameters() -> None:
+    aug = BatchColorAugment(seed=3)
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, 256, (5, 3, s, s), dtype=torch.uint8, generator=g)
+               for s in (20, 20, 12, 12, 12, 20)]
+    outputs, params = aug(batches, return_params=True)
+    assert [tuple(o.shape) for o in outputs] == [tuple(b.shape) for b in batches]
+    for crops, out, p in zip(batches, outputs, params, strict=True):
+        assert torch.allclose(out, naive_apply(aug, crops, p), atol=1e-5)
+    assert not torch.equal(params[0].sigma, params[1].sigma)
+
+
+def test_without_colour_ops_output_is_normalised_crop_or_its_mirror() -> None:
+    aug = BatchColorAugment(color_jitter_strength=0.0, grayscale_prob=0.0, blur_prob=0.0, seed=0)
+    crops = torch.randint(0, 256, (40, 3, 6, 6), dtype=torch.uint8)
+    (out,), (params,) = aug([crops], return_params=True)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for i in range(len(crops)):
+        x = crops[i].float() / 255
+        expected = (x.flip(-1) if params.flip[i] else x).sub(mean).div(std)
+        assert torch.allclose(out[i], expected, atol=1e-6)
+    assert 0 < int(params.flip.sum()) < len(crops)
+
+
+# --- SPEC §7 statistics ---------------------------------------------------------------------------
+
+def rate_ok(mask: torch.Tensor, p: float) -> bool:
+    """Observed rate within 4.5 standard errors of p."""
+    n = mask.numel()
+    return abs(mask.float().mean().item() - p) < 4.5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_decision_rates_and_factor_ranges_follow_spec() -> None:
+    n = 6000
+    p = BatchColorAugment(seed=5).sample_params(n)
+    assert rate_ok(p.flip, 0.5) and rate_ok(p.jitter, 0.8)
+    assert rate_ok(p.grayscale, 0.2) and rate_ok(p.blur, 0.5)
+    for j, (low, high) in enumerate([(0.2, 1.8)] * 3 + [(-0.2, 0.2)]):
+        f = p.factors[:, j]
+        assert low <= f.min() and f.max() <= high
+        assert abs(f.mean() - (low + high) / 2) < 4.5 * (high - low) / math.sqrt(12 * n)
+    assert 0.1 <= p.sigma.min() and p.sigma.max() <= 2.0
+    assert abs(p.sigma.mean() - 1.05) < 4.5 * 1.9 / math.sqrt(12 * n)
+    assert torch.equal(p.order.sort(dim=1).values, torch.arange(4).expand(n, 4))
+    for position in range(4):  # every op equally likely at every position
+        for op in range(4):
+            assert rate_ok(p.order[:, position] == op, 0.25)
+    decisions = torch.stack([p.flip, p.jitter, p.grayscale, p.blur], dim=1).float()
+    assert (decisions.T.corrcoef() - torch.eye(4)).abs().max() < 0.06  # independent draws
+
+
+def test_one_channel_has_brightness_and_contrast_only() -> None:
+    aug = BatchColorAugment(channels=1, seed=0)
+    p = aug.sample_params(3000)
+    assert aug.jitter_ops == ("brightness", "contrast") and p.factors.shape == (3000, 2)
+    assert not p.grayscale.any() and rate_ok(p.blur, 0.5)
+
+
+def box_stats(boxes: list, area: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = torch.tensor([b.height * b.width / area for b in boxes])
+    log_ratio = torch.tensor([math.log(b.width / b.height) for b in boxes])
+    return scale, log_ratio
+
+
+def test_crop_scale_and_aspect_statistics_follow_spec() -> None:
+    height, width = 375, 500
+    cropper = MultiCropCropper([CropGroup(224, 2, 0.14, 1.0), CropGroup(96, 6, 0.05, 0.14)])
+    g = torch.Generator().manual_seed(0)
+    boxes = [cropper.sample_boxes(height, width, g) for _ in range(400)]
+    big = [b for draw in boxes for b in draw[:2]]
+    small = [b for draw in boxes for b in draw[2:]]
+    scale, log_ratio = box_stats(small, height * width)  # small crops always fit: U[0.05, 0.14]
+    assert 0.049 < scale.min() and scale.max() < 0.141 and abs(scale.mean() - 0.095) < 0.003
+    assert log_ratio.abs().max() < math.log(4 / 3) + 0.02 and abs(log_ratio.mean()) < 0.012
+    assert scale.min() < 0.055 and scale.max() > 0.135
+    scale, log_ratio = box_stats(big, height * width)  # rejection sampling: compare torchvision
+    torch.manual_seed(1)
+    reference = [T1.RandomResizedCrop.get_params(torch.zeros(1, height, width), [0.14, 1.0],
+                                                 [3 / 4, 4 / 3]) for _ in range(800)]
+    ref_scale = torch.tensor([h * w / (height * width) for _, _, h, w in reference])
+    assert 0.139 < scale.min() and scale.max() <= 1.0
+    assert abs(scale.mean() - ref_scale.mean()) < 4.5 * scale.std() * math.sqrt(2 / 800)
+    assert log_ratio.abs().max() < math.log(4 / 3) + 0.01
+
+
+def test_fast_pipeline_matches_reference_transform_in_distribution() -> None:
+    """Mean and spread of augmented pixels agree with the per-image torchvision-based transform."""
+    image = torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    groups = [CropGroup(12, 1, 0.14, 1.0)]
+    fast = FastMultiCrop(groups, seed=0)(list(image.expand(600, -1, -1, -1)))[0]
+    reference = MultiCropTransform(groups, seed=0)
+    slow = torch.stack([reference(image, index=i)[0] for i in range(600)])
+    for stat in (lambda t: t.mean(dim=(2, 3)), lambda t: t.std(dim=(2, 3))):
+        a, b = stat(fast), stat(slow)  # (600, 3) per-crop statistics
+        tolerance = 4.5 * torch.sqrt((a.var(0) + b.var(0)) / 600)
+        assert ((a.mean(0) - b.mean(0)).abs() < tolerance).all()
+
+
+# --- cropper, collate, wiring ------------------------------------------------------------------------
+
+def test_cropper_draws_exactly_like_torchvision_random_resized_crop() -> None:
+    image = torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8)
+    cropper = MultiCropCropper(GROUPS)
+    refs = [T.RandomResizedCrop(g.size, scale=(g.min_scale, g.max_scale), antialias=True)
+            for g in GROUPS for _ in range(g.count)]
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ours = cropper(image)
+        torch.manual_seed(seed)
+        assert all(torch.equal(a, ref(image)) for a, ref in zip(ours, refs, strict=True))
+
+
+def test_cropper_accepts_paths_bytes_and_pil(tmp_path) -> None:
+    pil = Image.fromarray(torch.randint(0, 256, (30, 40, 3), dtype=torch.uint8).numpy())
+    buffer = io.BytesIO()
+    pil.save(buffer, format="JPEG")
+    (tmp_path / "a.jpg").write_bytes(buffer.getvalue())
+    png = io.BytesIO()
+    pil.save(png, format="PNG")
+    assert torch.equal(decode_image_source(png.getvalue(), 3), TF.pil_to_tensor(pil))
+    jpeg = decode_image_source(buffer.getvalue(), 3)
+    assert jpeg.shape == (3, 30, 40)
+    assert torch.equal(decode_image_source(tmp_path / "a.jpg", 3), jpeg)
+    assert decode_image_source(str(tmp_path / "a.jpg"), 1).shape == (1, 30, 40)
+    cropper = MultiCropCropper(GROUPS, channels=1, seed=4)
+    for source in (tmp_path / "a.jpg", buffer.getvalue(), pil.convert("RGBA"), jpeg):
+        crops = cropper(source, index=0)
+        assert [tuple(c.shape) for c in crops] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 3
+        assert all(c.dtype == torch.uint8 for c in crops)
+    again = MultiCropCropper(GROUPS, channels=1, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(cropper(jpeg, index=9), again(jpeg, index=9)))
+
+
+def test_collate_with_and_without_extras() -> None:
+    items = [[torch.full((1, 4, 4), i, dtype=torch.uint8), torch.zeros(1, 2, 2, dtype=torch.uint8)]
+             for i in range(3)]
+    crops = multicrop_collate(items)
+    assert [tuple(c.shape) for c in crops] == [(3, 1, 4, 4), (3, 1, 2, 2)]
+    assert crops[0][:, 0, 0, 0].tolist() == [0, 1, 2]
+    crops, labels, indices = multicrop_collate([(item, 7, i) for i, item in enumerate(items)])
+    assert labels.tolist() == [7, 7, 7] and indices.tolist() == [0, 1, 2] and len(crops) == 2
+    with pytest.raises(ValueError, match="crops"):
+        multicrop_collate([items[0], items[1][:1]])
+
+
+@pytest.mark.parametrize("channels, groups", [
+    (3, GROUPS),
+    (1, [CropGroup(28, 2, 0.3, 1.0), CropGroup(12, 4, 0.1, 0.3)]),
+    (3, [CropGroup(24, 1, 0.08, 1.0)]),
+])
+def test_fast_multicrop_shapes_order_dtype(channels: int, groups: list[CropGroup]) -> None:
+    images = [torch.randint(0, 256, (3, 20 + i, 25), dtype=torch.uint8) for i in range(5)]
+    views = FastMultiCrop(groups, channels=channels, seed=0)(images)
+    expected = [(5, channels, g.size, g.size) for g in groups for _ in range(g.count)]
+    assert [tuple(v.shape) for v in views] == expected
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+
+
+def test_engine_wiring_through_a_data_loader() -> None:
+    fast = FastMultiCrop(GROUPS, seed=0)
+    images = [torch.randint(0, 256, (3, 24, 30), dtype=torch.uint8) for _ in range(6)]
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(images)
+
+        def __getitem__(self, index: int):
+            return fast.cropper(images[index], index=index), index
+
+    loader = torch.utils.data.DataLoader(Images(), batch_size=3, collate_fn=multicrop_collate)
+    for crops, indices in loader:
+        views = fast.augment(crops)
+        assert [tuple(v.shape) for v in views] == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 3
+        assert indices.shape == (3,)
+
+
+def test_augment_rejects_wrong_input() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        BatchColorAugment()([torch.rand(2, 3, 8, 8)])
+    with pytest.raises(ValueError, match="chunk_elements"):
+        BatchColorAugment(chunk_elements=0)
+    with pytest.raises(ValueError, match="jitter_prob"):
+        BatchColorAugment(jitter_prob=2.0)
+    with pytest.raises(ValueError, match="strategy"):
+        BatchColorAugment(strategy="fast")
