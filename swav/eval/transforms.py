@@ -1,0 +1,168 @@
+"""Train and test transforms of the evaluation protocols (SPEC §11).
+
+Official (ImageNet-sized images): train RandomResizedCrop(224) + horizontal flip, test Resize(256)
++ CenterCrop(224). For small images (a model built with ``small_images=True``, e.g. 28 px
+Fashion-MNIST or 32 px CIFAR) resizing would only blur, so the ``"small"`` preset trains on a
+random crop of the zero-padded image (the image shifted by up to ``padding`` pixels) + flip and
+tests on the image as it is. Normalisation defaults to what pretraining uses
+(:func:`swav.multicrop.resolve_normalization`: ImageNet statistics for RGB, 0.5 / 0.5 for grey).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from swav.multicrop import resolve_normalization
+
+__all__ = ["PRESETS", "PadRandomCrop", "eval_transforms", "pretraining_normalization", "transforms_for_spec"]
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("imagenet", "small")
+
+Transform = Callable[[Any], torch.Tensor]
+
+
+class PadRandomCrop(torch.nn.Module):
+    """Zero-pad by ``padding`` pixels, then crop back to the input's size at a random position.
+
+    Like ``RandomCrop(size, padding)`` without having to know the image size in advance.
+
+    Example:
+        >>> from PIL import Image
+        >>> PadRandomCrop(4)(Image.new("L", (28, 28))).size
+        (28, 28)
+    """
+
+    def __init__(self, padding: int = 4):
+        super().__init__()
+        if padding < 0:
+            raise ValueError(f"padding: must be >= 0, got {padding}")
+        self.padding = padding
+
+    def forward(self, image: Any) -> Any:
+        height, width = v2.functional.get_size(image)
+        return v2.RandomCrop((height, width), padding=self.padding)(image)
+
+
+class _ToChannels(torch.nn.Module):
+    """Convert a PIL image to ``L`` (1 channel) or ``RGB`` (3) so that it matches the model."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def forward(self, image: Any) -> Any:
+        if hasattr(image, "convert") and image.mode != self.mode:
+            return image.convert(self.mode)
+        return image
+
+
+def eval_transforms(
+    *,
+    preset: str = "imagenet",
+    channels: int = 3,
+    crop_size: int = 224,
+    resize_size: int = 256,
+    padding: int = 4,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[Transform, Transform]:
+    """``(train_transform, test_transform)`` mapping a PIL image to a normalised float tensor.
+
+    ``preset="imagenet"``: RandomResizedCrop(``crop_size``) + flip / Resize(``resize_size``) +
+    CenterCrop(``crop_size``); scale both sizes for other resolutions (e.g. 96 / 110 for STL-10).
+    ``preset="small"``: :class:`PadRandomCrop` (``padding``) + flip / identity.
+
+    Example:
+        >>> from PIL import Image
+        >>> train, test = eval_transforms(preset="small", channels=1)
+        >>> train(Image.new("L", (28, 28))).shape, test(Image.new("RGB", (28, 28))).shape
+        (torch.Size([1, 28, 28]), torch.Size([1, 28, 28]))
+    """
+    mean, std = resolve_normalization(channels, mean, std)
+    if preset == "imagenet":
+        if not 0 < crop_size <= resize_size:
+            raise ValueError(f"crop_size/resize_size: need 0 < crop_size <= resize_size, got {crop_size}/{resize_size}")
+        train_geometry = [v2.RandomResizedCrop(crop_size, antialias=True), v2.RandomHorizontalFlip()]
+        test_geometry = [v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size)]
+    elif preset == "small":
+        train_geometry = [PadRandomCrop(padding), v2.RandomHorizontalFlip()]
+        test_geometry = []
+    else:
+        raise ValueError(f"preset: must be one of {PRESETS}, got {preset!r}")
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    head = [_ToChannels(channels)]
+    return v2.Compose(head + train_geometry + tail), v2.Compose(head + test_geometry + tail)
+
+
+def transforms_for_spec(
+    spec: Any,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_size: int = 224,
+    resize_size: int = 256,
+    padding: int = 4,
+) -> tuple[Transform, Transform]:
+    """Pick :func:`eval_transforms` for a :class:`swav.model.ModelSpec` (or anything with
+    ``small_images`` and ``in_channels``): ``small_images`` -> ``"small"`` preset (no resizing),
+    ``in_channels`` -> grey or RGB conversion and normalisation.
+
+    Example:
+        >>> from swav.model import ModelSpec
+        >>> train, test = transforms_for_spec(ModelSpec("resnet18", small_images=True, in_channels=1))
+        >>> [type(t).__name__ for t in test.transforms][:2]
+        ['_ToChannels', 'ToImage']
+    """
+    preset = "small" if spec.small_images else "imagenet"
+    return eval_transforms(
+        preset=preset,
+        channels=spec.in_channels,
+        crop_size=crop_size,
+        resize_size=resize_size,
+        padding=padding,
+        mean=mean,
+        std=std,
+    )
+
+
+def pretraining_normalization(checkpoint: str | os.PathLike) -> tuple[list[float] | None, list[float] | None]:
+    """``data.mean`` / ``data.std`` of the training config stored in our checkpoints, else None.
+
+    Evaluation must normalise like pretraining did; official and safetensors files carry no
+    config, and then the defaults apply (ImageNet statistics for RGB, 0.5 / 0.5 for grey).
+
+    Example:
+        >>> import tempfile, torch
+        >>> f = tempfile.mkdtemp() + "/model.pt"
+        >>> torch.save({"model": {}, "config": {"data": {"mean": [0.3], "std": [0.4]}}}, f)
+        >>> pretraining_normalization(f)
+        ([0.3], [0.4])
+    """
+    import pickle
+
+    from swav.pretrained import resolve_pretrained
+    from swav.safe_load import is_safetensors_file
+
+    path = resolve_pretrained(checkpoint)
+    if is_safetensors_file(path):
+        return None, None
+    try:  # memory-mapped: only the small config is actually read
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as error:
+        logger.debug("no training config readable from %s (%s)", path, error)
+        return None, None
+    config = obj.get("config") if isinstance(obj, dict) else None
+    data = config.get("data") if isinstance(config, dict) else None
+    data = data if isinstance(data, dict) else {}
+    mean, std = data.get("mean"), data.get("std")
+    if mean is not None or std is not None:
+        logger.info("normalising with the pretraining config's mean %s std %s", mean, std)
+    return mean, std

@@ -1,0 +1,195 @@
+"""End-to-end tests of ``swav eval-knn``, ``swav eval-linear`` and ``swav finetune`` (SPEC §11).
+
+Each runs the real command line in-process on a tiny data set (an IDX slice of 8 x 8 images or a
+generated image folder) with a tiny checkpoint written by :func:`swav.export.export_full`.
+"""
+
+import argparse
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from swav.cli.evaluate import register
+from swav.export import export_full
+from swav.model import ModelSpec, build_model
+
+
+def _main(argv):
+    """``swav.cli.main`` when the package's entry point exists, else a parser with our commands."""
+    try:
+        from swav.cli import main
+    except ImportError:
+        parser = argparse.ArgumentParser(prog="swav")
+        register(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        return args.func(args)
+    return main(argv)
+
+
+def _write_idx(path, array):
+    dtype_code = {np.uint8: 0x08}[array.dtype.type]
+    header = bytes([0, 0, dtype_code, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.tobytes())
+
+
+def _class_images(labels, size, rng, channels):
+    """Images whose brightness pattern depends on the label, so classes are learnable."""
+    base = rng.integers(0, 60, size=(len(labels), size, size, channels))
+    for i, label in enumerate(labels):
+        base[i, : size // 2 if label % 2 else size, :, :] += 120 + 40 * (label // 2)
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def idx_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-idx")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("t10k", 12)):
+        labels = (np.arange(n) % 4).astype(np.uint8)
+        _write_idx(root / f"{split}-images-idx3-ubyte.gz", _class_images(labels, 8, rng, 1)[..., 0])
+        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture(scope="module")
+def gray_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet18", small_images=True, in_channels=1, hidden_dim=16, output_dim=8, num_prototypes=(10,))
+    return export_full(build_model(spec), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def _common(checkpoint, out, *extra):
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_eval_knn_end_to_end(idx_data, gray_checkpoint, tmp_path, capsys):
+    code = _main(["eval-knn", *_common(gray_checkpoint, tmp_path, "--data", str(idx_data), "--k", "3", "5")])
+    assert code == 0
+    result = json.loads((tmp_path / "eval-knn.json").read_text())
+    assert (result["num_train"], result["num_test"], result["num_classes"]) == (24, 12, 10)  # IDX: 10 classes
+    assert [r["k"] for r in result["results"]] == [3, 5]
+    for r in result["results"]:
+        assert 0.0 <= r["top1"] <= r["top5"] <= 100.0
+        assert r["top1"] * 12 / 100 == pytest.approx(round(r["top1"] * 12 / 100))  # whole images
+    assert result["model_spec"]["in_channels"] == 1
+    assert "top-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_eval_linear_end_to_end(idx_data, gray_checkpoint, tmp_path, mode):
+    before = torch.load(gray_checkpoint, weights_only=True)["model"]
+    argv = [
+        "eval-linear",
+        *_common(gray_checkpoint, tmp_path, "--data", str(idx_data), "--mode", mode, "--epochs", "2"),
+    ]
+    assert _main(argv) == 0
+    result = json.loads((tmp_path / "eval-linear.json").read_text())
+    assert result["mode"] == mode
+    assert len(result["history"]) == 2
+    assert result["history"][0]["lr"] == pytest.approx(0.3)
+    assert result["history"][1]["lr"] == pytest.approx(0.15)  # per-epoch cosine over 2 epochs
+    assert result["top1_best"] >= result["top1_last"]
+    assert 0 <= result["top1_last"] <= result["top5_last"] <= 100
+    after = torch.load(gray_checkpoint, weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the file is only read
+
+
+def test_finetune_label_fraction_end_to_end(idx_data, gray_checkpoint, tmp_path):
+    argv = [
+        "finetune",
+        *_common(gray_checkpoint, tmp_path, "--data", str(idx_data), "--label-fraction", "0.5", "--epochs", "2"),
+    ]
+    assert _main(argv) == 0
+    result = json.loads((tmp_path / "finetune.json").read_text())
+    assert result["num_train"] == 12  # half of each of the 4 classes of 6
+    assert result["label_fraction"] == pytest.approx(0.5)
+    assert (result["trunk_lr"], result["head_lr"]) == (0.01, 0.2)  # the 10% recipe for large fractions
+    assert result["milestones"] == [1, 2]
+    assert len(result["history"]) == 2
+
+
+@pytest.fixture(scope="module")
+def folder_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-folder")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 6), ("val", 3)):
+        for label, name in enumerate(("n01440764", "n01443537")):
+            (root / split / name).mkdir(parents=True)
+            images = _class_images([label] * n, 8, rng, 3)
+            for i in range(n):
+                Image.fromarray(images[i]).save(root / split / name / f"{name}_{i}.png")
+    return root
+
+
+def test_finetune_subset_file_end_to_end(folder_data, tmp_path):
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet18", small_images=True, in_channels=3, hidden_dim=0, output_dim=8, num_prototypes=(5,))
+    checkpoint = export_full(build_model(spec), tmp_path / "rgb.pt")
+    subset = tmp_path / "subset.txt"
+    subset.write_text("n01440764_0.png\nn01440764_3.png\nn01443537_5.png\n")
+    argv = [
+        "finetune",
+        *_common(
+            checkpoint,
+            tmp_path,
+            "--train-data",
+            str(folder_data / "train"),
+            "--val-data",
+            str(folder_data / "val"),
+            "--subset-file",
+            str(subset),
+            "--epochs",
+            "1",
+        ),
+    ]
+    assert _main(argv) == 0
+    result = json.loads((tmp_path / "finetune.json").read_text())
+    assert (result["num_train"], result["num_test"], result["num_classes"]) == (3, 6, 2)
+    assert result["label_fraction"] == pytest.approx(3 / 12)
+
+
+def test_subset_file_with_unknown_names_fails_cleanly(folder_data, tmp_path, capsys):
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet18", small_images=True, hidden_dim=0, output_dim=8, num_prototypes=(5,))
+    checkpoint = export_full(build_model(spec), tmp_path / "rgb.pt")
+    subset = tmp_path / "subset.txt"
+    subset.write_text("n01440764_0.png\nnot_there.JPEG\n")
+    argv = ["finetune", *_common(checkpoint, tmp_path, "--data", str(folder_data), "--subset-file", str(subset))]
+    assert _main(argv) == 1
+    assert "not_there.JPEG" in capsys.readouterr().err
+    assert not (tmp_path / "finetune.json").exists()
+
+
+def test_normalisation_comes_from_the_training_config(idx_data, tmp_path):
+    from swav.checkpoint import save_model_file
+
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet18", small_images=True, in_channels=1, hidden_dim=0, output_dim=8, num_prototypes=(5,))
+    checkpoint = save_model_file(
+        tmp_path / "trained.pt", build_model(spec), spec.to_dict(), config={"data": {"mean": [0.3], "std": [0.4]}}
+    )
+    assert _main(["eval-knn", *_common(checkpoint, tmp_path, "--data", str(idx_data), "--k", "3")]) == 0
+    result = json.loads((tmp_path / "eval-knn.json").read_text())
+    assert result["normalization"] == {"mean": [0.3], "std": [0.4]}
+    argv = ["eval-knn", *_common(checkpoint, tmp_path, "--data", str(idx_data), "--mean", "0.5", "--std", "0.5")]
+    assert _main(argv) == 0
+    assert json.loads((tmp_path / "eval-knn.json").read_text())["normalization"] == {"mean": [0.5], "std": [0.5]}
