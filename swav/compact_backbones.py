@@ -27,7 +27,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 
 __all__ = ["CompactResNet", "build_compact_backbone", "available_compact_backbones"]
 
-_NAME = re.compile(r"^resnet-compact-(?P<s2>s2-)?(?P<width>\d+)(?:-(?P<depth>\d+))?$")
+_NAME = re.compile(r"^resnet-compact-(?P<s2>s2-)?(?P<width>\d+)(?:-(?P<depth>\d+))?(?:-x(?P<stages>[34]))?$")
 _EXAMPLES = ("resnet-compact-16", "resnet-compact-32", "resnet-compact-32-2", "resnet-compact-s2-32")
 
 
@@ -40,18 +40,22 @@ class CompactResNet(nn.Module):
         torch.Size([2, 64])
     """
 
-    def __init__(self, width: int, depth: int = 1, in_channels: int = 3, stem_stride: int = 1) -> None:
+    def __init__(self, width: int, depth: int = 1, in_channels: int = 3, stem_stride: int = 1, stages: int = 3) -> None:
         super().__init__()
         for name, value in (("width", width), ("depth", depth), ("in_channels", in_channels)):
             if value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 1")
+        if stages not in (3, 4):
+            raise ValueError(f"stages={stages!r} is invalid: expected 3 or 4")
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride={stem_stride!r} is invalid: expected 1 or 2")
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         channels = width
-        for index, (out_channels, stride) in enumerate(((width, 1), (2 * width, 2), (4 * width, 2)), start=1):
+        plan = [(width, 1)] + [(width * 2**i, 2) for i in range(1, stages)]
+        self.num_stages = stages
+        for index, (out_channels, stride) in enumerate(plan, start=1):
             blocks = []
             for block in range(depth):
                 downsample = None
@@ -72,6 +76,8 @@ class CompactResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
+        if self.num_stages == 4:
+            x = self.layer4(x)
         return torch.flatten(self.avgpool(x), 1)
 
 
@@ -96,5 +102,6 @@ def build_compact_backbone(name: str, in_channels: int = 3) -> tuple[nn.Module, 
         )
     width = int(match["width"])
     depth = int(match["depth"]) if match["depth"] else 1
-    module = CompactResNet(width, depth, in_channels, stem_stride=2 if match["s2"] else 1)
+    stages = int(match["stages"]) if match["stages"] else 3
+    module = CompactResNet(width, depth, in_channels, stem_stride=2 if match["s2"] else 1, stages=stages)
     return module, module.feature_dim

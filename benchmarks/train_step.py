@@ -1,0 +1,135 @@
+"""Training-step throughput on this machine, each optimisation on and off (issue: speed, item 2).
+
+    PYTHONPATH=. python benchmarks/train_step.py --preset resnet50        # 2x224 + 6x96, batch 4
+    PYTHONPATH=. python benchmarks/train_step.py --preset fashion_mnist_cpu
+
+For every configuration (fp32 / bf16 autocast, contiguous / channels-last, optionally
+torch.compile) it times the engine's full SwAV step (lr, prototype normalisation, multi-crop
+forward, Sinkhorn codes, loss, backward, LARS step) and a backbone-only forward+backward on the
+same crops, and reports images/s, the ratio to the plain fp32 step, the step/backbone ratio, and
+how far the first step's loss and codes are from fp32 (same weights, same crops).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from swav.config import Config, with_values
+from swav.lars import LARS
+from swav.model import build_model
+from swav.recipes import load_recipe
+from swav.schedule import warmup_cosine_schedule
+from swav.train import model_spec_from_config
+from swav.train_step import SwAVStep
+
+
+def preset_config(name: str, batch: int | None) -> Config:
+    if name == "resnet50":
+        config = with_values(Config(), {"crops.counts": [2, 6], "crops.sizes": [224, 96],
+                                        "crops.min_scales": [0.14, 0.05], "crops.max_scales": [1.0, 0.14],
+                                        "optim.batch_size_per_device": batch or 4})
+    else:
+        config = load_recipe(name)
+        if batch:
+            config = with_values(config, {"optim.batch_size_per_device": batch})
+    return with_values(config, {"run.log_every_steps": 10**9})
+
+
+def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b, c = config.optim.batch_size_per_device, config.data.channels
+    return [torch.randn(b, c, size, size, generator=g)
+            for size, count in zip(config.crops.sizes, config.crops.counts) for _ in range(count)]
+
+
+def make_step(config: Config, model, precision: str, channels_last: bool, compile_model: bool) -> SwAVStep:
+    config = with_values(config, {"run.channels_last": channels_last})
+    model = copy.deepcopy(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    wrapped = torch.compile(model) if compile_model else model
+    optimizer = LARS(model.parameters(), lr=0.1, weight_decay=config.optim.weight_decay)
+    schedule = warmup_cosine_schedule(0.6, 0.0006, 10, 1000)
+    return SwAVStep(wrapped, model, optimizer, config=config, lr_schedule=schedule, queue_length_per_rank=0,
+                    precision=precision, device=torch.device("cpu"), rank=0)
+
+
+def backbone_only(step: SwAVStep, crops: list[torch.Tensor]) -> None:
+    """Forward + backward of the backbone alone, one pass per resolution, same precision/layout."""
+    model = step.raw_model
+    if step.config.run.channels_last:
+        crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+    runs, start = [], 0
+    for size, count in zip(step.config.crops.sizes, step.config.crops.counts):
+        runs.append(torch.cat(crops[start:start + count]))
+        start += count
+    with torch.autocast("cpu", dtype=step.dtype or torch.float32, enabled=step.dtype is not None):
+        loss = sum(model.backbone(x).float().mean() for x in runs)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+
+
+def seconds_per_call(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="resnet50", help="resnet50 or a recipe name")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = preset_config(args.preset, args.batch)
+    model = build_model(model_spec_from_config(config))
+    crops = make_crops(config)
+    variants = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False)]
+    if args.compile:
+        variants.append(("bf16", True, True))
+    reference = None
+    rows = []
+    for precision, channels_last, compile_model in variants:
+        step = make_step(config, model, precision, channels_last, compile_model)
+        first = step(crops, 10**6)  # past prototype freezing; same weights and crops for every variant
+        loss, codes = float(first.loss), first.codes_ABK.float()
+        if reference is None:
+            reference = (loss, codes)
+        step_s = seconds_per_call(lambda: step(crops, 10**6), args.repeats, args.warmup)
+        bb_s = seconds_per_call(lambda: backbone_only(step, crops), args.repeats, args.warmup)
+        batch = config.optim.batch_size_per_device
+        rows.append({"precision": precision, "channels_last": channels_last, "compile": compile_model,
+                     "step_s": step_s, "images_per_s": batch / step_s, "backbone_only_s": bb_s,
+                     "step_over_backbone": step_s / bb_s, "loss": loss,
+                     "loss_diff_vs_fp32": abs(loss - reference[0]),
+                     "codes_max_diff_vs_fp32": float((codes - reference[1]).abs().max())})
+        print(rows[-1], flush=True)
+    base = rows[0]["images_per_s"]
+    print(f"\n{args.preset}: crops {list(config.crops.counts)} x {list(config.crops.sizes)} px, batch "
+          f"{config.optim.batch_size_per_device}, backbone {config.model.backbone}, {torch.get_num_threads()} threads, "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+    print(f"{'precision':<10}{'ch-last':>8}{'compile':>8}{'s/step':>9}{'img/s':>9}{'vs fp32':>9}{'step/bb':>9}"
+          f"{'|dloss|':>10}{'|dcodes|':>10}")
+    for r in rows:
+        print(f"{r['precision']:<10}{str(r['channels_last']):>8}{str(r['compile']):>8}{r['step_s']:>9.3f}"
+              f"{r['images_per_s']:>9.2f}{r['images_per_s'] / base:>9.2f}{r['step_over_backbone']:>9.3f}"
+              f"{r['loss_diff_vs_fp32']:>10.4f}{r['codes_max_diff_vs_fp32']:>10.4f}")
+    if args.json:
+        args.json.write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

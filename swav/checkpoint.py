@@ -1,0 +1,260 @@
+"""Training checkpoints: atomic files, newest-valid selection, RNG state, resume checks (DESIGN, issue 8).
+
+Layout of a run folder's ``checkpoints/``: ``step_XXXXXXXX.pt`` (global step, 8 digits; the newest
+``run.keep_checkpoints`` are kept), ``epoch_XXXX.pt`` every ``run.keep_every_epochs`` epochs (never
+pruned) and ``final.pt`` at the end; the model alone goes to ``<run>/model.pt``. Every file is written to a hidden temporary file in the same folder, flushed,
+fsync'ed and renamed over the target (``os.replace``), so a crash never leaves a half-written file
+under a real name; leftovers of interrupted writes are removed at the next start.
+
+A checkpoint holds only tensors and plain containers, so it loads with ``torch.load(...,
+weights_only=True)`` (see :data:`CHECKPOINT_KEYS`). Loading is done on the CPU; a damaged newest
+file is reported by name and the previous one is used.
+
+Example:
+    >>> import tempfile, torch
+    >>> run = tempfile.mkdtemp()
+    >>> path = save_checkpoint({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": 7,
+    ...                         "model": {"w": torch.ones(2)}}, step_checkpoint_path(run, 7))
+    >>> found = find_latest_checkpoint(run)
+    >>> found[0].name, found[1]["step"]
+    ('step_00000007.pt', 7)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from swav.safe_load import CorruptCheckpointError, UnsafeCheckpointError, safe_torch_load
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "MODEL_FORMAT", "CHECKPOINT_KEYS", "CheckpointError",
+    "CheckpointSaveError", "capture_rng_state", "restore_rng_state", "save_checkpoint", "checkpoint_dir",
+    "step_checkpoint_path", "final_checkpoint_path", "list_checkpoints", "clean_temp_files",
+    "load_checkpoint", "find_latest_checkpoint", "archive_checkpoint", "prune_checkpoints", "save_model_file", "load_model",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "swav-training-checkpoint"
+CHECKPOINT_VERSION = 1
+MODEL_FORMAT = "swav-model"
+#: keys of a training checkpoint (see the README's "Checkpoints & resume")
+CHECKPOINT_KEYS = ("format", "version", "model", "model_spec", "optimizer", "scaler", "queues", "rng",
+                   "epoch", "batch_in_epoch", "step", "world_size", "finished", "config", "derived",
+                   "torch_version")
+_STEP_RE = re.compile(r"^step_(\d{8,})\.pt$")
+_TMP_MARK = ".tmp."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (none valid, wrong format, incompatible with the config)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (disk full, permissions); the previous files are intact."""
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def capture_rng_state() -> dict[str, Any]:
+    """torch, CUDA, numpy and python RNG states as tensors/lists (``weights_only``-loadable)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(cuda),
+        "numpy": {"name": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": int(py_version), "state": [int(v) for v in py_state], "gauss_next": py_gauss},
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states only when CUDA is in use)."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+# ---------------------------------------------------------------------------------------- paths
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(output_dir) / f"step_{step:08d}.pt"
+
+
+def final_checkpoint_path(output_dir: str | os.PathLike) -> Path:
+    return checkpoint_dir(output_dir) / "final.pt"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint files, newest first: ``final.pt`` (if present), then step files by decreasing step."""
+    folder = checkpoint_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    steps = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_RE.match(p.name))),
+                   reverse=True)
+    final = final_checkpoint_path(output_dir)
+    return ([final] if final.is_file() else []) + [p for _, p in steps]
+
+
+def clean_temp_files(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove temporary files left by interrupted writes; returns what was removed."""
+    removed = []
+    for folder in (Path(output_dir), checkpoint_dir(output_dir)):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.name.startswith(".") and _TMP_MARK in p.name and p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    if removed:
+        logger.warning("removed %d leftover temporary file(s) of an interrupted save: %s", len(removed),
+                       ", ".join(p.name for p in removed))
+    return removed
+
+
+# ---------------------------------------------------------------------------------- write/read
+def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``obj`` atomically to ``path`` (temp file, fsync, rename); CheckpointSaveError on failure."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}{_TMP_MARK}{os.getpid()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointSaveError(f"could not write checkpoint {str(path)!r}: {reason}. Previous checkpoints "
+                                  "are untouched; free disk space or fix permissions, then resume") from exc
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint on the CPU with ``weights_only=True`` and check its format marker."""
+    obj = safe_torch_load(path, map_location="cpu")
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CorruptCheckpointError(f"{str(path)!r} is not a swav training checkpoint (format {found!r}, "
+                                     f"expected {CHECKPOINT_FORMAT!r})")
+    if int(obj.get("version", 0)) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {obj['version']}, newer than this swav "
+                              f"understands ({CHECKPOINT_VERSION}); upgrade swav")
+    return obj
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads; damaged ones are named in a WARNING and skipped.
+
+    Returns None when there is no checkpoint at all; raises :class:`CheckpointError` when there are
+    checkpoint files but none is readable (never a silent restart from scratch).
+    """
+    candidates = list_checkpoints(output_dir)
+    damaged = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as exc:
+            logger.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, exc)
+            damaged.append(path.name)
+    if damaged:
+        raise CheckpointError(f"no valid checkpoint in {str(checkpoint_dir(output_dir))!r}: all of {damaged} are "
+                              "damaged. Remove them (or pass --overwrite) to start again from scratch")
+    return None
+
+
+def archive_checkpoint(path: str | os.PathLike, epoch: int) -> Path:
+    """Keep ``path`` permanently as ``epoch_XXXX.pt`` beside it (hard link, else a copy), never pruned."""
+    import shutil
+
+    path = Path(path)
+    target = path.parent / f"epoch_{epoch:04d}.pt"
+    tmp = path.parent / f".{target.name}{_TMP_MARK}{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copy2(path, tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointSaveError(f"could not keep {str(path)!r} as {str(target)!r}: {exc}") from exc
+    return target
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest step checkpoints; returns the deleted paths."""
+    steps = [p for p in list_checkpoints(output_dir) if _STEP_RE.match(p.name)]
+    removed = steps[keep:]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+# ------------------------------------------------------------------------------------- model only
+def save_model_file(path: str | os.PathLike, model: torch.nn.Module, model_spec: dict[str, Any], *,
+                    config: dict[str, Any] | None = None, step: int = 0, epoch: int = 0) -> Path:
+    """Write the unwrapped model's weights and spec (``model.pt``), atomically."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return save_checkpoint({"format": MODEL_FORMAT, "version": CHECKPOINT_VERSION, "model": state,
+                            "model_spec": dict(model_spec), "config": config or {}, "step": step,
+                            "epoch": epoch}, path)
+
+
+def load_model(path: str | os.PathLike) -> torch.nn.Module:
+    """Rebuild a :class:`~swav.model.SwAVModel` from ``model.pt`` or a training checkpoint (strict load).
+
+    Example:
+        >>> import tempfile
+        >>> from swav.model import ModelSpec, build_model
+        >>> spec = ModelSpec("resnet18", small_images=True, in_channels=1, hidden_dim=16, output_dim=8,
+        ...                  num_prototypes=5)
+        >>> f = save_model_file(tempfile.mkdtemp() + "/model.pt", build_model(spec), spec.to_dict())
+        >>> load_model(f).num_prototypes
+        (5,)
+    """
+    from swav.interop import load_state_checked
+    from swav.model import ModelSpec, build_model
+
+    obj = safe_torch_load(path, map_location="cpu")
+    if not isinstance(obj, dict) or obj.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
+        raise CorruptCheckpointError(f"{str(path)!r} is neither a swav model file nor a training checkpoint")
+    spec = ModelSpec.from_dict(dict(obj["model_spec"]))
+    model = build_model(spec)
+    load_state_checked(model, obj["model"], strict=True, source=str(path))
+    return model

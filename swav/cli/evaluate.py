@@ -1,0 +1,431 @@
+"""``swav eval-knn``, ``swav eval-linear``, ``swav finetune``: the evaluation protocols (SPEC §11).
+
+Each command loads a trained model (anything :func:`swav.load_pretrained` reads), builds the
+train/test data sets, runs the protocol on the backbone's pooled features, prints a summary and
+writes ``<output-dir>/<command>.json``.
+
+Examples::
+
+    swav eval-knn    --checkpoint run/checkpoint.pt --data fashion-mnist --k 10 20
+    swav eval-linear --checkpoint run/checkpoint.pt --data fashion-mnist --mode fast
+    swav eval-linear --checkpoint swav_800ep_pretrain.pth.tar \\
+        --train-data /data/imagenet/train --val-data /data/imagenet/val --mode full --amp bf16
+    swav finetune    --checkpoint swav_800ep_pretrain.pth.tar --subset-file 1percent.txt \\
+        --train-data /data/imagenet/train --val-data /data/imagenet/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run_finetune", "run_knn", "run_linear"]
+
+logger = logging.getLogger(__name__)
+
+_AMP = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``eval-knn``, ``eval-linear`` and ``finetune`` to the ``swav`` command line.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(prog="swav")
+        >>> register(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["eval-knn", "--checkpoint", "m.pt", "--data", "fashion-mnist"])
+        >>> args.k, args.temperature, args.func.__name__
+        ([20], 0.07, 'run_knn')
+    """
+    knn = _add_parser(subparsers, "eval-knn", "weighted k-NN accuracy of frozen features (k=20, T=0.07)")
+    knn.add_argument(
+        "--k", type=int, nargs="+", default=[20], help="neighbours; several values share one feature pass (default: 20)"
+    )
+    knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / T) (default: 0.07)")
+    knn.set_defaults(func=run_knn)
+
+    linear = _add_parser(subparsers, "eval-linear", "linear classifier on the frozen backbone (official protocol)")
+    linear.add_argument(
+        "--mode",
+        choices=("full", "fast"),
+        default="full",
+        help="full: augmented images through the frozen backbone every epoch (official); "
+        "fast: features extracted once without augmentation, seconds per 100 epochs (default: full)",
+    )
+    linear.add_argument("--epochs", type=int, default=100, help="default: 100")
+    linear.add_argument(
+        "--lr", type=float, default=0.3, help="SGD learning rate, cosine to --final-lr per epoch (default: 0.3)"
+    )
+    linear.add_argument("--final-lr", type=float, default=0.0, help="default: 0")
+    linear.add_argument("--weight-decay", type=float, default=1e-6, help="default: 1e-6")
+    linear.add_argument(
+        "--standardize",
+        action="store_true",
+        help="fast mode: standardise every feature dimension with training statistics (not official)",
+    )
+    linear.set_defaults(func=run_linear)
+
+    tune = _add_parser(subparsers, "finetune", "semi-supervised fine-tuning of the whole network on a labelled subset")
+    subset = tune.add_mutually_exclusive_group(required=True)
+    subset.add_argument(
+        "--label-fraction", type=float, help="seeded per-class fraction of the training labels, e.g. 0.01"
+    )
+    subset.add_argument("--subset-file", help="SimCLR-style list of training image file names (one per line)")
+    tune.add_argument(
+        "--epochs", type=int, default=20, help="default: 20 (lr x --gamma at 60%% and 80%% of the epochs)"
+    )
+    tune.add_argument("--trunk-lr", type=float, help="default: 0.02 for <=~3%% labels, else 0.01")
+    tune.add_argument("--head-lr", type=float, help="default: 5 for <=~3%% labels, else 0.2")
+    tune.add_argument(
+        "--milestones", type=int, nargs="+", help="epochs where the lr decays (default: 12 16 scaled to --epochs)"
+    )
+    tune.add_argument("--gamma", type=float, default=0.2, help="lr decay factor (default: 0.2)")
+    tune.set_defaults(func=run_finetune)
+
+
+def _add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subparser with the arguments every evaluation command shares."""
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="training checkpoint, export, official *_pretrain.pth.tar, .safetensors or a local name",
+    )
+    parser.add_argument(
+        "--data",
+        help="data set: a name (fashion-mnist, mnist, cifar10, cifar100) or a path "
+        "(IDX/CIFAR files, or a folder with train/ and val/ or test/)",
+    )
+    parser.add_argument(
+        "--train-data", help="training images (folder or any --data form); overrides --data's train split"
+    )
+    parser.add_argument("--val-data", help="test images (folder or any --data form); overrides --data's test split")
+    parser.add_argument("--output-dir", default=".", help=f"where {name}.json is written (default: .)")
+    parser.add_argument("--batch-size", type=int, default=256, help="default: 256")
+    parser.add_argument("--workers", type=int, default=4, help="data-loading processes (default: 4)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument(
+        "--amp", choices=tuple(_AMP), default="none", help="autocast dtype for the backbone (default: none)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="default: 0")
+    parser.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        help="normalisation mean; must match pretraining (default: ImageNet for RGB, 0.5 for grey)",
+    )
+    parser.add_argument(
+        "--std",
+        type=float,
+        nargs="+",
+        help="normalisation std; must match pretraining (default: ImageNet for RGB, 0.5 for grey)",
+    )
+    parser.add_argument("--partial", action="store_true", help="accept a checkpoint that only partly fits the model")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def run_knn(args: argparse.Namespace) -> int:
+    """Extract normalised features of both splits once, then k-NN for every ``--k``."""
+    return _guarded("eval-knn", _knn, args)
+
+
+def run_linear(args: argparse.Namespace) -> int:
+    """Train and evaluate the linear classifier in ``--mode`` full or fast."""
+    return _guarded("eval-linear", _linear, args)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune backbone + head on ``--label-fraction`` or ``--subset-file`` of the training set."""
+    return _guarded("finetune", _finetune, args)
+
+
+def _guarded(command: str, body: Any, args: argparse.Namespace) -> int:
+    """Run ``body``; turn user errors into a one-line message and exit code 1."""
+    try:
+        result = body(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"swav {command}: error: {error}", file=sys.stderr)
+        return 1
+    path = _write_json(Path(args.output_dir), command, result)
+    print(f"wrote {path}")
+    return 0
+
+
+def _knn(args: argparse.Namespace) -> dict[str, Any]:
+    from swav.eval.knn import knn_accuracy
+    from swav.features import extract_features
+
+    setup = _Setup(args)
+    train_ds, test_ds = setup.datasets(train_augment=False)
+    start = time.perf_counter()
+    train = extract_features(setup.backbone, setup.loader(train_ds, shuffle=False), **setup.feature_kwargs)
+    test = extract_features(setup.backbone, setup.loader(test_ds, shuffle=False), **setup.feature_kwargs)
+    num_classes = setup.num_classes(train_ds, train[1], test[1])
+    on_device = [t.to(setup.device) for t in (*train, *test)]  # the similarity matmuls run there
+    results = []
+    for k in args.k:
+        acc = knn_accuracy(*on_device, k=k, temperature=args.temperature, num_classes=num_classes)
+        results.append({"k": k, "temperature": args.temperature, **acc})
+        print(f"k-NN  k={k:<4d} T={args.temperature:g}  top-1 {acc['top1']:6.2f}  top-5 {acc['top5']:6.2f}")
+    return setup.report(
+        "eval-knn", num_classes, train[1].numel(), test[1].numel(), time.perf_counter() - start, results=results
+    )
+
+
+def _linear(args: argparse.Namespace) -> dict[str, Any]:
+    from swav.eval.linear import linear_probe, linear_probe_features
+    from swav.features import extract_features
+
+    setup = _Setup(args)
+    common = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "final_lr": args.final_lr,
+        "seed": args.seed,
+        "progress": setup.progress,
+    }
+    start = time.perf_counter()
+    if args.mode == "fast":
+        train_ds, test_ds = setup.datasets(train_augment=False)
+        train = extract_features(setup.backbone, setup.loader(train_ds, shuffle=False), **setup.feature_kwargs)
+        test = extract_features(setup.backbone, setup.loader(test_ds, shuffle=False), **setup.feature_kwargs)
+        num_classes = setup.num_classes(train_ds, train[1], test[1])
+        result = linear_probe_features(
+            *train,
+            *test,
+            num_classes=num_classes,
+            batch_size=args.batch_size,
+            standardize=args.standardize,
+            device=setup.device,
+            **common,
+        )
+        sizes = (train[1].numel(), test[1].numel())
+    else:
+        if args.standardize:
+            raise ValueError("--standardize: applies to --mode fast only")
+        train_ds, test_ds = setup.datasets(train_augment=True)
+        num_classes = setup.num_classes(train_ds, _targets(train_ds), _targets(test_ds))
+        result = linear_probe(
+            setup.backbone,
+            setup.loader(train_ds, shuffle=True),
+            setup.loader(test_ds, shuffle=False),
+            feature_dim=setup.model.feature_dim,
+            num_classes=num_classes,
+            device=setup.device,
+            amp_dtype=setup.amp_dtype,
+            **common,
+        )
+        sizes = (len(train_ds), len(test_ds))
+    _print_result(f"linear ({args.mode})", result)
+    return setup.report(
+        "eval-linear", num_classes, *sizes, time.perf_counter() - start, mode=args.mode, **result.to_dict()
+    )
+
+
+def _finetune(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    from torch.utils.data import Subset
+
+    from swav.eval.finetune import (
+        FinetuneClassifier,
+        default_learning_rates,
+        finetune,
+        scaled_milestones,
+    )
+    from swav.eval.subsets import read_subset_file, stratified_fraction
+
+    setup = _Setup(args)
+    train_ds, test_ds = setup.datasets(train_augment=True)
+    num_classes = setup.num_classes(train_ds, _targets(train_ds), _targets(test_ds))
+    if args.subset_file:
+        samples = getattr(train_ds, "samples", None)
+        if samples is None:
+            raise ValueError(
+                "--subset-file: needs an image-folder training set (file names to match); "
+                "use --label-fraction for IDX/CIFAR data"
+            )
+        indices = read_subset_file(args.subset_file, [path for path, _ in samples])
+    else:
+        indices = stratified_fraction(np.asarray(_targets(train_ds)), args.label_fraction, seed=args.seed)
+    fraction = len(indices) / len(train_ds)
+    trunk_lr, head_lr = default_learning_rates(fraction)
+    trunk_lr = args.trunk_lr if args.trunk_lr is not None else trunk_lr
+    head_lr = args.head_lr if args.head_lr is not None else head_lr
+    milestones = tuple(args.milestones) if args.milestones else scaled_milestones(args.epochs)
+    print(
+        f"fine-tuning on {len(indices)} of {len(train_ds)} labelled images ({100 * fraction:.2f}%), "
+        f"trunk lr {trunk_lr:g}, head lr {head_lr:g}, x{args.gamma:g} at epochs {list(milestones)}"
+    )
+    subset = Subset(train_ds, indices.tolist())
+    train_loader = setup.loader(subset, shuffle=True, drop_last=len(subset) > args.batch_size)
+    classifier = FinetuneClassifier(setup.backbone, setup.model.feature_dim, num_classes, seed=args.seed)
+    start = time.perf_counter()
+    result = finetune(
+        classifier,
+        train_loader,
+        setup.loader(test_ds, shuffle=False),
+        epochs=args.epochs,
+        trunk_lr=trunk_lr,
+        head_lr=head_lr,
+        milestones=milestones,
+        gamma=args.gamma,
+        device=setup.device,
+        amp_dtype=setup.amp_dtype,
+        progress=setup.progress,
+    )
+    _print_result("fine-tune", result)
+    return setup.report(
+        "finetune",
+        num_classes,
+        len(subset),
+        len(test_ds),
+        time.perf_counter() - start,
+        label_fraction=fraction,
+        subset_file=args.subset_file,
+        trunk_lr=trunk_lr,
+        head_lr=head_lr,
+        milestones=list(milestones),
+        gamma=args.gamma,
+        **result.to_dict(),
+    )
+
+
+class _Setup:
+    """What every command needs: the model, transforms, device, loaders and the report header."""
+
+    def __init__(self, args: argparse.Namespace):
+        import torch
+
+        from swav.eval.transforms import pretraining_normalization, transforms_for_spec
+        from swav.pretrained import load_pretrained
+
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+        if not args.data and not (args.train_data and args.val_data):
+            raise ValueError("--data: required unless both --train-data and --val-data are given")
+        self.args = args
+        torch.manual_seed(args.seed)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        )
+        self.amp_dtype = getattr(torch, _AMP[args.amp]) if _AMP[args.amp] else None
+        self.progress = not args.no_progress
+        self.model = load_pretrained(args.checkpoint, strict=not args.partial)
+        self.spec = self.model.spec
+        self.backbone = self.model.backbone.to(self.device)
+        mean, std = args.mean, args.std
+        if mean is None and std is None:
+            mean, std = pretraining_normalization(args.checkpoint)
+        self.normalization = {"mean": mean, "std": std}
+        self.transforms = transforms_for_spec(self.spec, mean=mean, std=std)
+        self.feature_kwargs = {"device": self.device, "amp_dtype": self.amp_dtype, "progress": self.progress}
+        logger.info(
+            "evaluating %s (%s, feature dim %d) on %s",
+            args.checkpoint,
+            self.spec.backbone,
+            self.model.feature_dim,
+            self.device,
+        )
+
+    def datasets(self, *, train_augment: bool) -> tuple[Any, Any]:
+        """Train and test data sets; the train set is augmented only for full linear / fine-tuning."""
+        from swav.datasets import build_dataset
+
+        train_tf, test_tf = self.transforms
+        channels = self.spec.in_channels
+        args = self.args
+        train = build_dataset(
+            args.train_data or args.data,
+            split="train",
+            transform=train_tf if train_augment else test_tf,
+            channels=channels,
+        )
+        test = (
+            build_dataset(args.val_data, split="train", transform=test_tf, channels=channels)
+            if args.val_data
+            else build_dataset(args.data, split="test", transform=test_tf, channels=channels)
+        )
+        return train, test
+
+    def loader(self, dataset: Any, *, shuffle: bool, drop_last: bool = False) -> Any:
+        import torch
+        from torch.utils.data import DataLoader
+
+        return DataLoader(
+            dataset,
+            batch_size=self.args.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.args.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.args.workers > 0,
+            generator=torch.Generator().manual_seed(self.args.seed),
+        )
+
+    def num_classes(self, train_ds: Any, *labels: Any) -> int:
+        """Class count: the training set's ``classes``, or more if the labels (train, test) say so."""
+        import torch
+
+        all_labels = [torch.as_tensor(y) for y in labels]
+        if any(bool((y < 0).any()) for y in all_labels):
+            raise ValueError("data: some images have no label (-1); evaluation needs one class sub-folder per class")
+        seen = max(int(y.max()) for y in all_labels) + 1
+        return max(len(getattr(train_ds, "classes", []) or []), seen)
+
+    def report(
+        self, command: str, num_classes: int, num_train: int, num_test: int, seconds: float, **fields: Any
+    ) -> dict[str, Any]:
+        args = self.args
+        return {
+            "command": command,
+            "checkpoint": str(args.checkpoint),
+            "model_spec": self.spec.to_dict(),
+            "data": args.data,
+            "train_data": args.train_data,
+            "val_data": args.val_data,
+            "num_classes": num_classes,
+            "num_train": num_train,
+            "num_test": num_test,
+            "feature_dim": self.model.feature_dim,
+            "device": str(self.device),
+            "amp": args.amp,
+            "batch_size": args.batch_size,
+            "normalization": self.normalization,
+            "seed": args.seed,
+            "seconds": round(seconds, 2),
+            **fields,
+        }
+
+
+def _targets(dataset: Any) -> list[int]:
+    """Labels of every sample without decoding images (``targets`` of our data sets)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise ValueError(
+            f"data: {type(dataset).__name__} exposes no labels ('targets'); use an image folder, IDX or CIFAR data"
+        )
+    return [int(t) for t in targets]
+
+
+def _print_result(name: str, result: Any) -> None:
+    print(
+        f"{name}: last epoch top-1 {result.top1_last:6.2f} top-5 {result.top5_last:6.2f} | "
+        f"best (epoch {result.best_epoch}) top-1 {result.top1_best:6.2f} top-5 {result.top5_best:6.2f}"
+    )
+
+
+def _write_json(output_dir: Path, command: str, result: dict[str, Any]) -> Path:
+    """Write ``<output_dir>/<command>.json`` atomically (temporary file, then rename)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"{command}.json"
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

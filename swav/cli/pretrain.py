@@ -1,0 +1,152 @@
+"""``swav pretrain`` (and ``swav demo``): SwAV pretraining from the command line.
+
+Contract (other tools rely on these names)::
+
+    swav pretrain --data PATH --output-dir DIR --epochs N --batch-size B
+                  [--config FILE] [--recipe NAME] [--set section.key=value ...] [--resume] [--overwrite]
+                  [--device auto|cpu|cuda] [--workers N] [--seed N]
+
+plus the original script's flags verbatim (``--nmb_crops 2 6 --size_crops 224 96 ...``, SPEC §9).
+Precedence: defaults < recipe < ``--config`` file < flags < ``--set``. With ``--resume`` and no
+recipe/config, the run folder's own ``config.yaml`` is the starting point. With no ``--data`` (and no
+recipe/config), or as ``swav demo``, the ``fashion_mnist_cpu`` recipe runs on Fashion-MNIST and the
+run ends with a k-NN summary (written to ``<output-dir>/summary.json``). Limits of one invocation
+(``run.max_steps``, ``run.time_budget_minutes``, ``debug.*``) are not taken over from a run's config.yaml.
+
+Exit status: 0 done (or stopped by --set run.max_steps / run.time_budget_minutes, or already complete),
+1 error, 2 usage error, 128 + signal after SIGTERM/SIGUSR1 (a checkpoint was saved; rerun with --resume).
+
+Example:
+    swav pretrain --data ~/images --recipe swav_200ep_bs256 --output-dir runs/r50 --set optim.epochs=100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from swav.config import Config, apply_overrides, config_to_dict, load_config_file, with_values
+from swav.official_flags import add_official_flags, official_values
+
+__all__ = ["register", "run", "resolve_config", "DEMO_RECIPE", "DEMO_OUTPUT_DIR"]
+
+DEMO_RECIPE = "fashion_mnist_cpu"
+DEMO_OUTPUT_DIR = "swav-demo"
+_SMALL_LABELLED = ("fashion-mnist", "fashion_mnist", "fashionmnist", "mnist")
+# limits of one invocation: not taken over from a resumed run's config.yaml
+_PER_INVOCATION = {"run.max_steps": 0, "run.time_budget_minutes": 0.0, "debug.inject_nan_step": -1,
+                   "debug.inject_nan_rank": -1}
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config (full or partial), applied after --recipe")
+    parser.add_argument("--recipe", metavar="NAME", help="a shipped recipe (see --list-recipes)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set optim.base_lr=0.6")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir from its newest valid checkpoint (start if none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")
+    parser.add_argument("--summary", dest="summary", action="store_true", default=None,
+                        help="end with the k-NN summary (default: on for the demo and Fashion-MNIST/MNIST)")
+    parser.add_argument("--no-summary", dest="summary", action="store_false", help="skip the k-NN summary")
+    parser.add_argument("--knn-test-limit", type=int, default=0, metavar="N",
+                        help="use only N test images for the summary (0 = all)")
+    parser.add_argument("--knn-train-limit", type=int, default=None, metavar="N",
+                        help="use only the first N training images as the k-NN bank (default: data.limit or all)")
+    parser.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_official_flags(parser, aliases={"data_path": ["--data"], "dump_path": ["--output-dir"],
+                                        "batch_size": ["--batch-size"]})
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``pretrain`` and its alias ``demo``."""
+    for name, text in (("pretrain", "pretrain SwAV on a folder of images or a named data set"),
+                       ("demo", "the CPU demo: pretrain on Fashion-MNIST and print what was learned")):
+        parser = subparsers.add_parser(name, help=text, description=__doc__.split("Example:")[0],
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_arguments(parser)
+        parser.set_defaults(func=run, demo=name == "demo")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
+    """The config the command line describes, and whether this is the demo run."""
+    from swav.recipes import load_recipe
+
+    flags = official_values(args)
+    demo = bool(getattr(args, "demo", False)) or ("data.path" not in flags and not args.recipe and not args.config)
+    output_dir = flags.get("run.output_dir") or (DEMO_OUTPUT_DIR if demo else None)
+    own_config = Path(output_dir) / "config.yaml" if output_dir else None
+    data = flags.get("data.path")
+    if args.recipe:
+        config = load_recipe(args.recipe)
+    elif args.resume and not args.config and own_config is not None and own_config.is_file():
+        config = with_values(load_config_file(own_config), _PER_INVOCATION)
+    elif demo or (isinstance(data, str) and data.lower() in _SMALL_LABELLED and not args.config):
+        config = load_recipe(DEMO_RECIPE)
+    else:
+        config = Config()
+    if args.config:
+        config = load_config_file(args.config, base=config)
+    if demo and "run.output_dir" not in flags:
+        flags["run.output_dir"] = DEMO_OUTPUT_DIR
+    if args.device:
+        flags["run.device"] = args.device
+    config = with_values(config, flags) if flags else config
+    return apply_overrides(config, args.overrides), demo
+
+
+def _summary_wanted(args: argparse.Namespace, config: Config, demo: bool) -> bool:
+    if args.summary is not None:
+        return bool(args.summary)
+    return demo or str(config.data.path).lower() in _SMALL_LABELLED
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``swav pretrain``; returns the exit status."""
+    if args.list_recipes:
+        from swav.recipes import available_recipes
+        print("\n".join(available_recipes()))
+        return 0
+    config, demo = resolve_config(args)
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        return 0
+    from swav.train import train
+
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if result.status == "already_complete":
+        print(f"the run in {result.output_dir} is already complete (step {result.step}); nothing to do")
+    elif result.status == "preempted":
+        print(f"stopped by a signal at step {result.step}; checkpoint {result.checkpoint}; "
+              f"continue with --resume", file=sys.stderr)
+        return result.exit_code
+    elif result.status != "complete":
+        print(f"stopped at step {result.step} ({result.status}); checkpoint {result.checkpoint}; "
+              f"continue with --resume")
+    if result.status in ("complete", "already_complete") and _summary_wanted(args, config, demo):
+        _print_summary(config, result.output_dir, args.knn_train_limit, args.knn_test_limit)
+    return 0
+
+
+def _print_summary(config: Config, output_dir: Path, train_limit: int | None, test_limit: int) -> None:
+    import torch
+
+    from swav.checkpoint import load_model
+    from swav.dist_setup import select_device
+    from swav.distributed import get_rank
+    from swav.pretrain_summary import format_summary, knn_summary
+
+    if get_rank() != 0:
+        return
+    model = load_model(output_dir / "model.pt")
+    derived = json.loads((output_dir / "derived.json").read_text(encoding="utf-8"))
+    device = select_device(derived.get("device", "cpu").split(":")[0], 0)
+    amp = torch.bfloat16 if derived.get("precision") == "bf16" else None
+    summary = knn_summary(model, config, device=device, amp_dtype=amp, train_limit=train_limit,
+                          test_limit=test_limit)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    print(format_summary(summary))

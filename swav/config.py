@@ -1,0 +1,387 @@
+"""Typed training configuration: one set of defaults, YAML files, ``--set`` overrides (engine layer).
+
+A :class:`Config` holds seven frozen sections (data, crops, model, swav, optim, run, debug). The
+defaults are the original training script's flag defaults (SPEC §9), so an official launch line
+that relies on them behaves the same. A config is validated when it is built and never mutated
+afterwards; overrides return a new object (:func:`apply_overrides`). Values that depend on the
+world size or the data set (global batch, per-rank queue length, steps per epoch) are computed
+once by :func:`swav.config_derive.derive_values` and stored beside the config in the run folder.
+
+Example:
+    >>> cfg = apply_overrides(Config(), ["optim.base_lr=0.6", "crops.counts=[2, 6]",
+    ...                                  "crops.sizes=[224, 96]", "crops.min_scales=[0.14, 0.05]",
+    ...                                  "crops.max_scales=[1, 0.14]"])
+    >>> cfg.optim.base_lr, cfg.crops.counts, cfg.num_crops
+    (0.6, (2, 6), 8)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from swav.config_coerce import coerce_value
+
+__all__ = [
+    "DataConfig", "CropsConfig", "ModelConfig", "SwAVConfig", "OptimConfig", "RunConfig",
+    "DebugConfig", "Config", "SECTIONS", "config_from_dict", "config_to_dict", "apply_overrides",
+    "with_values", "merge_dict", "parse_override", "load_config_file", "save_config", "config_keys",
+    "PIPELINES", "PRECISIONS",
+]
+
+PIPELINES = ("auto", "pil", "batched", "tensor")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _fail(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise _fail(key, value, expected)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are loaded (SPEC §7 feeds on this)."""
+
+    path: str | None = None  # folder, IDX/CIFAR files, shards:PATTERN, or a name (fashion-mnist)
+    channels: int = 3  # 1 (grey) or 3 (RGB); also the network's input channels
+    pipeline: str = "auto"  # auto | pil | batched | tensor (in-memory uint8 data, batched crops)
+    workers: int = 10  # DataLoader worker processes per rank
+    limit: int = 0  # use only the first N images (0 = all); for tests and quick checks
+    download: bool = False  # allow torchvision to download a named data set
+    max_bad_fraction: float = 0.01  # abort when more of the images are unreadable
+    mean: tuple[float, ...] | None = None  # normalisation; None = ImageNet (RGB) or 0.5 (grey)
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.channels in (1, 3), "data.channels", self.channels, "1 or 3")
+        _check(self.pipeline in PIPELINES, "data.pipeline", self.pipeline, f"one of {PIPELINES}")
+        for key in ("workers", "limit"):
+            _check(getattr(self, key) >= 0, f"data.{key}", getattr(self, key), "an integer >= 0")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", self.max_bad_fraction,
+               "a fraction in [0, 1]")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            _check(values is None or len(values) == self.channels, f"data.{key}", values,
+                   f"{self.channels} value(s), one per channel")
+        _check(self.std is None or all(s > 0 for s in self.std), "data.std", self.std, "values > 0")
+
+
+@dataclass(frozen=True)
+class CropsConfig:
+    """Multi-crop (SPEC §7): one entry per resolution in each list (official ``--nmb_crops`` ...)."""
+
+    counts: tuple[int, ...] = (2,)
+    sizes: tuple[int, ...] = (224,)
+    min_scales: tuple[float, ...] = (0.14,)
+    max_scales: tuple[float, ...] = (1.0,)
+    color_jitter_strength: float = 1.0  # s: brightness/contrast/saturation 0.8 s, hue 0.2 s
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        n = len(self.counts)
+        _check(n > 0, "crops.counts", [], "at least one resolution")
+        for key in ("sizes", "min_scales", "max_scales"):
+            if len(getattr(self, key)) != n:
+                raise ValueError(
+                    f"crops.{key}={list(getattr(self, key))} has {len(getattr(self, key))} entries but "
+                    f"crops.counts={list(self.counts)} has {n}: give one value per resolution")
+        for i in range(n):
+            _check(self.counts[i] >= 1 and self.sizes[i] >= 1, f"crops.counts[{i}]/sizes[{i}]",
+                   (self.counts[i], self.sizes[i]), "integers >= 1")
+            lo, hi = self.min_scales[i], self.max_scales[i]
+            _check(0 < lo <= 1 and 0 < hi <= 1, f"crops.min_scales[{i}]/max_scales[{i}]", (lo, hi),
+                   "fractions in (0, 1]")
+            if lo > hi:
+                raise ValueError(f"crops.min_scales[{i}]={lo} is larger than crops.max_scales[{i}]={hi}: "
+                                 "the minimum crop scale must not exceed the maximum")
+        _check(0 <= self.color_jitter_strength <= 1.25, "crops.color_jitter_strength",
+               self.color_jitter_strength, "a value in [0, 1.25]")
+        for key in ("grayscale_prob", "blur_prob"):
+            _check(0 <= getattr(self, key) <= 1, f"crops.{key}", getattr(self, key), "a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone, projection head and prototypes (SPEC §2, §8); becomes a :class:`ModelSpec`."""
+
+    backbone: str = "resnet50"  # see swav.backbones.available_backbones()
+    small_images: bool = False  # 3x3 stride-1 stem without max-pool (CIFAR-sized inputs)
+    hidden_dim: int = 2048  # projection head hidden size (0 = one linear layer)
+    output_dim: int = 128  # D
+    num_prototypes: tuple[int, ...] = (3000,)  # K; several values = several heads
+    head_batch_norm: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.backbone), "model.backbone", self.backbone, "a backbone name such as resnet50")
+        _check(self.hidden_dim >= 0, "model.hidden_dim", self.hidden_dim, "an integer >= 0 (0 = one linear layer)")
+        _check(self.output_dim >= 1, "model.output_dim", self.output_dim, "an integer >= 1")
+        _check(bool(self.num_prototypes) and all(k >= 1 for k in self.num_prototypes), "model.num_prototypes",
+               self.num_prototypes, "K >= 1 (or a list of them, one per head)")
+
+
+@dataclass(frozen=True)
+class SwAVConfig:
+    """Codes, loss, queue and prototype freezing (SPEC §3-§6)."""
+
+    crops_for_assign: tuple[int, ...] = (0, 1)
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    log_domain: bool = False  # log-domain Sinkhorn (any epsilon)
+    queue_length: int = 0  # global L; 0 = no queue
+    queue_start_epoch: int = 15
+    freeze_prototypes_steps: int = 313
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "swav.temperature", self.temperature, "a value > 0")
+        _check(self.epsilon > 0, "swav.epsilon", self.epsilon, "a value > 0")
+        _check(self.sinkhorn_iterations >= 1, "swav.sinkhorn_iterations", self.sinkhorn_iterations, "an integer >= 1")
+        for key in ("queue_length", "queue_start_epoch", "freeze_prototypes_steps"):
+            _check(getattr(self, key) >= 0, f"swav.{key}", getattr(self, key), "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD + momentum wrapped in LARS, warm-up + cosine learning rate per step (SPEC §9)."""
+
+    epochs: int = 100
+    batch_size_per_device: int = 64
+    base_lr: float = 4.8
+    final_lr: float = 0.0
+    warmup_epochs: float = 10.0
+    start_warmup: float = 0.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    lars: bool = True
+    trust_coefficient: float = 0.001
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "optim.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size_per_device >= 1, "optim.batch_size_per_device", self.batch_size_per_device,
+               "an integer >= 1")
+        for key in ("base_lr", "final_lr", "start_warmup", "weight_decay"):
+            value = getattr(self, key)
+            _check(value >= 0 and math.isfinite(value), f"optim.{key}", value, "a finite value >= 0")
+        _check(0 <= self.warmup_epochs <= self.epochs, "optim.warmup_epochs", self.warmup_epochs,
+               f"a value in [0, optim.epochs={self.epochs}]")
+        _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a value in [0, 1)")
+        _check(self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient, "a value > 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how the run executes: output, devices, precision, checkpoints, limits."""
+
+    output_dir: str = "."
+    seed: int = 31
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto = bf16 where the hardware supports it, else fp32
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    sync_bn: bool = True  # SyncBatchNorm when world size > 1
+    sync_bn_group_size: int = 8  # ranks per SyncBatchNorm group (official --syncbn_process_group_size)
+    dist_url: str = "env://"
+    dist_timeout_minutes: float = 30.0
+    world_size: int = -1  # -1 = from the launcher's environment
+    rank: int = -1
+    local_rank: int = -1
+    checkpoint_every_epochs: int = 1  # resumable checkpoint at every N-th epoch end (0 = never)
+    checkpoint_every_steps: int = 0  # ... and every N global steps (0 = never)
+    keep_checkpoints: int = 3  # newest step checkpoints kept on disk
+    keep_every_epochs: int = 25  # also keep checkpoints/epoch_XXXX.pt every N epochs (official --checkpoint_freq)
+    max_steps: int = 0  # stop (and save) after this many global steps; 0 = no limit
+    time_budget_minutes: float = 0.0  # stop (and save) after this much time; 0 = no limit
+    log_every_steps: int = 50
+    nan_check: bool = True  # stop before the optimiser step on NaN/Inf loss or gradients
+    max_scaler_skips: int = 20  # fp16: consecutive skipped steps that stop the run
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.output_dir), "run.output_dir", self.output_dir, "a folder path")
+        _check(self.precision in PRECISIONS, "run.precision", self.precision, f"one of {PRECISIONS}")
+        dev = self.device
+        ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
+        _check(ok, "run.device", dev, "auto, cpu, cuda or cuda:N")
+        for key in ("checkpoint_every_epochs", "checkpoint_every_steps", "keep_every_epochs", "max_steps",
+                    "max_scaler_skips"):
+            _check(getattr(self, key) >= 0, f"run.{key}", getattr(self, key), "an integer >= 0")
+        for key in ("keep_checkpoints", "log_every_steps", "sync_bn_group_size"):
+            _check(getattr(self, key) >= 1, f"run.{key}", getattr(self, key), "an integer >= 1")
+        for key in ("time_budget_minutes", "dist_timeout_minutes"):
+            _check(getattr(self, key) >= 0, f"run.{key}", getattr(self, key), "a value >= 0")
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    """Fault injection for tests of the failure paths (issue 8); off by default."""
+
+    inject_nan_step: int = -1  # make the loss NaN in this optimisation step (1-based like step_N.pt; -1 = never)
+    inject_nan_rank: int = -1  # only on this rank (-1 = every rank)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole training configuration; cross-section checks run at construction."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        num_crops = self.num_crops
+        ids = self.swav.crops_for_assign
+        if num_crops < 2:
+            raise ValueError(f"crops.counts={list(self.crops.counts)} gives {num_crops} crop: the swapped "
+                             "prediction needs at least 2 crops per image")
+        _check(bool(ids), "swav.crops_for_assign", [], "at least one crop id")
+        bad = [i for i in ids if not 0 <= i < num_crops]
+        if bad:
+            raise ValueError(f"swav.crops_for_assign={list(ids)} has ids {bad} out of range: with "
+                             f"crops.counts={list(self.crops.counts)} valid ids are 0..{num_crops - 1}")
+        _check(len(set(ids)) == len(ids), "swav.crops_for_assign", list(ids), "distinct crop ids")
+        q = self.swav.queue_length
+        if 0 < q < self.optim.batch_size_per_device:
+            raise ValueError(f"swav.queue_length={q} is shorter than one batch "
+                             f"(optim.batch_size_per_device={self.optim.batch_size_per_device}): use 0 for no "
+                             "queue or a multiple of the global batch size")
+
+    @property
+    def num_crops(self) -> int:
+        """V, the number of crops per image."""
+        return sum(self.crops.counts)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "crops": CropsConfig, "model": ModelConfig,
+                             "swav": SwAVConfig, "optim": OptimConfig, "run": RunConfig, "debug": DebugConfig}
+
+
+def config_keys() -> list[str]:
+    """Every valid ``section.key``, e.g. ``optim.base_lr``."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, config_keys(), n=3, cutoff=0.5)
+    section = key.split(".")[0]
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    if section in SECTIONS:
+        valid = ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
+        return ValueError(f"unknown config key {key!r}; {hint}valid keys of section {section!r}: {valid}")
+    return ValueError(f"unknown config key {key!r}; {hint}valid sections: {', '.join(SECTIONS)}")
+
+
+def _build_section(name: str, values: Mapping[str, Any]) -> Any:
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key(f"{name}.{key}")
+        kwargs[key] = coerce_value(value, hints[key], f"{name}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(d: Mapping[str, Any] | None) -> Config:
+    """Build and validate a :class:`Config` from a nested mapping (missing keys keep defaults)."""
+    d = dict(d or {})
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise _unknown_key(str(section))
+        _check(values is None or isinstance(values, Mapping), str(section), values, f"a mapping of {section} keys")
+    return Config(**{name: _build_section(name, d.get(name) or {}) for name in SECTIONS})
+
+
+def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (tuples as lists) for YAML, JSON and checkpoints."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        section = getattr(config, name)
+        out[name] = {f.name: (list(v) if isinstance(v := getattr(section, f.name), tuple) else v)
+                     for f in dataclasses.fields(section)}
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'optim.base_lr=0.6'`` -> ``('optim.base_lr', 0.6)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+        raise ValueError(f"override {text!r} is invalid: expected section.key=value, e.g. optim.base_lr=0.6")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def with_values(config: Config, values: Mapping[str, Any]) -> Config:
+    """A new, validated config with ``{'section.key': value}`` replaced."""
+    d = config_to_dict(config)
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if section not in d or name not in d[section]:
+            raise _unknown_key(key)
+        d[section][name] = value
+    return config_from_dict(d)
+
+
+def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
+    """Apply ``--set section.key=value`` strings in order (later ones win)."""
+    values: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return with_values(config, values) if values else config
+
+
+def load_config_file(path: str | os.PathLike, base: Config | None = None) -> Config:
+    """Read a YAML file (a full or partial config) on top of ``base`` (default: the defaults)."""
+    with open(path, encoding="utf-8") as fh:
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {os.fspath(path)!r} is not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"config file {os.fspath(path)!r} must hold a mapping of sections, "
+                         f"got {type(raw).__name__}")
+    return merge_dict(base or Config(), raw, source=os.fspath(path))
+
+
+def merge_dict(base: Config, raw: Mapping[str, Any], source: str = "mapping") -> Config:
+    """``base`` with every ``section: {key: value}`` of ``raw`` applied (unknown keys are errors)."""
+    values: dict[str, Any] = {}
+    for section, entries in raw.items():
+        if section not in SECTIONS:
+            raise ValueError(f"{source}: {_unknown_key(str(section))}")
+        if not isinstance(entries, Mapping):
+            raise ValueError(f"{source}: section {section!r} must be a mapping, got {entries!r}")
+        for key, value in entries.items():
+            values[f"{section}.{key}"] = value
+    try:
+        return with_values(base, values)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (readable back with :func:`load_config_file`)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config_to_dict(config), fh, sort_keys=False)

@@ -1,0 +1,93 @@
+"""Values derived once from the config, the world size and the data set (DESIGN: never re-derived).
+
+Global batch = per-device batch x world size; per-rank queue length = the global queue length
+rounded down to a multiple of the global batch, divided by the world size (SPEC §5, §9: the
+original rounds silently, we round and log a WARNING); steps per epoch with ``drop_last``; the
+learning-rate schedule length. The result is logged and written to ``derived.json`` in the run folder.
+
+Example:
+    >>> from swav.config import Config, with_values
+    >>> cfg = with_values(Config(), {"swav.queue_length": 3840, "optim.batch_size_per_device": 64})
+    >>> d = derive_values(cfg, world_size=4, dataset_size=1_281_167, device="cuda:0", precision="bf16",
+    ...                   pipeline="batched")
+    >>> d.global_batch_size, d.queue_length_per_rank, d.steps_per_epoch
+    (256, 960, 5004)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from swav.config import Config
+
+__all__ = ["DerivedValues", "derive_values"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DerivedValues:
+    """Everything the training loop needs beyond the config itself."""
+
+    world_size: int
+    global_batch_size: int
+    dataset_size: int
+    samples_per_rank: int
+    steps_per_epoch: int
+    total_steps: int  # length of the learning-rate schedule
+    warmup_steps: int
+    queue_length_global: int  # after rounding to a multiple of the global batch
+    queue_length_per_rank: int
+    num_crops: int
+    collapse_loss: float  # mean of ln K over heads: the loss of a collapsed model (SPEC §4)
+    device: str
+    precision: str  # fp32 | bf16 | fp16, after resolving "auto"
+    pipeline: str  # pil | batched | tensor, after resolving "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def derive_values(config: Config, *, world_size: int, dataset_size: int, device: str, precision: str,
+                  pipeline: str) -> DerivedValues:
+    """Compute and check the derived values; ValueError when the data or queue cannot work."""
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} is invalid: expected >= 1")
+    batch = config.optim.batch_size_per_device
+    global_batch = batch * world_size
+    samples_per_rank = dataset_size // world_size
+    steps_per_epoch = samples_per_rank // batch
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"data: {dataset_size} images give {samples_per_rank} per rank, fewer than one batch of "
+            f"optim.batch_size_per_device={batch} (world size {world_size}); use a smaller batch or more data")
+    queue = config.swav.queue_length
+    queue_global = queue - queue % global_batch
+    if queue and queue_global == 0:
+        raise ValueError(
+            f"swav.queue_length={queue} is shorter than the global batch {global_batch} "
+            f"({batch} per device x {world_size}): use 0 (no queue) or a multiple of {global_batch}")
+    if queue_global != queue:
+        logger.warning("swav.queue_length=%d is not a multiple of the global batch %d: rounded down to %d "
+                       "(the original code does this silently)", queue, global_batch, queue_global)
+    warmup_steps = int(round(config.optim.warmup_epochs * steps_per_epoch))
+    heads = config.model.num_prototypes
+    return DerivedValues(
+        world_size=world_size,
+        global_batch_size=global_batch,
+        dataset_size=dataset_size,
+        samples_per_rank=samples_per_rank,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * config.optim.epochs,
+        warmup_steps=warmup_steps,
+        queue_length_global=queue_global,
+        queue_length_per_rank=queue_global // world_size,
+        num_crops=config.num_crops,
+        collapse_loss=sum(math.log(k) for k in heads) / len(heads),
+        device=device,
+        precision=precision,
+        pipeline=pipeline,
+    )

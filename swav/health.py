@@ -1,0 +1,100 @@
+"""Training health signals of SPEC §13: collapse, prototypes in use, NaN/Inf.
+
+* Collapse: a model whose embeddings are all equal gets uniform codes and a loss of exactly ln K
+  (SPEC §4). :class:`CollapseMonitor` warns once when the logged loss stays within a few percent of
+  ln K for a while after warm-up, with the remedies users report.
+* Prototypes in use: how many distinct prototypes win the argmax of the batch's codes; 1 (or a
+  handful) means the assignments collapsed even if the loss looks fine.
+* NaN/Inf: :func:`nonfinite_parameter_names` names the parameters whose gradients are not finite;
+  :class:`NonFiniteError` carries the step, the loss and those names.
+
+Legend: A assignment crops, B batch, K prototypes.
+
+Example:
+    >>> import math, torch
+    >>> prototypes_in_use(torch.eye(4)[[0, 1, 1, 3]].unsqueeze(0))
+    3
+    >>> monitor = CollapseMonitor(math.log(100), start_step=0, patience=2)
+    >>> monitor.update(10, 4.6) is None, monitor.update(20, 4.6) is not None
+    (True, True)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["COLLAPSE_ADVICE", "CollapseMonitor", "NonFiniteError", "prototypes_in_use",
+           "gradients_finite", "nonfinite_parameter_names"]
+
+COLLAPSE_ADVICE = (
+    "lower swav.epsilon (e.g. 0.03), freeze the prototypes longer (swav.freeze_prototypes_steps), use fewer "
+    "or milder crops (crops.counts / crops.min_scales), start or lengthen the queue later "
+    "(swav.queue_start_epoch / swav.queue_length), or lower the learning rate (SPEC §13)")
+
+
+def prototypes_in_use(codes_ABK: torch.Tensor) -> int:
+    """Number of distinct prototypes that are the argmax of some code (all assignment crops)."""
+    return int(torch.unique(codes_ABK.argmax(dim=-1)).numel())
+
+
+class CollapseMonitor:
+    """Warn once when the loss sits within ``tolerance`` (relative) of ln K for ``patience`` updates.
+
+    Updates before ``start_step`` (warm-up, prototype freezing) are ignored: early training
+    naturally starts near ln K.
+    """
+
+    def __init__(self, collapse_loss: float, *, start_step: int, patience: int = 5, tolerance: float = 0.02) -> None:
+        if patience < 1 or not 0 < tolerance < 1:
+            raise ValueError(f"patience={patience} must be >= 1 and tolerance={tolerance} in (0, 1)")
+        self.collapse_loss = collapse_loss
+        self.start_step = start_step
+        self.patience = patience
+        self.tolerance = tolerance
+        self._streak = 0
+        self.warned = False
+
+    def update(self, step: int, loss: float) -> str | None:
+        """Record one logged loss; returns the warning text the first time collapse is detected."""
+        if step < self.start_step:
+            return None
+        near = abs(loss - self.collapse_loss) <= self.tolerance * self.collapse_loss
+        self._streak = self._streak + 1 if near else 0
+        if self._streak >= self.patience and not self.warned:
+            self.warned = True
+            return (f"possible collapse: the loss has stayed within {self.tolerance:.0%} of ln K = "
+                    f"{self.collapse_loss:.3f} for {self._streak} logged steps (now {loss:.4f} at step {step}); "
+                    f"try to {COLLAPSE_ADVICE}")
+        return None
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became NaN/Inf; raised before the optimiser step (nothing is saved)."""
+
+    def __init__(self, step: int, loss: float, parameter_names: list[str], detail: str = "") -> None:
+        self.step, self.loss, self.parameter_names = step, loss, parameter_names
+        shown = ", ".join(parameter_names[:10]) + (" ..." if len(parameter_names) > 10 else "")
+        where = f"non-finite gradients in {len(parameter_names)} parameter(s): {shown}" if parameter_names \
+            else "gradients finite"
+        super().__init__(
+            f"training stopped in step {step}: loss = {loss} ({where}){detail}. The optimiser step was not "
+            f"taken and nothing was saved; the last checkpoint (at most step {step - 1}) is the resume point. "
+            "Common causes: "
+            "learning rate too high, fp16 overflow (try run.precision=bf16 or fp32), a smaller swav.epsilon "
+            "without swav.log_domain (SPEC §3, §13)")
+
+
+def gradients_finite(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """A 0-d bool tensor on the gradients' device: all gradients finite (no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    norms = torch._foreach_norm(grads)
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+
+
+def nonfinite_parameter_names(named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> list[str]:
+    """Names of the parameters whose gradient holds a NaN or an Inf."""
+    return [name for name, p in named_parameters
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]

@@ -1,0 +1,124 @@
+"""Run metrics: ``metrics.jsonl`` (one JSON object per logged step or epoch), TensorBoard, rate and ETA.
+
+Only the main rank writes. On resume, records newer than the resumed step (written after the
+checkpoint by the interrupted run) are dropped, so the file reads as one uninterrupted run.
+TensorBoard event files go to ``<run>/tensorboard`` when the ``tensorboard`` package is installed.
+
+Example:
+    >>> import json, tempfile, pathlib
+    >>> run = tempfile.mkdtemp()
+    >>> writer = MetricsWriter(run, tensorboard=False)
+    >>> writer.write({"step": 1, "loss": 4.2})
+    >>> writer.close()
+    >>> json.loads(pathlib.Path(run, "metrics.jsonl").read_text())["loss"]
+    4.2
+    >>> format_duration(3725)
+    '1h02m'
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsWriter", "RateMeter", "format_duration", "truncate_metrics"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``'1h02m'``; ``75`` -> ``'1m15s'``; unknown -> ``'?'``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def truncate_metrics(output_dir: str | os.PathLike, after_step: int) -> int:
+    """Drop records whose ``step`` exceeds ``after_step``; returns how many were dropped."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) > after_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    return dropped
+
+
+class MetricsWriter:
+    """Append JSON lines (flushed per record) and mirror numeric values to TensorBoard."""
+
+    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self._file = open(Path(output_dir) / METRICS_FILE, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.info("tensorboard is not installed: metrics go to %s only", METRICS_FILE)
+            else:
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+
+    def write(self, record: dict[str, Any], prefix: str = "train") -> None:
+        if not self.enabled or self._file is None:
+            return
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class RateMeter:
+    """Images per second over the last interval and ETA for the remaining steps."""
+
+    def __init__(self, images_per_step: int, total_steps: int, start_step: int) -> None:
+        self.images_per_step = images_per_step
+        self.total_steps = total_steps
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+        self._start_step = start_step
+        self._start_time = self._last_time
+
+    def update(self, step: int) -> tuple[float, float]:
+        """``(images/s since the previous call, seconds left)`` at global ``step`` (steps done)."""
+        now = time.perf_counter()
+        steps = step - self._last_step
+        rate = steps * self.images_per_step / max(now - self._last_time, 1e-9)
+        overall = (step - self._start_step) / max(now - self._start_time, 1e-9)
+        eta = (self.total_steps - step) / overall if overall > 0 else float("inf")
+        self._last_step, self._last_time = step, now
+        return rate, eta

@@ -1,0 +1,359 @@
+"""The SwAV pretraining loop: config in, run folder out (engine layer; SPEC §2-§9, issues 3, 5, 8).
+
+:func:`train` sets up the process (distributed if launched so), checks the run folder, builds the data,
+model, optimiser and schedule, resumes from the newest valid checkpoint when asked, and runs
+:class:`~swav.train_step.SwAVStep` over epochs. Checkpoints are written every
+``run.checkpoint_every_steps`` steps and every ``run.checkpoint_every_epochs`` epochs, when a stop is
+requested (``run.max_steps``, ``run.time_budget_minutes``, SIGTERM/SIGUSR1), and at the end
+(``checkpoints/final.pt`` + ``model.pt``). Metrics go to ``metrics.jsonl``, TensorBoard and ``train.log``.
+
+Example (a few steps on a folder of images; see the README for the command line)::
+
+    from swav.config import with_values
+    from swav.recipes import load_recipe
+    cfg = with_values(load_recipe("fashion_mnist_cpu"), {"run.output_dir": "runs/demo", "run.max_steps": 20})
+    result = train(cfg)
+    print(result.status, result.step)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from swav.checkpoint import (archive_checkpoint, clean_temp_files, final_checkpoint_path, find_latest_checkpoint,
+                             prune_checkpoints, save_model_file, step_checkpoint_path)
+from swav.config import Config, RunConfig, config_to_dict, save_config
+from swav.derived import DerivedValues, derive_values
+from swav.dist_setup import DistContext, configure_rank_logging, init_distributed, shutdown_distributed
+from swav.distributed import all_reduce_sum_
+from swav.health import CollapseMonitor, prototypes_in_use
+from swav.lars import LARS
+from swav.metrics import MetricsWriter, RateMeter, format_duration, truncate_metrics
+from swav.model import ModelSpec, SwAVModel, build_model
+from swav.preemption import StopSignals, exit_code_for_signal
+from swav.run_folder import check_run_folder, clear_run, holds_run
+from swav.schedule import warmup_cosine_schedule
+from swav.train_data import TrainLoader, build_train_loader, resolve_pipeline
+from swav.train_state import Progress, restore_training_state, save_training_state
+from swav.train_step import SwAVStep, bf16_gradients_agree, resolve_precision
+
+__all__ = ["TrainResult", "train", "model_spec_from_config"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """How a call to :func:`train` ended."""
+
+    status: str  # complete | already_complete | max_steps | time_budget | preempted
+    output_dir: Path
+    step: int
+    epoch: int
+    checkpoint: Path | None = None
+    signal: int = 0
+    loss: float | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + signal number after a preemption (the run can be resumed)."""
+        return exit_code_for_signal(self.signal) if self.status == "preempted" else 0
+
+
+def model_spec_from_config(config: Config) -> ModelSpec:
+    m = config.model
+    return ModelSpec(backbone=m.backbone, small_images=m.small_images, in_channels=config.data.channels,
+                     hidden_dim=m.hidden_dim, output_dim=m.output_dim, num_prototypes=m.num_prototypes,
+                     head_batch_norm=m.head_batch_norm)
+
+
+def train(config: Config, *, resume: bool = False, overwrite: bool = False, dataset: Dataset | None = None,
+          model_builder: Callable[[ModelSpec], SwAVModel] = build_model) -> TrainResult:
+    """Run (or continue) pretraining as configured; see the module docstring.
+
+    ``resume``: continue from the newest valid checkpoint in ``run.output_dir`` if there is one (a
+    finished run is reported complete and left unchanged). ``overwrite``: replace a run in that folder.
+    ``dataset`` (items ``(image, label)``) replaces ``data.path``; ``model_builder`` replaces the
+    backbone registry (for custom networks; the spec is stored in checkpoints either way).
+    """
+    run = config.run
+    ctx = init_distributed(run.device, world_size=run.world_size, rank=run.rank, local_rank=run.local_rank,
+                           dist_url=run.dist_url, timeout_minutes=run.dist_timeout_minutes)
+    configure_rank_logging(ctx.rank)
+    out = Path(run.output_dir).expanduser()
+    log_handler = None
+    try:
+        check_run_folder(out, resume=resume, overwrite=overwrite)
+        found = find_latest_checkpoint(out) if resume else None
+        if found is not None and found[1].get("finished"):
+            ckpt = found[1]
+            logger.info("the run in %s is complete (step %d, epoch %d; %s); nothing to do", out, ckpt["step"],
+                        ckpt["epoch"], found[0])
+            return TrainResult("already_complete", out, int(ckpt["step"]), int(ckpt["epoch"]), found[0])
+        _barrier()
+        if ctx.is_main:
+            if overwrite and holds_run(out):
+                logger.warning("--overwrite: removed %s from %s", ", ".join(clear_run(out)), out)
+            out.mkdir(parents=True, exist_ok=True)
+            clean_temp_files(out)
+            log_handler = _attach_log_file(out / "train.log")
+        _barrier()
+        if resume and found is None:
+            logger.info("--resume: no checkpoint in %s yet, starting from scratch", out)
+        with StopSignals() as stop:
+            return _fit(config, ctx, out, found, dataset, model_builder, stop)
+    finally:
+        if log_handler is not None:
+            logging.getLogger("swav").removeHandler(log_handler)
+            log_handler.close()
+        shutdown_distributed(ctx)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("swav").addHandler(handler)
+    return handler
+
+
+def _build_dataset(config: Config, out: Path, dataset: Dataset | None) -> Dataset:
+    if dataset is None:
+        if not config.data.path:
+            raise ValueError("data.path is not set: pass --data PATH (a folder of images, IDX or CIFAR files, "
+                             "shards:PATTERN) or a data set name such as fashion-mnist or cifar10")
+        from swav.datasets import build_dataset
+        dataset = build_dataset(config.data.path, split="train", channels=config.data.channels,
+                                download=config.data.download, max_bad_fraction=config.data.max_bad_fraction,
+                                bad_list_path=out / "bad_images.txt")
+    limit = config.data.limit
+    if limit and limit < len(dataset):  # type: ignore[arg-type]
+        dataset = Subset(dataset, range(limit))
+    return dataset
+
+
+def _wrap(raw: SwAVModel, ctx: DistContext, config: Config) -> nn.Module:
+    """SyncBatchNorm (world > 1 and run.sync_bn), DistributedDataParallel, torch.compile."""
+    model: nn.Module = raw
+    if ctx.world_size > 1:
+        if config.run.sync_bn:
+            group = _sync_bn_group(config.run.sync_bn_group_size, ctx.world_size)
+            if ctx.device.type == "cuda":
+                nn.SyncBatchNorm.convert_sync_batchnorm(raw, process_group=group)
+            else:
+                from swav.sync_batchnorm import convert_sync_batchnorm
+                convert_sync_batchnorm(raw, process_group=group)
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                                    else None)
+    if config.run.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _sync_bn_group(group_size: int, world_size: int) -> dist.ProcessGroup | None:
+    if world_size <= group_size:
+        return None
+    if world_size % group_size:
+        logger.warning("world size %d is not a multiple of run.sync_bn_group_size=%d: BatchNorm statistics are "
+                       "synchronised over all ranks", world_size, group_size)
+        return None
+    group, _ = dist.new_subgroups(group_size)
+    return group
+
+
+def _checked_precision(config: Config, raw: SwAVModel, device: torch.device) -> str:
+    """Resolve run.precision; on CPU, bf16 must give the same gradients as fp32 (see bf16_gradients_agree)."""
+    precision = resolve_precision(config.run.precision, device)
+    if precision != "bf16" or device.type != "cpu":
+        return precision
+    shapes = sorted({(config.data.channels, s, s) for s in config.crops.sizes}, reverse=True)
+    bad = bf16_gradients_agree(raw, shapes)
+    if not bad:
+        return precision
+    if config.run.precision == "auto":
+        logger.warning("bf16 autocast gives wrong gradients on this CPU for %s (a torch kernel bug with these "
+                       "crop sizes); using fp32", ", ".join(bad[:3]))
+        return "fp32"
+    logger.warning("run.precision=bf16: this CPU's bf16 kernels give wrong gradients for %s with these crop sizes; "
+                   "consider fp32 or other crop sizes", ", ".join(bad[:3]))
+    return precision
+
+
+def _optimizer(raw: SwAVModel, config: Config) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.lars:
+        return LARS(raw.parameters(), lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay,
+                    trust_coefficient=o.trust_coefficient)
+    return torch.optim.SGD(raw.parameters(), lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] | None, dataset: Dataset | None,
+         model_builder: Callable[[ModelSpec], SwAVModel], stop: StopSignals) -> TrainResult:
+    seed = config.run.seed
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    dataset = _build_dataset(config, out, dataset)
+    pipeline = resolve_pipeline(config.data.pipeline, dataset, config.data.channels)
+    spec = model_spec_from_config(config)
+    raw = model_builder(spec)
+    raw.spec = spec
+    raw.to(ctx.device)
+    if config.run.channels_last:
+        raw.to(memory_format=torch.channels_last)  # before DDP registers the parameters
+    precision = _checked_precision(config, raw, ctx.device)
+    derived = derive_values(config, world_size=ctx.world_size, dataset_size=len(dataset),  # type: ignore[arg-type]
+                            device=str(ctx.device), precision=precision, pipeline=pipeline)
+    logger.info("derived values: %s", json.dumps(derived.to_dict()))
+    if ctx.is_main:
+        save_config(config, out / "config.yaml")
+        (out / "derived.json").write_text(json.dumps(derived.to_dict(), indent=1) + "\n", encoding="utf-8")
+    model = _wrap(raw, ctx, config)
+    o = config.optim
+    schedule = warmup_cosine_schedule(o.base_lr, o.final_lr, o.epochs, derived.steps_per_epoch, o.warmup_epochs,
+                                      o.start_warmup)
+    step_fn = SwAVStep(model, raw, _optimizer(raw, config), config=config, lr_schedule=schedule,
+                       queue_length_per_rank=derived.queue_length_per_rank, precision=precision, device=ctx.device,
+                       rank=ctx.rank)
+    progress = Progress()
+    if found is not None:
+        progress = restore_training_state(found[1], step_fn, config=config, derived=derived, rank=ctx.rank,
+                                          path=str(found[0]))
+        if ctx.is_main:
+            truncate_metrics(out, progress.step)
+    loader = build_train_loader(config, dataset, pipeline=pipeline, rank=ctx.rank, world_size=ctx.world_size,
+                                device=ctx.device)
+    logger.info("training %s: %d images, %d steps per epoch, %d steps in total, global batch %d, %s, %s pipeline",
+                spec.backbone, derived.dataset_size, derived.steps_per_epoch, derived.total_steps,
+                derived.global_batch_size, precision, pipeline)
+    return _loop(config, derived, step_fn, loader, progress, out, ctx, stop)
+
+
+def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: TrainLoader, progress: Progress,
+          out: Path, ctx: DistContext, stop: StopSignals) -> TrainResult:
+    run = config.run
+    writer = MetricsWriter(out, enabled=ctx.is_main, tensorboard=run.tensorboard)
+    meter = RateMeter(derived.global_batch_size, derived.total_steps, progress.step)
+    monitor = CollapseMonitor(derived.collapse_loss,
+                              start_step=max(derived.warmup_steps, config.swav.freeze_prototypes_steps))
+    deadline = time.monotonic() + 60 * run.time_budget_minutes if run.time_budget_minutes else None
+    last: Path | None = None
+    loss_value: float | None = None
+
+    def save(path: Path, finished: bool = False) -> Path:
+        saved = save_training_state(path, step_fn, progress, config=config, derived=derived, rank=ctx.rank,
+                                    finished=finished)
+        if ctx.is_main and not finished:
+            prune_checkpoints(out, run.keep_checkpoints)
+        return saved
+
+    if run.max_steps and progress.step >= run.max_steps:
+        logger.warning("run.max_steps=%d already reached (step %d): nothing to do", run.max_steps, progress.step)
+        writer.close()
+        return TrainResult("max_steps", out, progress.step, progress.epoch)
+    try:
+        while progress.epoch < config.optim.epochs:
+            step_fn.start_epoch(progress.epoch)
+            loader.set_epoch(progress.epoch, progress.batch_in_epoch)
+            epoch_loss, epoch_steps = torch.zeros((), device=ctx.device), 0
+            for crops in loader:
+                time_over = deadline is not None and time.monotonic() > deadline
+                result = step_fn(crops, progress.step, stop_signal=stop.received, time_over=time_over)
+                progress.step += 1
+                progress.batch_in_epoch += 1
+                epoch_loss += result.loss
+                epoch_steps += 1
+                if progress.step % run.log_every_steps == 0 or progress.step == derived.total_steps:
+                    loss_value = _log_step(writer, meter, monitor, result, progress, derived, config, ctx)
+                epoch_done = progress.batch_in_epoch == derived.steps_per_epoch
+                if epoch_done:
+                    loss_value = _log_epoch(writer, epoch_loss, epoch_steps, progress, ctx)
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                reason = _stop_reason(result.stop_signal, result.time_over, progress, derived, run)
+                by_steps = run.checkpoint_every_steps and progress.step % run.checkpoint_every_steps == 0
+                by_epochs = epoch_done and run.checkpoint_every_epochs and \
+                    progress.epoch % run.checkpoint_every_epochs == 0
+                keep = epoch_done and run.keep_every_epochs and progress.epoch % run.keep_every_epochs == 0
+                if (by_steps or by_epochs or keep or reason) and progress.step < derived.total_steps:
+                    last = save(step_checkpoint_path(out, progress.step))
+                    if keep and ctx.is_main:
+                        archive_checkpoint(last, progress.epoch)
+                if reason:
+                    logger.warning("stopping at step %d (%s); resume with --resume", progress.step, reason)
+                    return TrainResult(reason, out, progress.step, progress.epoch, last, result.stop_signal,
+                                       loss_value)
+            if progress.batch_in_epoch:
+                raise RuntimeError(f"the data loader ended after {progress.batch_in_epoch} of "
+                                   f"{derived.steps_per_epoch} batches of epoch {progress.epoch}")
+        last = save(final_checkpoint_path(out), finished=True)
+        if ctx.is_main:
+            save_model_file(out / "model.pt", step_fn.raw_model, step_fn.raw_model.spec.to_dict(),  # type: ignore
+                            config=config_to_dict(config), step=progress.step,
+                            epoch=progress.epoch)
+        logger.info("training complete: %d steps, %d epochs; model in %s", progress.step, progress.epoch,
+                    out / "model.pt")
+        return TrainResult("complete", out, progress.step, progress.epoch, last, 0, loss_value)
+    finally:
+        writer.close()
+
+
+def _stop_reason(signal_received: int, time_over: bool, progress: Progress, derived: DerivedValues,
+                 run: RunConfig) -> str:
+    if progress.step >= derived.total_steps:
+        return ""
+    if signal_received:
+        return "preempted"
+    if run.max_steps and progress.step >= run.max_steps:
+        return "max_steps"
+    if time_over:
+        return "time_budget"
+    return ""
+
+
+def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
+    value = value.detach().float().clone()
+    all_reduce_sum_(value)
+    return float(value) / world_size
+
+
+def _log_step(writer: MetricsWriter, meter: RateMeter, monitor: CollapseMonitor, result, progress: Progress,
+              derived: DerivedValues, config: Config, ctx: DistContext) -> float:
+    loss = _mean_over_ranks(result.loss, ctx.world_size)
+    rate, eta = meter.update(progress.step)
+    used = prototypes_in_use(result.codes_ABK)
+    k = config.model.num_prototypes[0]
+    writer.write({"kind": "step", "step": progress.step, "epoch": progress.epoch, "loss": loss, "lr": result.lr,
+                  "images_per_s": rate, "prototypes_in_use": used, "ln_k": derived.collapse_loss, "eta_s": eta,
+                  "time": time.time()})
+    logger.info("epoch %d/%d step %d/%d loss %.4f (ln K %.3f) lr %.4g | %.0f img/s | prototypes in use %d/%d | "
+                "ETA %s", progress.epoch + 1, config.optim.epochs, progress.step, derived.total_steps, loss,
+                derived.collapse_loss, result.lr, rate, used, k, format_duration(eta))
+    warning = monitor.update(progress.step, loss)
+    if warning and ctx.is_main:
+        logger.warning(warning)
+    return loss
+
+
+def _log_epoch(writer: MetricsWriter, epoch_loss: torch.Tensor, steps: int, progress: Progress,
+               ctx: DistContext) -> float:
+    mean = _mean_over_ranks(epoch_loss / max(steps, 1), ctx.world_size)
+    writer.write({"kind": "epoch", "step": progress.step, "epoch": progress.epoch + 1, "loss_mean": mean,
+                  "time": time.time()}, prefix="epoch")
+    logger.info("epoch %d done: mean loss %.4f", progress.epoch + 1, mean)
+    return mean

@@ -1,0 +1,197 @@
+"""Training input: a resumable sampler and three multi-crop pipelines behind one interface (SPEC §7).
+
+Resume must be bit-identical (issue 3), so no randomness may depend on state a resume cannot
+restore (worker RNG, iterator position). Hence:
+
+* :class:`ResumableSampler`: ``DistributedSampler`` order seeded by ``(seed, epoch)``, ``drop_last``,
+  able to start at batch ``k`` of an epoch; it yields ``(epoch, index)`` so that workers know the
+  epoch even with persistent workers.
+* augmentation randomness is keyed by ``(seed, epoch, rank, sample index)`` (per-image pipelines)
+  or ``(seed, rank, epoch, batch index)`` (batched stages), never by worker state.
+
+Pipelines (``data.pipeline``): ``pil`` (:class:`~swav.multicrop.MultiCropTransform` per image in
+workers), ``batched`` (uint8 crops per image in workers + :class:`~swav.batch_augment.BatchColorAugment`
+on the device), ``tensor`` (whole data set as a uint8 tensor, :class:`~swav.tensor_multicrop.TensorMultiCrop`
+per batch on the device; for in-memory data such as Fashion-MNIST or CIFAR). ``auto`` picks
+``tensor`` for in-memory data and ``batched`` otherwise. Every loader yields a list of V float
+crops ``(B, C, S, S)`` on the training device.
+
+Example:
+    >>> sampler = ResumableSampler(10, num_replicas=1, rank=0, seed=31, batch_size=4)
+    >>> sampler.set_epoch(0, start_batch=1)
+    >>> len(list(sampler)), len(sampler)   # 10 samples, the first batch of 4 skipped
+    (6, 6)
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from swav.config import Config
+from swav.multicrop import crop_groups_from_lists, mix_seed, resolve_normalization, seed_worker
+from swav.preemption import ignore_stop_signals
+
+__all__ = ["ResumableSampler", "CropDataset", "TrainLoader", "in_memory_images", "resolve_pipeline",
+           "build_train_loader"]
+
+logger = logging.getLogger(__name__)
+
+
+class ResumableSampler(DistributedSampler):
+    """This rank's share of a ``(seed, epoch)``-seeded permutation, skipping the first batches on resume."""
+
+    def __init__(self, dataset_size: int, *, num_replicas: int, rank: int, seed: int, batch_size: int) -> None:
+        super().__init__(range(dataset_size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.batch_size = batch_size
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:  # type: ignore[override]
+        super().set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def indices(self) -> list[int]:
+        """This rank's sample indices for the current epoch, from the start batch on."""
+        return list(super().__iter__())[self.start_batch * self.batch_size:]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        return iter([(self.epoch, i) for i in self.indices()])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_batch * self.batch_size)
+
+
+class CropDataset(Dataset):
+    """Applies ``transform(image, index=i)`` with the epoch from the sampler's ``(epoch, index)`` key."""
+
+    def __init__(self, base: Dataset, transform: Any) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
+        epoch, index = key
+        image = self.base[index][0]
+        self.transform.set_epoch(epoch)
+        return self.transform(image, index=index)
+
+
+def _worker_init(worker_id: int) -> None:
+    seed_worker(worker_id)
+    ignore_stop_signals()
+
+
+def in_memory_images(dataset: Dataset, channels: int) -> torch.Tensor | None:
+    """The data set as a uint8 ``N x C x H x W`` tensor when it keeps one (IDX, CIFAR), else None."""
+    base, limit = dataset, None
+    if isinstance(dataset, Subset) and isinstance(dataset.indices, range) and dataset.indices.start == 0:
+        base, limit = dataset.dataset, len(dataset.indices)
+    data = getattr(base, "data", None)
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() not in (3, 4):
+        return None
+    if data.dim() == 3:
+        images = data[:, None]
+    else:
+        images = data.permute(0, 3, 1, 2) if data.shape[-1] in (1, 3) else data
+    if limit is not None:
+        images = images[:limit]
+    if images.shape[1] == 3 and channels == 1:
+        import torchvision.transforms.v2.functional as TF
+        images = TF.rgb_to_grayscale(images)
+    elif images.shape[1] == 1 and channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    return images.contiguous()
+
+
+def resolve_pipeline(requested: str, dataset: Dataset, channels: int) -> str:
+    """``auto`` -> ``tensor`` for in-memory data, else ``batched``; ``tensor`` needs in-memory data."""
+    in_memory = in_memory_images(dataset, channels) is not None
+    if requested == "auto":
+        return "tensor" if in_memory else "batched"
+    if requested == "tensor" and not in_memory:
+        raise ValueError("data.pipeline='tensor' needs a data set held in memory as one uint8 tensor "
+                         "(Fashion-MNIST/MNIST IDX files, CIFAR); use 'batched' or 'pil' for image files")
+    return requested
+
+
+class TrainLoader:
+    """Iterates one epoch of V-crop batches on ``device``; ``set_epoch(epoch, start_batch)`` before each."""
+
+    def __init__(self, sampler: ResumableSampler, batches: Callable[[], Iterator[list[torch.Tensor]]],
+                 device: torch.device) -> None:
+        self.sampler = sampler
+        self._batches = batches
+        self.device = device
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.sampler.batch_size
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        return self._batches()
+
+
+def _batch_generator(seed: int, rank: int, epoch: int, batch_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(mix_seed(seed, rank, epoch, batch_index) >> 1)
+
+
+def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank: int, world_size: int,
+                       device: torch.device) -> TrainLoader:
+    """The :class:`TrainLoader` for ``pipeline`` (already resolved) over ``dataset``."""
+    c, d = config.crops, config.data
+    groups = crop_groups_from_lists(c.counts, c.sizes, c.min_scales, c.max_scales)
+    mean, std = resolve_normalization(d.channels, d.mean, d.std)
+    batch, seed = config.optim.batch_size_per_device, config.run.seed
+    sampler = ResumableSampler(len(dataset), num_replicas=world_size, rank=rank, seed=seed, batch_size=batch)
+    if pipeline == "tensor":
+        from swav.tensor_multicrop import TensorMultiCrop
+        images = in_memory_images(dataset, d.channels)
+        assert images is not None
+        images = images.to(device)
+        multicrop = TensorMultiCrop(groups, channels=d.channels, mean=mean, std=std,
+                                    jitter_strength=0.8 * c.color_jitter_strength, grayscale_prob=c.grayscale_prob,
+                                    blur_prob=c.blur_prob)
+
+        def tensor_batches() -> Iterator[list[torch.Tensor]]:
+            index = torch.tensor(sampler.indices(), dtype=torch.long)
+            for b in range(len(index) // batch):
+                chunk = images[index[b * batch:(b + 1) * batch].to(device)]
+                yield multicrop(chunk, _batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b))
+        return TrainLoader(sampler, tensor_batches, device)
+
+    if pipeline == "pil":
+        from swav.multicrop import MultiCropTransform
+        transform: Any = MultiCropTransform(groups, channels=d.channels, mean=mean, std=std,
+                                            color_jitter_strength=c.color_jitter_strength,
+                                            grayscale_prob=c.grayscale_prob, blur_prob=c.blur_prob, seed=seed)
+        augment = None
+    elif pipeline == "batched":
+        from swav.batch_augment import BatchColorAugment, MultiCropCropper
+        transform = MultiCropCropper(groups, channels=d.channels, seed=seed)
+        augment = BatchColorAugment(channels=d.channels, mean=mean, std=std,
+                                    color_jitter_strength=c.color_jitter_strength, grayscale_prob=c.grayscale_prob,
+                                    blur_prob=c.blur_prob)
+    else:
+        raise ValueError(f"data.pipeline={pipeline!r} is invalid: expected pil, batched or tensor")
+    from swav.batch_augment import multicrop_collate
+    workers = d.workers
+    loader = DataLoader(CropDataset(dataset, transform), batch_size=batch, sampler=sampler, drop_last=True,
+                        num_workers=workers, collate_fn=multicrop_collate, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0, worker_init_fn=_worker_init if workers > 0 else None)
+
+    def file_batches() -> Iterator[list[torch.Tensor]]:
+        for b, crops in enumerate(loader):
+            crops = [x.to(device, non_blocking=True) for x in crops]
+            if augment is not None:
+                augment.generator = _batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
+                crops = augment(crops)
+            yield crops
+    return TrainLoader(sampler, file_batches, device)

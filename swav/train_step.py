@@ -1,0 +1,247 @@
+"""One SwAV optimisation step, in the paper's order (DESIGN; SPEC §2-§6, §9).
+
+learning rate from the per-step schedule -> normalise prototypes -> multi-crop forward (one backbone
+pass per resolution) -> codes with the queue (score the queue with the current prototypes if it is
+full, push the batch's embeddings, Sinkhorn on ``[queue; batch]``, keep the last B) -> swapped-
+prediction loss -> backward -> drop prototype gradients while ``step < freeze_prototypes_steps`` ->
+NaN/Inf check agreed by all ranks (before the optimiser step) -> optimiser step -> metrics.
+
+Mixed precision has one code path: ``torch.autocast`` with the resolved dtype (none for fp32) and a
+``GradScaler`` that is enabled only for fp16. Sinkhorn always runs in float32 (inside ``swav_loss``);
+queue scores are computed in float32 too. The only host-device synchronisation per step is the
+all-reduced flag tensor ``[non-finite, stop signal, time budget over]`` (skipped when
+``run.nan_check`` is off, except every ``run.log_every_steps`` steps).
+
+Legend: V crops, B batch per device, K prototypes, A assignment crops, L queue rows, D embedding dim.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from swav.config import Config
+from swav.distributed import all_gather_cat, all_reduce_max_
+from swav.health import NonFiniteError, gradients_finite, nonfinite_parameter_names
+from swav.loss import swav_loss
+from swav.model import SwAVModel
+from swav.queue import EmbeddingQueue
+
+__all__ = ["cpu_supports_bf16", "resolve_precision", "bf16_gradients_agree", "autocast_dtype", "StepOutput", "SwAVStep"]
+
+logger = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 (AMX or AVX512-BF16), where bf16 autocast is ~2x faster."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = ""
+    if "AMX" in capability.upper():
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA with bf16 support or a bf16-capable CPU, else fp32; fp16 needs CUDA.
+
+    Example:
+        >>> resolve_precision("fp32", torch.device("cpu"))
+        'fp32'
+    """
+    if requested == "fp32":
+        return "fp32"
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return "bf16" if bf16_ok else "fp32"
+        if requested == "bf16" and not bf16_ok:
+            raise ValueError("run.precision='bf16' but this GPU does not support bfloat16; use fp16 or fp32")
+        return requested
+    if requested == "fp16":
+        resolved = "bf16" if cpu_supports_bf16() else "fp32"
+        logger.warning("run.precision='fp16' (--use_fp16 true) needs a GPU; on this CPU using %s instead", resolved)
+        return resolved
+    if requested == "auto":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return requested
+
+
+def bf16_gradients_agree(model: nn.Module, crop_shapes: Sequence[tuple[int, int, int]], *, batch: int = 16,
+                         tolerance: float = 4.0) -> list[str]:
+    """Parameters whose bf16-autocast gradient is non-finite or ``tolerance`` x larger than in fp32.
+
+    Some CPU bf16 kernels return garbage weight gradients for degenerate shapes (seen with torch 2.x
+    on AMX CPUs: a 3x3 stride-2 convolution on a 1x1 input gives gradients of 1e11 or inf), which
+    would silently corrupt training. One tiny forward/backward of a copy of ``model`` in each
+    precision finds them; ``crop_shapes`` are ``(channels, height, width)``, one per crop size (the bug
+    shows from 8 images per backbone pass on).
+    """
+    import copy
+
+    generator = torch.Generator().manual_seed(0)
+    crops = [torch.randn(batch, *shape, generator=generator) for shape in crop_shapes]
+    norms: list[dict[str, float]] = []
+    for dtype in (None, torch.bfloat16):
+        probe = copy.deepcopy(model).train()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = probe(crops)
+        torch.stack([s.float().logsumexp(dim=1).mean() for s in out.scores]).sum().backward()
+        norms.append({n: float(p.grad.float().norm()) for n, p in probe.named_parameters() if p.grad is not None})
+    fp32, bf16 = norms
+    return [n for n, v in bf16.items() if not np.isfinite(v) or v > tolerance * fp32.get(n, 0.0) + 1e-3]
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@dataclass
+class StepOutput:
+    """What the loop needs after a step; tensors stay on the device (no sync)."""
+
+    loss: torch.Tensor  # 0-d, detached
+    codes_ABK: torch.Tensor  # codes of the first prototype head
+    lr: float
+    stop_signal: int  # the stop signal any rank received (0: none), agreed by all ranks
+    time_over: bool  # some rank's time budget ran out (agreed)
+    skipped: bool  # fp16: the scaler skipped the update (inf/NaN gradients)
+
+
+class SwAVStep:
+    """Holds the training objects of one rank and runs :meth:`__call__` once per batch.
+
+    Example:
+        >>> from swav.config import Config, with_values
+        >>> from swav.lars import LARS
+        >>> cfg = with_values(Config(), {"crops.sizes": [16], "model.num_prototypes": 10,
+        ...                              "swav.freeze_prototypes_steps": 0})
+        >>> trunk = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        >>> model = SwAVModel(trunk, 8, hidden_dim=16, output_dim=4, num_prototypes=10)
+        >>> step = SwAVStep(model, model, LARS(model.parameters(), lr=0.1), config=cfg, lr_schedule=np.full(5, 0.1),
+        ...                 queue_length_per_rank=0, precision="fp32", device=torch.device("cpu"), rank=0)
+        >>> out = step([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)], step=0)
+        >>> out.codes_ABK.shape, out.lr
+        (torch.Size([2, 4, 10]), 0.1)
+    """
+
+    def __init__(self, model: nn.Module, raw_model: SwAVModel, optimizer: torch.optim.Optimizer, *,
+                 config: Config, lr_schedule: np.ndarray, queue_length_per_rank: int, precision: str,
+                 device: torch.device, rank: int) -> None:
+        self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
+        self.config = config
+        self.lr_schedule = lr_schedule
+        self.queue_length = queue_length_per_rank
+        self.device = device
+        self.rank = rank
+        self.precision = precision
+        self.dtype = autocast_dtype(precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.queue: EmbeddingQueue | None = None
+        self.consecutive_skips = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        """Create the (empty) queue at the start of epoch ``swav.queue_start_epoch`` (SPEC §5)."""
+        s = self.config.swav
+        if self.queue is None and self.queue_length > 0 and epoch >= s.queue_start_epoch:
+            self.queue = EmbeddingQueue(len(s.crops_for_assign), self.queue_length,
+                                        self.config.model.output_dim).to(self.device)
+            logger.info("queue started at epoch %d: %d embeddings per rank per assignment crop",
+                        epoch, self.queue_length)
+
+    @torch.no_grad()
+    def _queue_scores(self, z_ND: torch.Tensor, batch: int) -> list[list[torch.Tensor] | None]:
+        """Per head: queue scores (one L x K per assignment crop) if the queue is full, then push the batch."""
+        heads = len(self.raw_model.num_prototypes)
+        if self.queue is None:
+            return [None] * heads
+        scores: list[list[torch.Tensor] | None] = [None] * heads
+        if self.queue.is_full:
+            scores = [[self.queue.embeddings[i].float() @ w.detach().float().t()
+                       for i in range(self.queue.embeddings.shape[0])]
+                      for w in self.raw_model.prototypes.weights()]
+        ids = self.config.swav.crops_for_assign
+        z = z_ND.detach().float()
+        self.queue.push(torch.stack([z[a * batch:(a + 1) * batch] for a in ids]))
+        return scores
+
+    def _set_lr(self, step: int) -> float:
+        lr = float(self.lr_schedule[min(step, len(self.lr_schedule) - 1)])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def __call__(self, crops: Sequence[torch.Tensor], step: int, *, stop_signal: int = 0,
+                 time_over: bool = False) -> StepOutput:
+        """One optimisation step; ``step`` = steps done so far (this is step ``step + 1`` in messages)."""
+        cfg = self.config
+        lr = self._set_lr(step)
+        self.raw_model.normalize_prototypes()
+        if cfg.run.channels_last:
+            crops = [x.contiguous(memory_format=torch.channels_last) for x in crops]
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.model(list(crops))
+        batch = crops[0].shape[0]
+        with torch.autocast(self.device.type, enabled=False):
+            queue_scores = self._queue_scores(out.embeddings, batch)
+            loss, codes = swav_loss([s.float() for s in out.scores], cfg.num_crops, cfg.swav.crops_for_assign,
+                                    cfg.swav.temperature, cfg.swav.epsilon, cfg.swav.sinkhorn_iterations,
+                                    queue_scores, cfg.swav.log_domain, return_codes=True)
+        if step + 1 == cfg.debug.inject_nan_step and cfg.debug.inject_nan_rank in (-1, self.rank):
+            loss = loss * float("nan")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if step < cfg.swav.freeze_prototypes_steps:
+            for p in self.raw_model.prototypes.parameters():
+                p.grad = None
+        self.scaler.unscale_(self.optimizer)
+        stop_signal, time_over = self._agree(loss, step, stop_signal, time_over)
+        skipped = self._optimizer_step(step)
+        return StepOutput(loss.detach(), codes[0], lr, stop_signal, time_over, skipped)
+
+    def _agree(self, loss: torch.Tensor, step: int, stop_signal: int, time_over: bool) -> tuple[int, bool]:
+        """All-reduce [non-finite, stop signal, time over]; raise NonFiniteError on every rank if needed."""
+        run = self.config.run
+        if not (run.nan_check or step % run.log_every_steps == 0):
+            return 0, False
+        flags = torch.tensor([0.0, float(stop_signal), float(time_over)], device=self.device)
+        if run.nan_check:
+            bad = ~torch.isfinite(loss.detach())
+            if not self.scaler.is_enabled():  # fp16: inf gradients are the scaler's business
+                bad = bad | ~gradients_finite(self.raw_model.parameters())
+            flags[0] = bad.float()
+        all_reduce_max_(flags)
+        nonfinite, signal_value, over = flags.tolist()
+        if nonfinite:
+            losses = all_gather_cat(loss.detach().float().reshape(1)).tolist()
+            names = nonfinite_parameter_names(self.raw_model.named_parameters())
+            value = losses[0] if len(losses) == 1 else losses
+            detail = "" if len(losses) == 1 else " (loss per rank)"
+            raise NonFiniteError(step + 1, value, names, detail)
+        return int(signal_value), bool(over)
+
+    def _optimizer_step(self, step: int) -> bool:
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if scale is None:
+            return False
+        skipped = self.scaler.get_scale() < scale
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        limit = self.config.run.max_scaler_skips
+        if limit and self.consecutive_skips > limit:
+            raise NonFiniteError(step + 1, float("nan"), [], f"; fp16 gradient scaler skipped {self.consecutive_skips} "
+                                 f"consecutive steps (run.max_scaler_skips={limit})")
+        return skipped

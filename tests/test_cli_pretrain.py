@@ -1,0 +1,104 @@
+"""``swav pretrain`` end to end on CPU: a tiny image folder, a Fashion-MNIST slice, resume, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from swav.cli import main
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+TINY = ["--arch", "resnet18", "--nmb_crops", "2", "2", "--size_crops", "16", "8", "--min_scale_crops", "0.3", "0.1",
+        "--max_scale_crops", "1", "0.3", "--nmb_prototypes", "10", "--feat_dim", "8", "--hidden_mlp", "16",
+        "--warmup_epochs", "0", "--base_lr", "0.5", "--set", "run.precision=fp32", "--set", "run.log_every_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """19 RGB images in nested class folders plus one grayscale image and one unreadable file."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(19):
+        sub = root / ["cats", "cats/indoor", "dogs"][i % 3]
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(sub / f"{i}.jpg")
+    Image.fromarray(rng.integers(0, 256, (22, 18), dtype=np.uint8)).save(root / "dogs" / "gray.png")
+    (root / "dogs" / "notes.jpg").write_text("not an image")
+    return root
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_image_folder_run_resume_and_complete(tmp_path, folder, capsys):
+    out = tmp_path / "run"
+    base = ["pretrain", "--data", str(folder), "--output-dir", str(out), "--epochs", "2", "--batch-size", "8",
+            "--workers", "0", "--seed", "3", *TINY]
+    code, stdout, _ = run_cli(capsys, *base, "--set", "run.max_steps=2")
+    assert code == 0 and "stopped at step 2 (max_steps)" in stdout
+    code, _, err = run_cli(capsys, *base)
+    assert code == 1 and "already holds a run" in err and "--resume" in err and "Traceback" not in err
+    code, _, _ = run_cli(capsys, *base, "--resume", "--workers", "2")  # worker processes do not change the data
+    assert code == 0
+    for name in ("config.yaml", "derived.json", "metrics.jsonl", "train.log", "model.pt", "checkpoints/final.pt"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4]  # 20 images // 8 = 2 per epoch
+    final = torch.load(out / "checkpoints" / "final.pt", weights_only=True)
+    assert final["step"] == 4 and final["finished"] and final["model_spec"]["backbone"] == "resnet18"
+    assert final["config"]["run"]["seed"] == 3 and final["config"]["data"]["workers"] == 2
+    assert "training complete" in (out / "train.log").read_text()
+    assert (out / "bad_images.txt").read_text().strip().endswith("notes.jpg")  # skipped, counted, listed
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    code, stdout, _ = run_cli(capsys, *base, "--resume")
+    assert code == 0 and "already complete" in stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST IDX files not installed")
+def test_fashion_mnist_slice_with_knn_summary(tmp_path, capsys):
+    out = tmp_path / "fm"
+    code, stdout, err = run_cli(capsys, "pretrain", "--data", "fashion-mnist", "--output-dir", str(out), "--epochs",
+                                "1", "--batch-size", "32", "--set", "data.limit=128", "--set", "run.precision=fp32",
+                                "--knn-test-limit", "200")
+    assert code == 0, err
+    config = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
+    assert config["data"]["channels"] == 1 and config["model"]["num_prototypes"] == [100]  # the CPU recipe
+    derived = json.loads((out / "derived.json").read_text())
+    assert derived["pipeline"] == "tensor" and derived["total_steps"] == 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["k"] == 20 and summary["temperature"] == 0.07
+    assert (summary["train_samples"], summary["test_samples"]) == (128, 200)
+    assert set(summary["knn_top1"]) == {"swav", "untrained", "raw_pixels"}
+    assert all(10.0 <= v <= 100.0 for v in summary["knn_top1"].values())  # 10 classes: better than chance
+    assert "What was learned" in stdout and "raw pixels" in stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "optim.base_lrr=0.1"], "did you mean 'optim.base_lr'"),
+    (["--nmb_crops", "2", "6", "--size_crops", "224"], "crops.sizes=[224] has 1 entries but crops.counts=[2, 6]"),
+    (["--recipe", "swav_100epochs"], "Did you mean swav_100ep"),
+    (["--data", "/no/such/folder", "--epochs", "10"], "/no/such/folder"),
+])
+def test_user_errors_are_one_clear_line(tmp_path, capsys, argv, message):
+    code, _, err = run_cli(capsys, "pretrain", "--output-dir", str(tmp_path / "o"), *argv)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_usage_errors_and_module_entry_point(capsys):
+    assert main(["pretrain", "--epochs"]) == 2  # argparse: missing value
+    assert main([]) == 2
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "swav", "pretrain", "--list-recipes"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "swav_800ep" in proc.stdout and "fashion_mnist_cpu" in proc.stdout

@@ -1,0 +1,219 @@
+"""Config: defaults, YAML, --set, every official flag of SPEC §9, validation errors, recipes, derived values."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+
+import pytest
+
+from swav.cli.pretrain import _add_arguments, resolve_config
+from swav.config import (Config, apply_overrides, config_from_dict, config_keys, config_to_dict, load_config_file,
+                         save_config, with_values)
+from swav.derived import derive_values
+from swav.official_flags import OFFICIAL_FLAGS
+from swav.recipes import available_recipes, load_recipe, recipe_dict
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.demo = False
+    return resolve_config(args)[0]
+
+
+def test_defaults_are_the_official_script_defaults():
+    c = Config()
+    assert (c.crops.counts, c.crops.sizes, c.crops.min_scales, c.crops.max_scales) == ((2,), (224,), (0.14,), (1.0,))
+    assert (c.swav.crops_for_assign, c.swav.temperature, c.swav.epsilon, c.swav.sinkhorn_iterations) == ((0, 1), 0.1, 0.05, 3)
+    assert (c.model.output_dim, c.model.num_prototypes, c.model.hidden_dim, c.model.backbone) == (128, (3000,), 2048, "resnet50")
+    assert (c.swav.queue_length, c.swav.queue_start_epoch, c.swav.freeze_prototypes_steps) == (0, 15, 313)
+    o = c.optim
+    assert (o.epochs, o.batch_size_per_device, o.base_lr, o.final_lr, o.weight_decay) == (100, 64, 4.8, 0.0, 1e-6)
+    assert (o.warmup_epochs, o.start_warmup, o.momentum, o.lars, o.trust_coefficient) == (10, 0.0, 0.9, True, 0.001)
+    assert (c.data.workers, c.run.seed, c.run.sync_bn, c.run.sync_bn_group_size, c.run.keep_every_epochs) == (10, 31, True, 8, 25)
+
+
+# every official flag with a value different from its default, and the field it must land in
+OFFICIAL_ARGV = [
+    ("--data_path", ["/data/imagenet"], "data.path", "/data/imagenet"),
+    ("--nmb_crops", ["2", "6"], "crops.counts", (2, 6)),
+    ("--size_crops", ["224", "96"], "crops.sizes", (224, 96)),
+    ("--min_scale_crops", ["0.14", "0.05"], "crops.min_scales", (0.14, 0.05)),
+    ("--max_scale_crops", ["1.", "0.14"], "crops.max_scales", (1.0, 0.14)),
+    ("--crops_for_assign", ["0", "1"], "swav.crops_for_assign", (0, 1)),
+    ("--temperature", ["0.2"], "swav.temperature", 0.2),
+    ("--epsilon", ["0.03"], "swav.epsilon", 0.03),
+    ("--sinkhorn_iterations", ["5"], "swav.sinkhorn_iterations", 5),
+    ("--feat_dim", ["64"], "model.output_dim", 64),
+    ("--nmb_prototypes", ["300"], "model.num_prototypes", (300,)),
+    ("--queue_length", ["3840"], "swav.queue_length", 3840),
+    ("--epoch_queue_starts", ["10"], "swav.queue_start_epoch", 10),
+    ("--epochs", ["200"], "optim.epochs", 200),
+    ("--batch_size", ["32"], "optim.batch_size_per_device", 32),
+    ("--base_lr", ["0.6"], "optim.base_lr", 0.6),
+    ("--final_lr", ["0.0006"], "optim.final_lr", 0.0006),
+    ("--freeze_prototypes_niters", ["5005"], "swav.freeze_prototypes_steps", 5005),
+    ("--wd", ["1e-5"], "optim.weight_decay", 1e-5),
+    ("--warmup_epochs", ["5"], "optim.warmup_epochs", 5.0),
+    ("--start_warmup", ["0.3"], "optim.start_warmup", 0.3),
+    ("--dist_url", ["tcp://10.0.0.1:40000"], "run.dist_url", "tcp://10.0.0.1:40000"),
+    ("--world_size", ["64"], "run.world_size", 64),
+    ("--rank", ["3"], "run.rank", 3),
+    ("--local_rank", ["2"], "run.local_rank", 2),
+    ("--arch", ["resnet50w2"], "model.backbone", "resnet50w2"),
+    ("--hidden_mlp", ["8192"], "model.hidden_dim", 8192),
+    ("--workers", ["4"], "data.workers", 4),
+    ("--checkpoint_freq", ["10"], "run.keep_every_epochs", 10),
+    ("--use_fp16", ["false"], "run.precision", "fp32"),
+    ("--sync_bn", ["none"], "run.sync_bn", False),
+    ("--syncbn_process_group_size", ["4"], "run.sync_bn_group_size", 4),
+    ("--dump_path", ["/exp/swav"], "run.output_dir", "/exp/swav"),
+    ("--seed", ["7"], "run.seed", 7),
+]
+
+
+def field(config, key):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def test_every_official_flag_lands_in_its_field():
+    assert {flag[2:] for flag, *_ in OFFICIAL_ARGV} == set(OFFICIAL_FLAGS)
+    argv = [item for flag, values, *_ in OFFICIAL_ARGV for item in (flag, *values)]
+    config = parse(argv)
+    for flag, _, key, expected in OFFICIAL_ARGV:
+        assert field(config, key) == expected, flag
+    # an official launch line of the batch-256 run, unchanged
+    line = ("--data_path /d --epochs 200 --base_lr 0.6 --final_lr 0.0006 --warmup_epochs 0 --batch_size 64 "
+            "--size_crops 224 96 --nmb_crops 2 6 --min_scale_crops 0.14 0.05 --max_scale_crops 1. 0.14 "
+            "--use_fp16 true --freeze_prototypes_niters 5005 --queue_length 3840 --epoch_queue_starts 15")
+    c = parse(line.split())
+    assert (c.run.precision, c.swav.queue_length, c.crops.counts, c.optim.warmup_epochs) == ("fp16", 3840, (2, 6), 0)
+
+
+@pytest.mark.parametrize("word,value", [("true", True), ("false", False), ("on", True), ("off", False),
+                                        ("1", True), ("0", False), ("True", True), ("OFF", False)])
+def test_booleans_in_every_spelling(word, value):
+    assert apply_overrides(Config(), [f"run.sync_bn={word}"]).run.sync_bn is value
+    assert parse(["--sync_bn", word]).run.sync_bn is value
+    assert parse(["--use_fp16", word]).run.precision == ("fp16" if value else "fp32")
+
+
+def test_contract_flags_and_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  base_lr: 0.3\n  epochs: 7\ncrops:\n  counts: [2, 4]\n  sizes: [64, 32]\n"
+                    "  min_scales: [0.2, 0.1]\n  max_scales: [1, 0.4]\n")
+    c = parse(["--recipe", "swav_200ep_bs256", "--config", str(path), "--data", "/imgs", "--output-dir", "/o",
+               "--epochs", "9", "--batch-size", "16", "--workers", "2", "--seed", "5", "--device", "cpu",
+               "--set", "optim.epochs=11", "--set", "model.num_prototypes=[30, 40]"])
+    assert c.swav.queue_length == 3840  # from the recipe
+    assert c.optim.base_lr == 0.3 and c.crops.sizes == (64, 32)  # the file overrides the recipe
+    assert (c.data.path, c.run.output_dir, c.optim.batch_size_per_device, c.data.workers, c.run.seed) == \
+        ("/imgs", "/o", 16, 2, 5)
+    assert c.optim.epochs == 11  # --set wins over --epochs
+    assert c.model.num_prototypes == (30, 40) and c.run.device == "cpu"
+
+
+def test_unknown_keys_suggest_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'optim\.base_lrr'; did you mean 'optim\.base_lr'"):
+        apply_overrides(Config(), ["optim.base_lrr=0.1"])
+    with pytest.raises(ValueError, match=r"'swav\.epsillon'.*'swav\.epsilon'.*valid keys of section 'swav'"):
+        config_from_dict({"swav": {"epsillon": 0.03}})
+    with pytest.raises(ValueError, match=r"unknown config key 'optimizer'.*valid sections: data, crops"):
+        config_from_dict({"optimizer": {}})
+    path = tmp_path / "bad.yaml"
+    path.write_text("crops:\n  count: [2]\n")
+    with pytest.raises(ValueError, match=rf"{path}.*'crops\.count'.*did you mean 'crops\.counts'"):
+        load_config_file(path)
+    with pytest.raises(ValueError, match="expected section.key=value"):
+        apply_overrides(Config(), ["base_lr=3"])
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"crops.counts": [2, 6]}, r"crops\.sizes=\[224\] has 1 entries but crops\.counts=\[2, 6\] has 2"),
+    ({"crops.min_scales": [0.5], "crops.max_scales": [0.4]}, r"crops\.min_scales\[0\]=0\.5 is larger than crops\.max_scales\[0\]=0\.4"),
+    ({"crops.max_scales": [1.5]}, r"crops\.min_scales\[0\]/max_scales\[0\]"),
+    ({"swav.crops_for_assign": [0, 2]}, r"crops_for_assign=\[0, 2\] has ids \[2\] out of range.*0\.\.1"),
+    ({"swav.crops_for_assign": [1, 1]}, r"crops_for_assign.*distinct"),
+    ({"crops.counts": [1]}, r"at least 2 crops"),
+    ({"model.num_prototypes": 0}, r"model\.num_prototypes"),
+    ({"model.num_prototypes": [100, 0]}, r"model\.num_prototypes"),
+    ({"swav.queue_length": 10}, r"swav\.queue_length=10 is shorter than one batch"),
+    ({"swav.epsilon": 0}, r"swav\.epsilon=0\.0 is invalid"),
+    ({"optim.warmup_epochs": 200}, r"optim\.warmup_epochs=200\.0 is invalid: expected a value in \[0, optim\.epochs=100\]"),
+    ({"optim.epochs": "ten"}, r"optim\.epochs='ten' is invalid: expected an integer"),
+    ({"run.sync_bn": "maybe"}, r"run\.sync_bn='maybe' is invalid: expected a boolean"),
+    ({"run.precision": "fp8"}, r"run\.precision='fp8'"),
+    ({"data.channels": 2}, r"data\.channels=2"),
+    ({"data.mean": [0.5, 0.5]}, r"data\.mean=\(0\.5, 0\.5\) is invalid: expected 3 value"),
+])
+def test_inconsistent_values_name_the_field(values, message):
+    with pytest.raises(ValueError, match=message):
+        with_values(Config(), values)
+
+
+def test_config_is_frozen_and_round_trips(tmp_path):
+    c = load_recipe("swav_400ep_bs256")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.optim.base_lr = 1.0  # type: ignore[misc]
+    save_config(c, tmp_path / "c.yaml")
+    assert load_config_file(tmp_path / "c.yaml") == c
+    assert config_from_dict(config_to_dict(c)) == c
+    assert len(config_keys()) == len(set(config_keys())) > 60
+
+
+# SPEC §9 table: epochs, global batch (per device x devices), crops, lr, warm-up, queue, freeze
+SPEC_TABLE = {
+    "swav_100ep": (100, 64, (2, 6), (224, 96), 4.8, 0.0048, 10, 0.3, 0, 313),
+    "swav_200ep": (200, 64, (2, 6), (224, 96), 4.8, 0.0048, 10, 0.3, 0, 313),
+    "swav_400ep": (400, 64, (2, 6), (224, 96), 4.8, 0.0048, 10, 0.3, 0, 313),
+    "swav_800ep": (800, 64, (2, 6), (224, 96), 4.8, 0.0048, 10, 0.3, 0, 313),
+    "swav_400ep_2x224": (400, 64, (2,), (224,), 4.8, 0.0048, 10, 0.3, 0, 313),
+    "swav_200ep_bs256": (200, 64, (2, 6), (224, 96), 0.6, 0.0006, 0, 0.0, 3840, 5005),
+    "swav_400ep_bs256": (400, 64, (2, 6), (224, 96), 0.6, 0.0006, 0, 0.0, 3840, 5005),
+    "swav_rn50w2_400ep": (400, 32, (2, 4), (224, 96), 4.8, 0.0048, 10, 0.3, 0, 313),
+    "swav_rn50w4_400ep": (400, 40, (2, 4), (224, 96), 4.8, 0.0048, 10, 0.3, 2560, 313),
+}
+
+
+def test_every_recipe_loads_validates_and_matches_spec():
+    names = available_recipes()
+    assert set(SPEC_TABLE) | {"cifar10", "fashion_mnist_cpu"} <= set(names)
+    for name in names:
+        config = load_recipe(name)
+        assert isinstance(config, Config) and recipe_dict(name)
+    for name, row in SPEC_TABLE.items():
+        c = load_recipe(name)
+        got = (c.optim.epochs, c.optim.batch_size_per_device, c.crops.counts, c.crops.sizes, c.optim.base_lr,
+               c.optim.final_lr, c.optim.warmup_epochs, c.optim.start_warmup, c.swav.queue_length,
+               c.swav.freeze_prototypes_steps)
+        assert got == row, name
+        assert (c.swav.temperature, c.swav.epsilon, c.swav.sinkhorn_iterations, c.model.output_dim,
+                c.model.num_prototypes, c.optim.weight_decay) == (0.1, 0.05, 3, 128, (3000,), 1e-6), name
+    assert load_recipe("swav_rn50w4_400ep").swav.queue_start_epoch == 0
+    assert load_recipe("swav_400ep_2x224").crops.min_scales == (0.08,)
+    assert load_recipe("swav_rn50w2_400ep").model.hidden_dim == 8192
+    assert load_recipe("fashion_mnist_cpu").data.channels == 1
+    with pytest.raises(ValueError, match="unknown recipe 'swav_100'.*Did you mean swav_100ep"):
+        load_recipe("swav_100")
+
+
+def test_derived_values_and_queue_rounding(caplog):
+    c = with_values(Config(), {"swav.queue_length": 4000, "optim.batch_size_per_device": 64})
+    with caplog.at_level(logging.WARNING):
+        d = derive_values(c, world_size=4, dataset_size=1_281_167, device="cpu", precision="fp32", pipeline="pil")
+    assert "rounded down to 3840" in caplog.text
+    assert (d.global_batch_size, d.queue_length_global, d.queue_length_per_rank) == (256, 3840, 960)
+    assert d.steps_per_epoch == 1_281_167 // 4 // 64 and d.total_steps == 100 * d.steps_per_epoch
+    assert d.warmup_steps == 10 * d.steps_per_epoch and math.isclose(d.collapse_loss, math.log(3000))
+    heads = with_values(Config(), {"model.num_prototypes": [10, 1000]})
+    assert math.isclose(derive_values(heads, world_size=1, dataset_size=640, device="cpu", precision="fp32",
+                                      pipeline="pil").collapse_loss, (math.log(10) + math.log(1000)) / 2)
+    with pytest.raises(ValueError, match="queue_length=100 is shorter than the global batch 256"):
+        derive_values(with_values(c, {"swav.queue_length": 100}), world_size=4, dataset_size=10_000, device="cpu",
+                      precision="fp32", pipeline="pil")
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        derive_values(c, world_size=4, dataset_size=200, device="cpu", precision="fp32", pipeline="pil")

@@ -1,0 +1,53 @@
+"""Distributed environment detection: torchrun, SLURM (node lists), flags, none (issue 5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swav.dist_setup import detect_environment, first_slurm_host, init_distributed
+from swav.train_data import ResumableSampler
+
+
+def test_torchrun_environment_wins():
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "x[1-2]"}
+    found = detect_environment(env)
+    assert (found.source, found.rank, found.world_size, found.local_rank) == ("torchrun", 5, 8, 1)
+    assert (found.master_addr, found.master_port) == ("node7", 1234)
+
+
+@pytest.mark.parametrize("nodelist,first", [("gpu[017-020,031]", "gpu017"), ("node3", "node3"),
+                                            ("a-b[9-10],c[1]", "a-b9"), ("rack1-n[008,010]", "rack1-n008")])
+def test_slurm_node_lists(nodelist, first):
+    assert first_slurm_host(nodelist, use_scontrol=False) == first
+    env = {"SLURM_PROCID": "6", "SLURM_NTASKS": "16", "SLURM_LOCALID": "2", "SLURM_JOB_NODELIST": nodelist,
+           "SLURM_JOB_ID": "123456"}
+    found = detect_environment(env)
+    assert (found.source, found.rank, found.world_size, found.local_rank) == ("slurm", 6, 16, 2)
+    assert found.master_addr == first and found.master_port == 20000 + 123456 % 20000
+
+
+def test_single_process_cases():
+    assert detect_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "none"  # one SLURM task
+    assert detect_environment({}).world_size == 1
+    flags = detect_environment({}, world_size=4, rank=2, dist_url="tcp://h:1")
+    assert (flags.source, flags.rank, flags.world_size, flags.init_method) == ("flags", 2, 4, "tcp://h:1")
+    with pytest.raises(ValueError, match="--rank"):
+        detect_environment({}, world_size=4)
+    with pytest.raises(ValueError, match="RANK='x' is not an integer"):
+        detect_environment({"RANK": "x", "WORLD_SIZE": "2"})
+    context = init_distributed("cpu", env={})
+    assert (context.rank, context.world_size, context.backend, context.device) == (0, 1, None, torch.device("cpu"))
+
+
+def test_resumable_sampler_skips_consumed_batches_and_splits_ranks():
+    samplers = [ResumableSampler(23, num_replicas=2, rank=r, seed=31, batch_size=3) for r in range(2)]
+    for s in samplers:
+        s.set_epoch(4)
+    full = [[i for _, i in s] for s in samplers]
+    assert all(len(f) == 11 for f in full) and not set(full[0]) & set(full[1])  # drop_last: 22 of 23, disjoint
+    assert all(e == 4 for e, _ in samplers[0])
+    samplers[1].set_epoch(4, start_batch=2)
+    assert [i for _, i in samplers[1]] == full[1][6:] and len(samplers[1]) == 5
+    samplers[0].set_epoch(5)
+    assert [i for _, i in samplers[0]] != full[0]  # a new order every epoch

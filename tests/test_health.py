@@ -1,0 +1,42 @@
+"""Health signals (SPEC §13): collapse warning near ln K, prototypes in use, NaN parameter names."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from swav.health import CollapseMonitor, NonFiniteError, gradients_finite, nonfinite_parameter_names, prototypes_in_use
+from swav.loss import swav_loss
+
+
+def test_collapse_is_detected_at_ln_k_only_after_start_step():
+    k = 3000
+    collapsed = swav_loss(torch.zeros(2 * 8, k), num_crops=2).item()  # all embeddings equal: loss = ln K
+    assert math.isclose(collapsed, math.log(k), rel_tol=1e-6)
+    monitor = CollapseMonitor(math.log(k), start_step=100, patience=3)
+    assert all(monitor.update(step, collapsed) is None for step in (10, 20, 30, 40))  # warm-up: ignored
+    assert monitor.update(110, collapsed) is None and monitor.update(120, 7.0) is None  # streak broken
+    assert monitor.update(130, collapsed) is None and monitor.update(140, collapsed) is None
+    warning = monitor.update(150, collapsed * 1.01)
+    assert warning is not None and "ln K = 8.006" in warning and "swav.epsilon" in warning
+    assert "freeze_prototypes_steps" in warning and monitor.update(160, collapsed) is None  # warns once
+
+
+def test_prototypes_in_use_counts_distinct_argmax():
+    codes = torch.zeros(2, 5, 7)
+    codes[0, torch.arange(5), torch.tensor([0, 0, 3, 3, 6])] = 1.0
+    codes[1, torch.arange(5), torch.tensor([1, 1, 1, 1, 1])] = 1.0
+    assert prototypes_in_use(codes) == 4
+    assert prototypes_in_use(torch.full((1, 4, 10), 0.1)) == 1  # uniform codes: a single winner
+
+
+def test_nonfinite_gradients_are_named():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    net(torch.randn(5, 3)).sum().backward()
+    assert bool(gradients_finite(net.parameters()))
+    net[1].weight.grad[0, 0] = float("inf")
+    assert not bool(gradients_finite(net.parameters()))
+    assert nonfinite_parameter_names(net.named_parameters()) == ["1.weight"]
+    error = NonFiniteError(12, float("nan"), ["1.weight"])
+    assert "in step 12" in str(error) and "1.weight" in str(error) and "at most step 11" in str(error)

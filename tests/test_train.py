@@ -1,0 +1,208 @@
+"""The training engine on CPU with a tiny network: resume is bit-identical, the schedule and the
+prototype freezing follow SPEC §6/§9, NaN stops the run before anything is saved, the run folder is
+protected, and preemption saves a checkpoint (issues 3 and 8)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from swav.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, step_checkpoint_path
+from swav.config import config_to_dict, load_config_file, with_values
+from swav.health import NonFiniteError
+from swav.run_folder import RunExistsError
+from swav.train import train
+from swav.train_state import ResumeMismatchError
+from tests.train_helpers import InMemoryImages, assert_same_state, final_state, tiny_config, tiny_model
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        sub = root / ["a", "a/nested", "b"][i % 3]
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (14, 12, 3), dtype=np.uint8)).save(sub / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (13, 15), dtype=np.uint8)).save(root / "b" / "gray.png")
+    return root  # 21 images
+
+
+VARIANTS = {
+    # queue of two batches from epoch 0 (full from step 2), stop at an epoch boundary, per-image PIL crops
+    "queue": ({"swav.queue_length": 8, "swav.queue_start_epoch": 0, "data.pipeline": "pil",
+               "run.channels_last": True}, 5, 7),
+    # prototypes frozen for 5 steps, stop inside the freeze and mid-epoch, batched augmentation
+    "frozen": ({"swav.freeze_prototypes_steps": 5, "data.pipeline": "batched"}, 3, 6),
+    # queue started at epoch 1 (step 6), stop mid-epoch while it is half full, in-memory tensor pipeline
+    "mid_epoch": ({"swav.queue_length": 8, "swav.queue_start_epoch": 1, "data.pipeline": "tensor"}, 6, 9),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_resume_is_bit_identical(tmp_path, image_folder, variant):
+    values, stop, total = VARIANTS[variant]
+    dataset = InMemoryImages(20) if values["data.pipeline"] == "tensor" else None
+    data = None if dataset is not None else image_folder
+    straight = train(tiny_config(tmp_path / "straight", data, **values, **{"run.max_steps": total}),
+                     dataset=dataset, model_builder=tiny_model)
+    assert straight.status == "max_steps" and straight.step == total
+    first = train(tiny_config(tmp_path / "split", data, **values, **{"run.max_steps": stop}),
+                  dataset=dataset, model_builder=tiny_model)
+    assert first.status == "max_steps" and first.step == stop
+    second = train(tiny_config(tmp_path / "split", data, **values, **{"run.max_steps": total}),
+                   dataset=dataset, model_builder=tiny_model, resume=True)
+    assert second.step == total
+    assert_same_state(final_state(tmp_path / "straight"), final_state(tmp_path / "split"))
+    # the metrics of the resumed run read like one run: every step exactly once, same losses
+    recs = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("straight", "split")]
+    steps = [[(r["step"], r["loss"]) for r in rs if r["kind"] == "step"] for rs in recs]
+    assert steps[0] == steps[1] and [s for s, _ in steps[0]] == list(range(1, total + 1))
+
+
+def official_lr(base, final, epochs, steps_per_epoch, warmup_epochs, start_warmup):
+    """SPEC §9 written out the slow way: linear warm-up, then cosine, one value per step."""
+    warmup = int(warmup_epochs * steps_per_epoch)
+    total = epochs * steps_per_epoch
+    lrs = []
+    for t in range(total):
+        if t < warmup:
+            lrs.append(start_warmup + (base - start_warmup) * t / (warmup - 1))
+        else:
+            u = t - warmup
+            lrs.append(final + 0.5 * (base - final) * (1 + math.cos(math.pi * u / (total - warmup))))
+    return lrs
+
+
+def test_lr_schedule_applied_every_step(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, **{"optim.warmup_epochs": 1, "optim.start_warmup": 0.05,
+                                                 "optim.base_lr": 0.3, "optim.final_lr": 0.003, "optim.epochs": 2})
+    result = train(cfg, model_builder=tiny_model)
+    assert result.status == "complete" and result.step == 10  # 21 images // 4 = 5 steps x 2 epochs
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in logged if r["kind"] == "step"]
+    assert np.allclose(lrs, official_lr(0.3, 0.003, 2, 5, 1, 0.05), rtol=1e-12, atol=1e-15)
+    assert lrs[0] == 0.05 and abs(lrs[4] - 0.3) < 1e-12
+
+
+def test_prototypes_frozen_for_exactly_n_steps(tmp_path, image_folder):
+    freeze = 4
+    cfg = tiny_config(tmp_path, image_folder, **{"swav.freeze_prototypes_steps": freeze, "run.max_steps": 7,
+                                                 "run.checkpoint_every_steps": 1, "run.keep_checkpoints": 10})
+    train(cfg, model_builder=tiny_model)
+    protos = {s: load_checkpoint(step_checkpoint_path(tmp_path, s))["model"]["prototypes.weight"]
+              for s in range(1, 8)}
+    head = {s: load_checkpoint(step_checkpoint_path(tmp_path, s))["model"]["projection_head.0.weight"]
+            for s in (1, 2)}
+    assert not torch.equal(head[1], head[2])  # the rest of the network trains meanwhile
+    for s in range(2, freeze + 1):  # steps 0..freeze-1 leave the (re-normalised) prototypes alone
+        assert (protos[s] - protos[1]).abs().max() < 1e-7, s
+    # step `freeze` is the first update (LARS: about lr x 0.001 x ||p||, i.e. ~4e-4 here)
+    assert (protos[freeze + 1] - protos[freeze]).abs().max() > 1e-4
+    assert torch.allclose(protos[1].norm(dim=1), torch.ones(10), atol=1e-5)
+
+
+def test_nan_stops_before_the_optimiser_step(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, **{"debug.inject_nan_step": 5, "run.checkpoint_every_steps": 2})
+    with pytest.raises(NonFiniteError) as info:
+        train(cfg, model_builder=tiny_model)
+    message = str(info.value)
+    assert "in step 5" in message and "nan" in message.lower() and "backbone.0.weight" in message
+    assert info.value.step == 5 and "prototypes.weight" in info.value.parameter_names
+    files = [p.name for p in list_checkpoints(tmp_path)]
+    assert files == ["step_00000004.pt", "step_00000002.pt"]  # nothing saved after the NaN
+    last = load_checkpoint(tmp_path / "checkpoints" / "step_00000004.pt")
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    # the run resumes from the last good checkpoint (without the injected fault)
+    cfg = with_values(cfg, {"debug.inject_nan_step": -1, "run.max_steps": 6})
+    assert train(cfg, model_builder=tiny_model, resume=True).step == 6
+
+
+def test_run_folder_lifecycle(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, **{"optim.epochs": 1})
+    assert train(cfg, model_builder=tiny_model).status == "complete"
+    for name in ("config.yaml", "derived.json", "metrics.jsonl", "train.log", "model.pt", "checkpoints/final.pt"):
+        assert (tmp_path / name).is_file(), name
+    assert load_config_file(tmp_path / "config.yaml") == cfg
+    derived = json.loads((tmp_path / "derived.json").read_text())
+    assert derived["steps_per_epoch"] == 5 and derived["global_batch_size"] == 4
+    ckpt = torch.load(tmp_path / "checkpoints" / "final.pt", weights_only=True)
+    assert ckpt["finished"] and ckpt["config"] == config_to_dict(cfg) and ckpt["model_spec"]["num_prototypes"] == [10]
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "epoch", "loss", "lr", "images_per_s", "prototypes_in_use", "ln_k", "time"} <= set(record)
+    assert 1 <= record["prototypes_in_use"] <= 10 and abs(record["ln_k"] - math.log(10)) < 1e-12
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(cfg, model_builder=tiny_model)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    again = train(cfg, model_builder=tiny_model, resume=True)
+    assert again.status == "already_complete" and again.exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert train(cfg, model_builder=tiny_model, overwrite=True).status == "complete"
+
+
+def test_resume_refuses_a_different_model(tmp_path, image_folder):
+    train(tiny_config(tmp_path, image_folder, **{"run.max_steps": 2}), model_builder=tiny_model)
+    other = tiny_config(tmp_path, image_folder, **{"model.num_prototypes": 12, "crops.sizes": [12, 6]})
+    with pytest.raises(ResumeMismatchError) as info:
+        train(other, model_builder=tiny_model, resume=True)
+    assert "model.num_prototypes: checkpoint [10], config [12]" in str(info.value)
+    assert "crops.sizes: checkpoint [12, 8], config [12, 6]" in str(info.value)
+
+
+def test_damaged_latest_checkpoint_falls_back(tmp_path, image_folder, caplog):
+    values = {"run.checkpoint_every_steps": 2, "swav.queue_length": 8, "swav.queue_start_epoch": 0}
+    train(tiny_config(tmp_path / "a", image_folder, **values, **{"run.max_steps": 6}), model_builder=tiny_model)
+    train(tiny_config(tmp_path / "b", image_folder, **values, **{"run.max_steps": 6}), model_builder=tiny_model)
+    newest = step_checkpoint_path(tmp_path / "b", 6)
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated by a crash
+    (tmp_path / "b" / "checkpoints" / ".step_00000008.pt.tmp.123").write_bytes(b"half")  # interrupted write
+    with caplog.at_level("WARNING"):
+        result = train(tiny_config(tmp_path / "b", image_folder, **values, **{"run.max_steps": 6}),
+                       model_builder=tiny_model, resume=True)
+    assert "step_00000006.pt" in caplog.text and "falling back" in caplog.text
+    assert not (tmp_path / "b" / "checkpoints" / ".step_00000008.pt.tmp.123").exists()
+    assert result.step == 6  # redid steps 5 and 6 from step 4 ...
+    assert_same_state(final_state(tmp_path / "a"), final_state(tmp_path / "b"))  # ... identically
+    for path in list_checkpoints(tmp_path / "b"):
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        train(tiny_config(tmp_path / "b", image_folder, **values), model_builder=tiny_model, resume=True)
+
+
+class SignalAt(InMemoryImages):
+    """Sends SIGUSR1 to this process when sample ``index`` is read (as a cluster scheduler would)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(20)
+        self.index = index
+
+    def __getitem__(self, i):
+        if i == self.index:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().__getitem__(i)
+
+
+def test_preemption_signal_saves_and_exits_nonzero(tmp_path):
+    dataset = SignalAt(index=7)
+    cfg = tiny_config(tmp_path, **{"data.pipeline": "pil", "run.checkpoint_every_epochs": 0})
+    result = train(cfg, dataset=dataset, model_builder=tiny_model)
+    assert result.status == "preempted" and result.signal == signal.SIGUSR1 and result.exit_code == 128 + 10
+    assert result.checkpoint == step_checkpoint_path(tmp_path, result.step) and result.checkpoint.is_file()
+    assert 1 <= result.step <= 5
+    cfg = with_values(cfg, {"run.max_steps": result.step + 1})
+    assert train(cfg, dataset=InMemoryImages(20), model_builder=tiny_model, resume=True).step == result.step + 1
+
+
+def test_time_budget_stops_and_saves(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, **{"run.time_budget_minutes": 1e-6, "run.checkpoint_every_epochs": 0})
+    result = train(cfg, model_builder=tiny_model)
+    assert (result.status, result.step, result.exit_code) == ("time_budget", 1, 0)
+    assert result.checkpoint == step_checkpoint_path(tmp_path, 1) and load_checkpoint(result.checkpoint)["step"] == 1

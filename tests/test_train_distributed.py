@@ -1,0 +1,57 @@
+"""The training engine under a real 2-process gloo group: it runs, checkpoints every rank's queue and RNG,
+resumes bit-identically at the same world size, and a NaN on one rank stops both (issues 5 and 8).
+The heavier equivalence tests (2 processes vs 1 process) live with the distributed work."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swav.checkpoint import list_checkpoints, load_checkpoint
+from swav.health import NonFiniteError
+from swav.train import train
+from tests.distributed_helpers import run_distributed
+from tests.train_helpers import InMemoryImages, assert_same_state, tiny_config, tiny_model
+
+# 24 images / 2 ranks / batch 4 = 3 steps per epoch; queue of 16 global = 8 per rank = 2 local batches
+VALUES = {"data.pipeline": "tensor", "swav.queue_length": 16, "swav.queue_start_epoch": 0,
+          "swav.freeze_prototypes_steps": 2, "optim.epochs": 2}
+
+
+def _straight_and_resumed(rank: int, world_size: int, root: str):
+    data = InMemoryImages(24)
+    done = train(tiny_config(f"{root}/straight", **VALUES), dataset=data, model_builder=tiny_model)
+    first = train(tiny_config(f"{root}/split", **VALUES, **{"run.max_steps": 4}), dataset=data,
+                  model_builder=tiny_model)
+    second = train(tiny_config(f"{root}/split", **VALUES), dataset=data, model_builder=tiny_model, resume=True)
+    return done.status, done.step, first.status, first.step, second.status, second.step
+
+
+def _nan_on_rank_one(rank: int, world_size: int, root: str):
+    values = {**VALUES, "debug.inject_nan_step": 3, "debug.inject_nan_rank": 1}
+    try:
+        train(tiny_config(f"{root}/nan", **values), dataset=InMemoryImages(24), model_builder=tiny_model)
+    except NonFiniteError as exc:
+        return exc.step, str(exc)
+    return None
+
+
+@pytest.mark.distributed
+def test_two_ranks_train_checkpoint_and_resume_identically(tmp_path):
+    results = run_distributed(_straight_and_resumed, 2, str(tmp_path))
+    assert results[0] == results[1] == ("complete", 6, "max_steps", 4, "complete", 6)
+    straight = load_checkpoint(list_checkpoints(tmp_path / "straight")[0])
+    assert straight["world_size"] == 2 and len(straight["queues"]) == len(straight["rng"]) == 2
+    q0, q1 = (q["embeddings"] for q in straight["queues"])
+    assert q0.shape == (2, 8, 8) and not torch.equal(q0, q1)  # each rank queues its own images
+    assert_same_state(straight, load_checkpoint(list_checkpoints(tmp_path / "split")[0]))
+    assert torch.equal(straight["queues"][1]["embeddings"],
+                       load_checkpoint(list_checkpoints(tmp_path / "split")[0])["queues"][1]["embeddings"])
+
+
+@pytest.mark.distributed
+def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    results = run_distributed(_nan_on_rank_one, 2, str(tmp_path))
+    assert results[0] is not None and results[1] is not None
+    assert results[0][0] == results[1][0] == 3
+    assert "loss per rank" in results[0][1] and "nan" in results[0][1]
+    assert [p.name for p in list_checkpoints(tmp_path / "nan")] == []  # nothing written after the NaN
