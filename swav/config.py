@@ -207,6 +207,9 @@ class RunConfig:
     nan_check: bool = True  # stop before the optimiser step on NaN/Inf loss or gradients
     max_scaler_skips: int = 20  # fp16: consecutive skipped steps that stop the run
     tensorboard: bool = True
+    knn_every_epochs: int = 0  # online k-NN monitor on held-out labelled data every N epochs (0 = off)
+    knn_train_samples: int = 10000  # k-NN bank size of the monitor (first N training images)
+    knn_test_samples: int = 2000  # monitor's evaluation images (first N of the test split)
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "run.output_dir", self.output_dir, "a folder path")
@@ -215,9 +218,10 @@ class RunConfig:
         ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
         _check(ok, "run.device", dev, "auto, cpu, cuda or cuda:N")
         for key in ("checkpoint_every_epochs", "checkpoint_every_steps", "keep_every_epochs", "max_steps",
-                    "max_scaler_skips"):
+                    "max_scaler_skips", "knn_every_epochs"):
             _check(getattr(self, key) >= 0, f"run.{key}", getattr(self, key), "an integer >= 0")
-        for key in ("keep_checkpoints", "log_every_steps", "sync_bn_group_size"):
+        for key in ("keep_checkpoints", "log_every_steps", "sync_bn_group_size", "knn_train_samples",
+                    "knn_test_samples"):
             _check(getattr(self, key) >= 1, f"run.{key}", getattr(self, key), "an integer >= 1")
         for key in ("time_budget_minutes", "dist_timeout_minutes"):
             _check(getattr(self, key) >= 0, f"run.{key}", getattr(self, key), "a value >= 0")

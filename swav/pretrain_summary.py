@@ -25,7 +25,7 @@ from swav.model import SwAVModel, build_model
 from swav.multicrop import resolve_normalization
 from swav.train_data import in_memory_images
 
-__all__ = ["knn_summary", "format_summary"]
+__all__ = ["knn_summary", "format_summary", "KnnMonitor"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,3 +111,28 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  gain over the untrained network: {r['swav'] - r['untrained']:+.2f} points, "
                      f"over raw pixels: {r['swav'] - r['raw_pixels']:+.2f} points")
     return "\n".join(lines)
+
+
+class KnnMonitor:
+    """Online k-NN accuracy during pretraining (``run.knn_every_epochs``), on rank 0 only.
+
+    The labelled images (first ``run.knn_train_samples`` training and ``run.knn_test_samples`` test
+    images of an in-memory data set) are loaded and normalised once; each call extracts the current
+    backbone's features in eval mode (the train mode is restored) and returns the k-NN top-1 (%).
+    """
+
+    def __init__(self, config: Config, *, device: torch.device, amp_dtype: torch.dtype | None = None,
+                 k: int = 20, temperature: float = 0.07) -> None:
+        run = config.run
+        self.train_x, self.train_y = _split_images(config, "train", run.knn_train_samples)
+        self.test_x, self.test_y = _split_images(config, "test", run.knn_test_samples)
+        self.train_x, self.test_x = _normalised(self.train_x, config), _normalised(self.test_x, config)
+        self.device, self.amp_dtype, self.k, self.temperature = device, amp_dtype, k, temperature
+
+    def __call__(self, model: SwAVModel, batch_size: int = 512) -> float:
+        from swav.eval.knn import knn_accuracy
+
+        train = _features(model, self.train_x, self.train_y, self.device, self.amp_dtype, batch_size)
+        test = _features(model, self.test_x, self.test_y, self.device, self.amp_dtype, batch_size)
+        return knn_accuracy(train, self.train_y, test, self.test_y, k=self.k, temperature=self.temperature)["top1"]
+

@@ -42,6 +42,7 @@ from swav.lars import LARS
 from swav.metrics import MetricsWriter, RateMeter, format_duration, truncate_metrics
 from swav.model import ModelSpec, SwAVModel, build_model
 from swav.preemption import StopSignals, exit_code_for_signal
+from swav.pretrain_summary import KnnMonitor
 from swav.run_folder import check_run_folder, clear_run, holds_run
 from swav.schedule import warmup_cosine_schedule
 from swav.train_data import TrainLoader, build_train_loader, resolve_pipeline
@@ -254,6 +255,8 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
     deadline = time.monotonic() + 60 * run.time_budget_minutes if run.time_budget_minutes else None
     last: Path | None = None
     loss_value: float | None = None
+    knn_monitor = KnnMonitor(config, device=ctx.device, amp_dtype=step_fn.dtype) \
+        if run.knn_every_epochs and ctx.is_main else None
 
     def save(path: Path, finished: bool = False) -> Path:
         saved = save_training_state(path, step_fn, progress, config=config, derived=derived, rank=ctx.rank,
@@ -283,6 +286,7 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
                 epoch_done = progress.batch_in_epoch == derived.steps_per_epoch
                 if epoch_done:
                     loss_value = _log_epoch(writer, epoch_loss, epoch_steps, progress, ctx)
+                    _monitor_knn(knn_monitor, step_fn, writer, progress, config)
                     progress.epoch += 1
                     progress.batch_in_epoch = 0
                 reason = _stop_reason(result.stop_signal, result.time_over, progress, derived, run)
@@ -357,3 +361,16 @@ def _log_epoch(writer: MetricsWriter, epoch_loss: torch.Tensor, steps: int, prog
                   "time": time.time()}, prefix="epoch")
     logger.info("epoch %d done: mean loss %.4f", progress.epoch + 1, mean)
     return mean
+
+
+def _monitor_knn(monitor: KnnMonitor | None, step_fn: SwAVStep, writer: MetricsWriter, progress: Progress,
+                 config: Config) -> None:
+    """Every ``run.knn_every_epochs`` epochs (rank 0): k-NN top-1 of the current features, to the metrics."""
+    epoch = progress.epoch + 1
+    if monitor is None or epoch % config.run.knn_every_epochs:
+        return
+    top1 = monitor(step_fn.raw_model)
+    writer.write({"kind": "knn", "step": progress.step, "epoch": epoch, "knn_top1": top1, "time": time.time()},
+                 prefix="knn")
+    logger.info("epoch %d: online k-NN top-1 %.2f%%", epoch, top1)
+
