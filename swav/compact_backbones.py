@@ -5,12 +5,12 @@ for a 2-core CPU budget of minutes. These trunks keep the ResNet recipe (3x3 con
 BatchNorm, ReLU, BasicBlock residual units with 1x1 projection shortcuts, global average pooling)
 but with few, narrow stages, sized for 28-32 px inputs. Names:
 
-``resnet-compact-<w>[-<d>]``
-    3x3 stem conv with w channels at full resolution, then three stages of ``d`` BasicBlocks
-    (default 1) with w, 2w, 4w channels at strides 1, 2, 2; pooled feature 4w.
-``resnet-compact-s2-<w>[-<d>]``
-    the same with a stride-2 stem (a quarter of the cost: the first stage runs at 14 x 14 for
-    28 px inputs).
+``resnet-compact[-s2]-<w>[-<d>][-x<n>]``
+    3x3 stem conv with w channels, then n stages (3 by default, or 4) of ``d`` BasicBlocks
+    (default 1) with w, 2w, 4w (, 8w) channels at strides 1, 2, 2 (, 2); pooled feature
+    ``w * 2**(n-1)``. ``-s2`` gives the stem stride 2: the first stage then runs at 14 x 14 for
+    28 px inputs (about half the cost). Examples: ``resnet-compact-16`` (16-32-64 at 28/14/7 px,
+    64-d), ``resnet-compact-s2-16-x4`` (16-32-64-128 at 14/7/4/2 px, 128-d).
 
 The modules return pooled ``(B, C)`` features, like :func:`swav.backbones.build_backbone`, and use
 torchvision's initialisation (He normal, fan-out; BN gamma 1, beta 0).
@@ -27,12 +27,13 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 
 __all__ = ["CompactResNet", "build_compact_backbone", "available_compact_backbones"]
 
-_NAME = re.compile(r"^resnet-compact-(?P<s2>s2-)?(?P<width>\d+)(?:-(?P<depth>\d+))?(?:-x(?P<stages>[34]))?$")
-_EXAMPLES = ("resnet-compact-16", "resnet-compact-32", "resnet-compact-32-2", "resnet-compact-s2-32")
+_NAME = re.compile(r"^resnet-compact-(?P<s2>s2-)?(?P<width>\d+)(?:-(?P<depth>\d+))?(?:-x(?P<stages>[34]))?(?:-g(?P<grid>\d))?$")
+_EXAMPLES = ("resnet-compact-16", "resnet-compact-32", "resnet-compact-16-2", "resnet-compact-s2-32",
+             "resnet-compact-s2-16-x4")
 
 
 class CompactResNet(nn.Module):
-    """Stem + three BasicBlock stages (w, 2w, 4w channels) + global average pooling.
+    """Stem + three or four BasicBlock stages (w, 2w, 4w[, 8w] channels) + global average pooling.
 
     Example:
         >>> trunk = CompactResNet(width=16, depth=1, in_channels=1)
@@ -40,7 +41,8 @@ class CompactResNet(nn.Module):
         torch.Size([2, 64])
     """
 
-    def __init__(self, width: int, depth: int = 1, in_channels: int = 3, stem_stride: int = 1, stages: int = 3) -> None:
+    def __init__(self, width: int, depth: int = 1, in_channels: int = 3, stem_stride: int = 1, stages: int = 3,
+                 grid: int = 1) -> None:
         super().__init__()
         for name, value in (("width", width), ("depth", depth), ("in_channels", in_channels)):
             if value < 1:
@@ -49,6 +51,8 @@ class CompactResNet(nn.Module):
             raise ValueError(f"stages={stages!r} is invalid: expected 3 or 4")
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride={stem_stride!r} is invalid: expected 1 or 2")
+        if not 1 <= grid <= 4:
+            raise ValueError(f"grid={grid!r} is invalid: expected 1 (global average pooling) to 4")
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
@@ -64,8 +68,10 @@ class CompactResNet(nn.Module):
                 blocks.append(BasicBlock(channels, out_channels, stride if block == 0 else 1, downsample))
                 channels = out_channels
             self.add_module(f"layer{index}", nn.Sequential(*blocks))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = channels
+        # grid > 1 average-pools the last map to grid x grid cells and flattens them: for tiny, centred
+        # images (Fashion-MNIST) the layout carries much of the class, and global pooling discards it
+        self.avgpool = nn.AdaptiveAvgPool2d(grid)
+        self.feature_dim = channels * grid * grid
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -97,11 +103,12 @@ def build_compact_backbone(name: str, in_channels: int = 3) -> tuple[nn.Module, 
     match = _NAME.match(name)
     if match is None:
         raise ValueError(
-            f"backbone name {name!r} is not a compact backbone: expected resnet-compact[-s2]-<width>[-<depth>], "
+            f"backbone name {name!r} is not a compact backbone: expected resnet-compact[-s2]-<width>[-<depth>][-x3|-x4], "
             f"e.g. {', '.join(_EXAMPLES)}"
         )
     width = int(match["width"])
     depth = int(match["depth"]) if match["depth"] else 1
     stages = int(match["stages"]) if match["stages"] else 3
-    module = CompactResNet(width, depth, in_channels, stem_stride=2 if match["s2"] else 1, stages=stages)
+    grid = int(match["grid"]) if match["grid"] else 1
+    module = CompactResNet(width, depth, in_channels, stem_stride=2 if match["s2"] else 1, stages=stages, grid=grid)
     return module, module.feature_dim
