@@ -103,8 +103,11 @@ def main() -> None:
     parser.add_argument("--recipe", default="fashion_mnist_cpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
     parser.add_argument("--skip-supervised", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = load_recipe(args.recipe)
     values = dict(item.split("=", 1) for item in args.overrides)
     values.update({"run.output_dir": str(args.output_dir), "run.time_budget_minutes": args.minutes})

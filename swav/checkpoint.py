@@ -2,13 +2,22 @@
 
 Layout of a run folder's ``checkpoints/``: ``step_XXXXXXXX.pt`` (global step, 8 digits; the newest
 ``run.keep_checkpoints`` are kept), ``epoch_XXXX.pt`` every ``run.keep_every_epochs`` epochs (never
-pruned) and ``final.pt`` at the end; the model alone goes to ``<run>/model.pt``. Every file is written to a hidden temporary file in the same folder, flushed,
-fsync'ed and renamed over the target (``os.replace``), so a crash never leaves a half-written file
-under a real name; leftovers of interrupted writes are removed at the next start.
+pruned) and ``final.pt`` at the end, written last: it marks the run complete (the model alone goes to
+``<run>/model.pt`` just before). Every file is written to a hidden temporary file in the same folder,
+flushed, fsync'ed and renamed over the target (``os.replace``), so a crash never leaves a half-written
+file under a real name; leftovers of interrupted writes are removed at the next start.
 
 A checkpoint holds only tensors and plain containers, so it loads with ``torch.load(...,
-weights_only=True)`` (see :data:`CHECKPOINT_KEYS`). Loading is done on the CPU; a damaged newest
-file is reported by name and the previous one is used.
+weights_only=True)`` (see :data:`CHECKPOINT_KEYS`). Loading is done on the CPU. ``torch.load`` does not
+check the CRC-32 that ``torch.save`` stores for every record, so a flipped bit in a tensor would load
+silently; :func:`load_checkpoint` verifies every record's CRC first. A damaged newest file (zero bytes,
+truncated, bad CRC, not a checkpoint) is reported by name and the previous one is used.
+
+Test hook (fault injection, docs/reliability.md): when the environment variable
+``SWAV_TEST_PAUSE_SAVE`` is ``NAME:during[:SECONDS]``, writing the checkpoint file called ``NAME``
+pauses after its first few KiB reached the temporary file (a test then ``kill -9``s the process in
+the middle of a write); ``NAME:after[:SECONDS]`` pauses right after ``NAME`` was renamed into place.
+The pause lasts ``SECONDS`` (default 60), then the write goes on normally. Never set it outside tests.
 
 Example:
     >>> import tempfile, torch
@@ -25,6 +34,8 @@ import logging
 import os
 import random
 import re
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +45,11 @@ import torch
 from swav.safe_load import CorruptCheckpointError, UnsafeCheckpointError, safe_torch_load
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "MODEL_FORMAT", "CHECKPOINT_KEYS", "CheckpointError",
+    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "MODEL_FORMAT", "CHECKPOINT_KEYS", "PAUSE_HOOK_ENV", "CheckpointError",
     "CheckpointSaveError", "capture_rng_state", "restore_rng_state", "save_checkpoint", "checkpoint_dir",
-    "step_checkpoint_path", "final_checkpoint_path", "list_checkpoints", "clean_temp_files",
-    "load_checkpoint", "find_latest_checkpoint", "archive_checkpoint", "prune_checkpoints", "save_model_file", "load_model",
+    "verify_record_checksums", "step_checkpoint_path", "final_checkpoint_path", "list_checkpoints",
+    "clean_temp_files", "load_checkpoint", "find_latest_checkpoint", "archive_checkpoint", "prune_checkpoints",
+    "save_model_file", "load_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +63,9 @@ CHECKPOINT_KEYS = ("format", "version", "model", "model_spec", "optimizer", "sca
                    "torch_version")
 _STEP_RE = re.compile(r"^step_(\d{8,})\.pt$")
 _TMP_MARK = ".tmp."
+#: environment variable of the fault-injection test hook (see the module docstring)
+PAUSE_HOOK_ENV = "SWAV_TEST_PAUSE_SAVE"
+_PAUSE_AFTER_BYTES = 4096
 
 
 class CheckpointError(RuntimeError):
@@ -106,8 +121,8 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     folder = checkpoint_dir(output_dir)
     if not folder.is_dir():
         return []
-    steps = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_RE.match(p.name))),
-                   reverse=True)
+    steps = sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                    if (m := _STEP_RE.match(p.name)) and not p.is_dir()), reverse=True)
     final = final_checkpoint_path(output_dir)
     return ([final] if final.is_file() else []) + [p for _, p in steps]
 
@@ -128,6 +143,43 @@ def clean_temp_files(output_dir: str | os.PathLike) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------- write/read
+def _pause_requested(path: Path, phase: str) -> float:
+    """Seconds to pause at ``phase`` ('during' or 'after') of writing ``path`` (test hook; 0 = none)."""
+    spec = os.environ.get(PAUSE_HOOK_ENV, "")
+    name, _, rest = spec.partition(":")
+    wanted, _, seconds = rest.partition(":")
+    if not spec or name != path.name or wanted != phase:
+        return 0.0
+    return float(seconds) if seconds else 60.0
+
+
+def _pause(path: Path, phase: str, seconds: float) -> None:
+    logger.warning("test hook %s: pausing %.1f s %s writing %s", PAUSE_HOOK_ENV, seconds, phase, path)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class _PausingWriter:
+    """File wrapper for the test hook: after the first few KiB are on disk, pause once."""
+
+    def __init__(self, fh: Any, path: Path, seconds: float) -> None:
+        self.fh, self.path, self.seconds, self.written = fh, path, seconds, 0
+
+    def write(self, data: Any) -> int:
+        count = self.fh.write(data)
+        self.written += count
+        if self.seconds and self.written >= _PAUSE_AFTER_BYTES:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            _pause(self.path, "during", self.seconds)
+            self.seconds = 0.0
+        return count
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``obj`` atomically to ``path`` (temp file, fsync, rename); CheckpointSaveError on failure."""
     path = Path(path)
@@ -135,7 +187,8 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            during = _pause_requested(path, "during")
+            torch.save(obj, _PausingWriter(fh, path, during) if during else fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -148,6 +201,9 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> Path:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CheckpointSaveError(f"could not write checkpoint {str(path)!r}: {reason}. Previous checkpoints "
                                   "are untouched; free disk space or fix permissions, then resume") from exc
+    after = _pause_requested(path, "after")
+    if after:
+        _pause(path, "after", after)
     return path
 
 
@@ -164,8 +220,42 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def verify_record_checksums(path: str | os.PathLike) -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``path`` if a record of this torch zip file fails its CRC-32.
+
+    ``torch.load`` ignores the CRC-32 that ``torch.save`` writes, so without this a single flipped bit
+    in a tensor loads silently. Files that are not zip archives are left to ``torch.load`` to judge;
+    records written without a checksum (CRC 0, ``torch.serialization.set_crc32_options(False)``) are
+    skipped.
+
+    Example:
+        >>> import tempfile, torch
+        >>> f = tempfile.mkdtemp() + "/w.pt"
+        >>> torch.save({"w": torch.ones(1000)}, f)
+        >>> verify_record_checksums(f)   # intact: no error
+    """
+    path = Path(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size > 0:
+                    continue
+                with archive.open(info) as record:  # zipfile raises BadZipFile on a CRC mismatch at the end
+                    while record.read(1 << 22):
+                        pass
+    except OSError:
+        raise  # permissions, I/O errors: not the file's content
+    except Exception as exc:  # a damaged archive surfaces as BadZipFile, zlib.error, NotImplementedError, ...
+        raise CorruptCheckpointError(f"checkpoint file {str(path)!r} is damaged ({type(exc).__name__}: {exc})") \
+            from exc
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint on the CPU with ``weights_only=True`` and check its format marker."""
+    """Read a training checkpoint on the CPU with ``weights_only=True`` and check its CRCs and format marker."""
+    if Path(path).is_file():
+        verify_record_checksums(path)
     obj = safe_torch_load(path, map_location="cpu")
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
@@ -251,6 +341,8 @@ def load_model(path: str | os.PathLike) -> torch.nn.Module:
     from swav.interop import load_state_checked
     from swav.model import ModelSpec, build_model
 
+    if Path(path).is_file():
+        verify_record_checksums(path)
     obj = safe_torch_load(path, map_location="cpu")
     if not isinstance(obj, dict) or obj.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
         raise CorruptCheckpointError(f"{str(path)!r} is neither a swav model file nor a training checkpoint")

@@ -233,6 +233,8 @@ class DebugConfig:
 
     inject_nan_step: int = -1  # make the loss NaN in this optimisation step (1-based like step_N.pt; -1 = never)
     inject_nan_rank: int = -1  # only on this rank (-1 = every rank)
+    inject_error_step: int = -1  # raise InjectedFailure in this optimisation step (1-based; -1 = never; issue 5)
+    inject_error_rank: int = -1  # only on this rank (-1 = every rank)
 
 
 @dataclass(frozen=True)

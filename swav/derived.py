@@ -2,7 +2,8 @@
 
 Global batch = per-device batch x world size; per-rank queue length = the global queue length
 rounded down to a multiple of the global batch, divided by the world size (SPEC §5, §9: the
-original rounds silently, we round and log a WARNING); steps per epoch with ``drop_last``; the
+original rounds silently, we round and log a WARNING); steps per epoch = images per rank //
+per-device batch (``drop_last``; DDP needs the same number of steps on every rank); the
 learning-rate schedule length. The result is logged and written to ``derived.json`` in the run folder.
 
 Example:
@@ -52,13 +53,21 @@ class DerivedValues:
 
 
 def derive_values(config: Config, *, world_size: int, dataset_size: int, device: str, precision: str,
-                  pipeline: str) -> DerivedValues:
-    """Compute and check the derived values; ValueError when the data or queue cannot work."""
+                  pipeline: str, samples_per_rank: int | None = None) -> DerivedValues:
+    """Compute and check the derived values; ValueError when the data or queue cannot work.
+
+    ``samples_per_rank``: the images every rank is guaranteed per epoch; default
+    ``dataset_size // world_size`` (a distributed sampler); streaming shards give less when shard sizes
+    differ (see :func:`swav.train_shards.guaranteed_samples_per_rank`).
+    """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} is invalid: expected >= 1")
     batch = config.optim.batch_size_per_device
     global_batch = batch * world_size
-    samples_per_rank = dataset_size // world_size
+    if samples_per_rank is None:
+        samples_per_rank = dataset_size // world_size
+    if not 0 <= samples_per_rank <= dataset_size:
+        raise ValueError(f"samples_per_rank={samples_per_rank} is invalid: expected 0..dataset_size={dataset_size}")
     steps_per_epoch = samples_per_rank // batch
     if steps_per_epoch < 1:
         raise ValueError(

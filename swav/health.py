@@ -5,8 +5,10 @@
   ln K for a while after warm-up, with the remedies users report.
 * Prototypes in use: how many distinct prototypes win the argmax of the batch's codes; 1 (or a
   handful) means the assignments collapsed even if the loss looks fine.
-* NaN/Inf: :func:`nonfinite_parameter_names` names the parameters whose gradients are not finite;
-  :class:`NonFiniteError` carries the step, the loss and those names.
+* NaN/Inf: :func:`nonfinite_parameter_names` names the parameters whose gradients are not finite,
+  :func:`swapped_prediction_terms` recomputes the loss terms l(a, v) of SPEC §4 (only when something
+  already went wrong, to say where); :class:`NonFiniteError` carries the step, the loss, the terms and
+  those names.
 
 Legend: A assignment crops, B batch, K prototypes.
 
@@ -20,12 +22,13 @@ Example:
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["COLLAPSE_ADVICE", "CollapseMonitor", "NonFiniteError", "prototypes_in_use",
-           "gradients_finite", "nonfinite_parameter_names"]
+           "gradients_finite", "nonfinite_parameter_names", "swapped_prediction_terms"]
 
 COLLAPSE_ADVICE = (
     "lower swav.epsilon (e.g. 0.03), freeze the prototypes longer (swav.freeze_prototypes_steps), use fewer "
@@ -70,13 +73,22 @@ class CollapseMonitor:
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or a gradient became NaN/Inf; raised before the optimiser step (nothing is saved)."""
+    """The loss or a gradient became NaN/Inf; raised before the optimiser step (nothing is saved).
 
-    def __init__(self, step: int, loss: float, parameter_names: list[str], detail: str = "") -> None:
+    ``terms`` (optional): the loss terms by name (see :func:`swapped_prediction_terms`), shown in the message.
+    """
+
+    def __init__(self, step: int, loss: float, parameter_names: list[str], detail: str = "",
+                 terms: dict[str, float] | None = None) -> None:
         self.step, self.loss, self.parameter_names = step, loss, parameter_names
+        self.terms = dict(terms or {})
         shown = ", ".join(parameter_names[:10]) + (" ..." if len(parameter_names) > 10 else "")
         where = f"non-finite gradients in {len(parameter_names)} parameter(s): {shown}" if parameter_names \
             else "gradients finite"
+        if self.terms:
+            listed = ", ".join(f"{k} = {v:.4g}" for k, v in list(self.terms.items())[:12])
+            more = f" ... ({len(self.terms)} in all)" if len(self.terms) > 12 else ""
+            detail = f"; loss terms {listed}{more}{detail}"
         super().__init__(
             f"training stopped in step {step}: loss = {loss} ({where}){detail}. The optimiser step was not "
             f"taken and nothing was saved; the last checkpoint (at most step {step - 1}) is the resume point. "
@@ -98,3 +110,42 @@ def nonfinite_parameter_names(named_parameters: Iterable[tuple[str, torch.nn.Par
     """Names of the parameters whose gradient holds a NaN or an Inf."""
     return [name for name, p in named_parameters
             if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+
+@torch.no_grad()
+def swapped_prediction_terms(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], *, num_crops: int,
+                             crops_for_assign: Sequence[int], temperature: float) -> dict[str, float]:
+    """Every term l(a, v) = -mean_b sum_k q_a[b, k] log softmax(s_v[b] / temperature)[k] of SPEC §4.
+
+    ``scores``: one ``(V*B, K)`` tensor per prototype head (crop-major); ``codes``: one ``(A, B, K)``
+    tensor per head. Keys are ``"l(a,v)"`` (``"head h l(a,v)"`` with several heads), plus, only where
+    some are NaN/Inf, ``"non-finite scores(v)"`` and ``"non-finite codes(a)"`` = how many entries of crop
+    ``v``'s scores or crop ``a``'s codes are not finite (non-finite codes with finite scores point at
+    Sinkhorn, SPEC §3). Meant for error messages (float64 on the CPU, the slow obvious way).
+
+    Example:
+        >>> terms = swapped_prediction_terms([torch.zeros(2 * 3, 4)], [torch.full((1, 3, 4), 0.25)], num_crops=2,
+        ...                                  crops_for_assign=[0], temperature=0.1)
+        >>> {k: round(v, 4) for k, v in terms.items()}   # uniform scores and codes: ln 4
+        {'l(0,1)': 1.3863}
+    """
+    terms: dict[str, float] = {}
+    for h, (head_scores, head_codes) in enumerate(zip(scores, codes)):
+        prefix = f"head {h} " if len(scores) > 1 else ""
+        s = head_scores.detach().double().cpu()
+        q_all = head_codes.detach().double().cpu()
+        batch = s.shape[0] // num_crops
+        for v in range(num_crops):
+            bad = int((~torch.isfinite(s[v * batch:(v + 1) * batch])).sum())
+            if bad:
+                terms[f"{prefix}non-finite scores({v})"] = float(bad)
+        for i, a in enumerate(crops_for_assign):
+            q = q_all[i]
+            bad = int((~torch.isfinite(q)).sum())
+            if bad:
+                terms[f"{prefix}non-finite codes({a})"] = float(bad)
+            for v in range(num_crops):
+                if v != a:
+                    log_p = F.log_softmax(s[v * batch:(v + 1) * batch] / temperature, dim=1)
+                    terms[f"{prefix}l({a},{v})"] = float(-(q * log_p).sum(dim=1).mean())
+    return terms

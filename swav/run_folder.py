@@ -1,9 +1,20 @@
 """The run folder: refuse to overwrite another run, clear it on request, check a resume is compatible.
 
-A folder "holds a run" when it has ``config.yaml`` or checkpoint files. Starting there needs
-``--resume`` (continue it) or ``--overwrite`` (delete the run's files, nothing else) (issue 8, item 10).
+A folder "holds a run" when it has ``config.yaml`` or checkpoint files (issue 8):
+
+* ``--overwrite`` deletes the run's files (nothing else) and starts again; ``--resume`` continues it.
+* Neither flag: if the folder holds an *unfinished* run of exactly this config (the same command
+  again, e.g. after ``kill -9``, a crash or a requeued cluster job) it is continued from its newest
+  valid checkpoint, with a WARNING (item 1). Any other run there, or a finished one, is refused with
+  :class:`RunExistsError` (item 10), naming what differs.
+
 Resuming from a checkpoint whose architecture, crops or prototype count differ from the config is
-refused with every difference listed (item 6); other differences are listed in a WARNING.
+refused with every difference listed (item 6), unless a partial load is asked for
+(:func:`partial_resume_checkpoint`); other differences are listed in a WARNING.
+
+While a run trains, its rank 0 holds :class:`RunLock` (a POSIX lock on ``<run>/.swav.lock``), so
+that the same command started twice does not make two processes train into one folder; the
+operating system drops the lock when the process ends, however it ends (``kill -9`` included).
 
 Example:
     >>> import tempfile
@@ -16,17 +27,24 @@ Example:
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
-from swav.checkpoint import checkpoint_dir, list_checkpoints
-from swav.config import Config, config_to_dict
+import torch
+from torch import nn
+
+from swav.checkpoint import checkpoint_dir, final_checkpoint_path, list_checkpoints
+from swav.config import Config, config_to_dict, load_config_file
 
 __all__ = ["RunExistsError", "RUN_FILES", "holds_run", "clear_run", "check_run_folder", "resume_differences",
-           "FATAL_KEYS"]
+           "run_differences", "resume_refusal", "partial_resume_checkpoint", "count_bad_images", "FATAL_KEYS",
+           "SAME_RUN_IGNORED_KEYS", "RunLock", "RunLockedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +57,63 @@ FATAL_KEYS = ("model.backbone", "model.small_images", "model.hidden_dim", "model
               "swav.crops_for_assign")
 _IGNORED_SECTIONS = ("run", "debug")
 _IGNORED_KEYS = ("data.workers", "data.pipeline", "data.download")
+#: keys that may differ between the processes of one job, or name the folder itself: ignored when deciding
+#: whether a folder holds "this same run" (everything else must be equal for an automatic resume)
+SAME_RUN_IGNORED_KEYS = ("run.output_dir", "run.rank", "run.local_rank")
 
 
 class RunExistsError(FileExistsError):
     """The output folder already holds a run and neither --resume nor --overwrite was given."""
+
+
+class RunLockedError(RunExistsError):
+    """Another live process is training in this output folder."""
+
+
+class RunLock:
+    """Exclusive lock on ``<output_dir>/.swav.lock`` while a run trains (``fcntl.lockf``, non-blocking).
+
+    POSIX record locks belong to the process: data-loader workers forked from it do not keep the lock
+    after it dies, and nothing stale is left behind. Works on local disks and NFS with lock support.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> with RunLock(folder):
+        ...     pass
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.path = Path(output_dir) / ".swav.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise RunLockedError(f"another process ({holder}) is training in {str(self.path.parent)!r} right now; "
+                                 "wait for it to end (or stop it), or choose another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def holds_run(output_dir: str | os.PathLike) -> bool:
@@ -65,14 +136,48 @@ def clear_run(output_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
-def check_run_folder(output_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
-    """Raise :class:`RunExistsError` if the folder holds a run and neither flag allows touching it."""
+def check_run_folder(output_dir: str | os.PathLike, *, resume: bool, overwrite: bool,
+                     config: Config | None = None) -> bool:
+    """Decide what to do with ``output_dir``; True when the run there is to be continued.
+
+    Raises :class:`RunExistsError` if the folder holds a run and neither flag allows touching it. With
+    ``config`` given and neither flag, an unfinished run of the same config is continued (see the module
+    docstring); without ``config`` any run there is refused.
+    """
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
-    if not resume and not overwrite and holds_run(output_dir):
-        raise RunExistsError(
-            f"output folder {os.fspath(output_dir)!r} already holds a run (config.yaml or checkpoints/). "
-            "Pass --resume to continue it, --overwrite to replace it, or choose another --output-dir")
+    if resume:
+        return True
+    if overwrite or not holds_run(output_dir):
+        return False
+    folder = os.fspath(output_dir)
+    finished = final_checkpoint_path(output_dir).is_file()
+    differences = _differences_to_folder(output_dir, config) if config is not None else ["(not compared)"]
+    if not differences and not finished:
+        logger.warning("%s holds an unfinished run of this same config: continuing it from its newest valid "
+                       "checkpoint (pass --overwrite to start again instead)", folder)
+        return True
+    if not differences:
+        raise RunExistsError(f"output folder {folder!r} already holds a run of this same config, and it is complete "
+                             "(checkpoints/final.pt): nothing to do. --resume confirms that without an error; "
+                             "--overwrite trains it again; or choose another --output-dir")
+    if differences == ["(not compared)"]:
+        why = " (config.yaml or checkpoints/)"
+    else:
+        shown = "; ".join(differences[:5]) + (f"; ... {len(differences) - 5} more" if len(differences) > 5 else "")
+        why = f" of another config ({shown})"
+    raise RunExistsError(f"output folder {folder!r} already holds a run{why}. Pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --output-dir")
+
+
+def _differences_to_folder(output_dir: str | os.PathLike, config: Config) -> list[str]:
+    saved = Path(output_dir) / "config.yaml"
+    if not saved.is_file():
+        return ["config.yaml: missing"]
+    try:
+        return run_differences(config_to_dict(load_config_file(saved)), config)
+    except (ValueError, OSError) as exc:  # unreadable, or written by another swav version
+        return [f"config.yaml: unreadable ({exc})"]
 
 
 def _flatten(d: dict[str, Any]) -> dict[str, Any]:
@@ -95,3 +200,89 @@ def resume_differences(saved_config: dict[str, Any], config: Config) -> tuple[li
         if a != b:
             (fatal if key in FATAL_KEYS else soft).append(f"{key}: checkpoint {a}, config {b}")
     return fatal, soft
+
+
+def run_differences(saved_config: dict[str, Any], config: Config) -> list[str]:
+    """Every ``'key: folder X, this command Y'`` between a saved config and ``config`` (all sections).
+
+    Only :data:`SAME_RUN_IGNORED_KEYS` are left out: an empty list means "the same command again".
+    """
+    old, new = _flatten(saved_config), _flatten(config_to_dict(config))
+    return [f"{key}: folder {_norm(old.get(key, '<absent>'))}, this command {_norm(new.get(key, '<absent>'))}"
+            for key in sorted(set(old) | set(new)) if key not in SAME_RUN_IGNORED_KEYS
+            and _norm(old.get(key, "<absent>")) != _norm(new.get(key, "<absent>"))]
+
+
+def resume_refusal(ckpt: dict[str, Any], config: Config, spec: dict[str, Any], path: str) -> str:
+    """Why ``ckpt`` cannot be resumed with ``config`` (model spec ``spec``), or '' when it can (item 6).
+
+    Checked before anything in the run folder is written, so that a refused resume changes nothing.
+    """
+    fatal, _ = resume_differences(ckpt.get("config", {}), config)
+    saved_spec = ckpt.get("model_spec") or {}
+    fatal = fatal or [f"model_spec.{k}: checkpoint {saved_spec.get(k)}, config {v}" for k, v in spec.items()
+                      if saved_spec and saved_spec.get(k) != v]
+    if not fatal:
+        return ""
+    return (f"checkpoint {path} was trained with a different model or crops; refusing to resume. Differences:\n  "
+            + "\n  ".join(fatal) + "\nUse the original settings, start a new run (another --output-dir or "
+            "--overwrite), or load what fits with a partial resume (train(..., partial=True))")
+
+
+def partial_resume_checkpoint(ckpt: dict[str, Any], config: Config, model: nn.Module,
+                              optimizer: torch.optim.Optimizer, *, source: str = "checkpoint") -> dict[str, Any]:
+    """A copy of ``ckpt`` that fits ``config`` and ``model``: the partial load of a resume (issue 8, item 6).
+
+    Model tensors whose name and shape match are taken from the checkpoint, the others keep ``model``'s
+    fresh values (a WARNING lists both the differences and the skipped tensors). The optimiser state is
+    kept only if every saved buffer still has its parameter's shape, the queue only if the model and
+    crops did not change; position, RNG and scaler continue. A checkpoint that fits already is returned
+    unchanged.
+    """
+    from swav.interop import diff_state_dict
+
+    fatal, _ = resume_differences(ckpt.get("config", {}), config)
+    spec = model.spec.to_dict() if getattr(model, "spec", None) is not None else {}
+    diff = diff_state_dict(model.state_dict(), ckpt["model"])
+    if not fatal and not diff and (not ckpt.get("model_spec") or ckpt.get("model_spec") == spec):
+        return ckpt
+    fresh = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    mismatched = {k for k, _, _ in diff.mismatched}
+    merged = {k: (ckpt["model"][k] if k in ckpt["model"] and k not in mismatched else v) for k, v in fresh.items()}
+    logger.warning("PARTIAL resume from %s (the run was trained with a different model or crops):\n  %s\n"
+                   "%d of %d model tensors loaded; freshly initialised: %s; ignored from the file: %s", source,
+                   "\n  ".join(fatal or ["model_spec differs"]), len(fresh) - len(diff.skipped()), len(fresh),
+                   ", ".join(diff.skipped()) or "none", ", ".join(diff.unexpected) or "none")
+    adapted = dict(ckpt, model=merged, model_spec=spec)
+    old = ckpt.get("config") or {}
+    now = config_to_dict(config)
+    adapted["config"] = {section: dict(values, **{k: now[section][k] for k in values
+                                                  if f"{section}.{k}" in FATAL_KEYS and section in now})
+                         if isinstance(values, dict) else values for section, values in old.items()}
+    if not _optimizer_state_fits(ckpt.get("optimizer") or {}, model):
+        logger.warning("PARTIAL resume: the optimiser state does not fit the new parameters; it starts afresh")
+        adapted["optimizer"] = optimizer.state_dict()
+    if fatal or diff:
+        adapted["queues"] = [None] * len(ckpt.get("queues") or [None])
+    return adapted
+
+
+def _optimizer_state_fits(state: dict[str, Any], model: nn.Module) -> bool:
+    params = list(model.parameters())
+    saved = [i for group in state.get("param_groups", []) for i in group.get("params", [])]
+    if len(saved) != len(params):
+        return False
+    for index, param in zip(saved, params):
+        buffers = state.get("state", {}).get(index, {})
+        if any(isinstance(b, torch.Tensor) and b.dim() > 0 and b.shape != param.shape for b in buffers.values()):
+            return False
+    return True
+
+
+def count_bad_images(output_dir: str | os.PathLike) -> int:
+    """Distinct unreadable image files listed in the run's ``bad_images.txt`` (0 when there is none)."""
+    path = Path(output_dir) / "bad_images.txt"
+    if not path.is_file():
+        return 0
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        return len({line.rstrip("\n") for line in fh if line.strip()})

@@ -23,9 +23,32 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
 __all__ = ["CrossRankBatchNorm", "convert_sync_batchnorm"]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks of ``group``; the gradient of the sum is the sum of every rank's gradient.
+
+    (``torch.distributed.nn.functional.all_reduce`` does the same but is deprecated and warns.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total, None
+
+
+def differentiable_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    return _AllReduceSum.apply(tensor, group)
 
 
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):

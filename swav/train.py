@@ -29,24 +29,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
-from swav.checkpoint import (archive_checkpoint, clean_temp_files, final_checkpoint_path, find_latest_checkpoint,
-                             prune_checkpoints, save_model_file, step_checkpoint_path)
+from swav.checkpoint import (CheckpointError, archive_checkpoint, clean_temp_files, final_checkpoint_path,
+                             find_latest_checkpoint, prune_checkpoints, save_model_file, step_checkpoint_path)
 from swav.config import Config, RunConfig, config_to_dict, save_config
 from swav.derived import DerivedValues, derive_values
 from swav.dist_setup import DistContext, configure_rank_logging, init_distributed, shutdown_distributed
 from swav.distributed import all_reduce_sum_
-from swav.health import CollapseMonitor, prototypes_in_use
+from swav.health import CollapseMonitor, NonFiniteError, prototypes_in_use
 from swav.lars import LARS
 from swav.metrics import MetricsWriter, RateMeter, format_duration, truncate_metrics
 from swav.model import ModelSpec, SwAVModel, build_model
 from swav.preemption import StopSignals, exit_code_for_signal
 from swav.pretrain_summary import KnnMonitor
-from swav.run_folder import check_run_folder, clear_run, holds_run
+from swav.run_folder import (RunLock, check_run_folder, clear_run, count_bad_images, holds_run,
+                              partial_resume_checkpoint, resume_refusal)
 from swav.schedule import warmup_cosine_schedule
-from swav.train_data import TrainLoader, build_train_loader, resolve_pipeline
-from swav.train_state import Progress, restore_training_state, save_training_state
+from swav.train_data import TrainLoader, build_train_loader, data_sizes, resolve_pipeline
+from swav.train_state import Progress, ResumeMismatchError, restore_training_state, save_training_state
 from swav.train_step import SwAVStep, bf16_gradients_agree, resolve_precision
 
 __all__ = ["TrainResult", "train", "model_spec_from_config"]
@@ -80,11 +81,14 @@ def model_spec_from_config(config: Config) -> ModelSpec:
 
 
 def train(config: Config, *, resume: bool = False, overwrite: bool = False, dataset: Dataset | None = None,
-          model_builder: Callable[[ModelSpec], SwAVModel] = build_model) -> TrainResult:
+          model_builder: Callable[[ModelSpec], SwAVModel] = build_model, partial: bool = False) -> TrainResult:
     """Run (or continue) pretraining as configured; see the module docstring.
 
     ``resume``: continue from the newest valid checkpoint in ``run.output_dir`` if there is one (a
     finished run is reported complete and left unchanged). ``overwrite``: replace a run in that folder.
+    Neither: an unfinished run of this same config there is continued, any other run refused
+    (:func:`~swav.run_folder.check_run_folder`). ``partial``: resume even from a checkpoint of another
+    architecture, crop set or prototype count, loading what fits (:func:`~swav.run_folder.partial_resume_checkpoint`).
     ``dataset`` (items ``(image, label)``) replaces ``data.path``; ``model_builder`` replaces the
     backbone registry (for custom networks; the spec is stored in checkpoints either way).
     """
@@ -93,10 +97,14 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
                            dist_url=run.dist_url, timeout_minutes=run.dist_timeout_minutes)
     configure_rank_logging(ctx.rank)
     out = Path(run.output_dir).expanduser()
-    log_handler = None
+    log_handler, lock = None, RunLock(out)
     try:
-        check_run_folder(out, resume=resume, overwrite=overwrite)
+        resume = check_run_folder(out, resume=resume, overwrite=overwrite, config=config)
         found = find_latest_checkpoint(out) if resume else None
+        refusal = resume_refusal(found[1], config, model_spec_from_config(config).to_dict(), str(found[0])) \
+            if found is not None and not partial and not found[1].get("finished") else ""
+        if refusal:  # before anything in the folder is written (issue 8, item 6)
+            raise ResumeMismatchError(refusal)
         if found is not None and found[1].get("finished"):
             ckpt = found[1]
             logger.info("the run in %s is complete (step %d, epoch %d; %s); nothing to do", out, ckpt["step"],
@@ -104,6 +112,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
             return TrainResult("already_complete", out, int(ckpt["step"]), int(ckpt["epoch"]), found[0])
         _barrier()
         if ctx.is_main:
+            lock.acquire()  # no second process may train into this folder (issue 8)
             if overwrite and holds_run(out):
                 logger.warning("--overwrite: removed %s from %s", ", ".join(clear_run(out)), out)
             out.mkdir(parents=True, exist_ok=True)
@@ -113,11 +122,22 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
         if resume and found is None:
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", out)
         with StopSignals() as stop:
-            return _fit(config, ctx, out, found, dataset, model_builder, stop)
+            return _fit(config, ctx, out, found, dataset, model_builder, stop, partial)
+    except Exception as exc:
+        if ctx.world_size > 1 and not isinstance(exc, (NonFiniteError, CheckpointError)):  # those: all ranks agree
+            logger.error("rank %d of %d stopped: %s: %s. The other ranks stop at their next collective operation "
+                         "(it fails, or times out after run.dist_timeout_minutes=%g); under torchrun the launcher "
+                         "also ends them. The earliest error is the cause", ctx.rank, ctx.world_size,
+                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", run.dist_timeout_minutes)
+        raise
     finally:
         if log_handler is not None:
+            if count_bad_images(out):
+                logger.warning("%d unreadable image files skipped, listed in %s", count_bad_images(out),
+                               out / "bad_images.txt")
             logging.getLogger("swav").removeHandler(log_handler)
             log_handler.close()
+        lock.release()
         shutdown_distributed(ctx)
 
 
@@ -141,8 +161,13 @@ def _build_dataset(config: Config, out: Path, dataset: Dataset | None) -> Datase
         from swav.datasets import build_dataset
         dataset = build_dataset(config.data.path, split="train", channels=config.data.channels,
                                 download=config.data.download, max_bad_fraction=config.data.max_bad_fraction,
-                                bad_list_path=out / "bad_images.txt")
+                                bad_list_path=out / "bad_images.txt",
+                                shard_options={"seed": config.run.seed, "return_key": True})
     limit = config.data.limit
+    if limit and isinstance(dataset, IterableDataset):
+        raise ValueError(f"data.limit={limit} is not supported for streaming shards: write fewer shards "
+                         "(swav pack-shards) or select some with a brace pattern, "
+                         "shards:DIR/shard-{000000..000003}.tar")
     if limit and limit < len(dataset):  # type: ignore[arg-type]
         dataset = Subset(dataset, range(limit))
     return dataset
@@ -204,7 +229,7 @@ def _optimizer(raw: SwAVModel, config: Config) -> torch.optim.Optimizer:
 
 
 def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] | None, dataset: Dataset | None,
-         model_builder: Callable[[ModelSpec], SwAVModel], stop: StopSignals) -> TrainResult:
+         model_builder: Callable[[ModelSpec], SwAVModel], stop: StopSignals, partial: bool = False) -> TrainResult:
     seed = config.run.seed
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -218,8 +243,10 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
     if config.run.channels_last:
         raw.to(memory_format=torch.channels_last)  # before DDP registers the parameters
     precision = _checked_precision(config, raw, ctx.device)
-    derived = derive_values(config, world_size=ctx.world_size, dataset_size=len(dataset),  # type: ignore[arg-type]
-                            device=str(ctx.device), precision=precision, pipeline=pipeline)
+    dataset_size, samples_per_rank = data_sizes(dataset, ctx.world_size)
+    derived = derive_values(config, world_size=ctx.world_size, dataset_size=dataset_size,
+                            samples_per_rank=samples_per_rank, device=str(ctx.device), precision=precision,
+                            pipeline=pipeline)
     logger.info("derived values: %s", json.dumps(derived.to_dict()))
     if ctx.is_main:
         save_config(config, out / "config.yaml")
@@ -233,7 +260,9 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
                        rank=ctx.rank)
     progress = Progress()
     if found is not None:
-        progress = restore_training_state(found[1], step_fn, config=config, derived=derived, rank=ctx.rank,
+        ckpt = partial_resume_checkpoint(found[1], config, raw, step_fn.optimizer, source=str(found[0])) \
+            if partial else found[1]
+        progress = restore_training_state(ckpt, step_fn, config=config, derived=derived, rank=ctx.rank,
                                           path=str(found[0]))
         if ctx.is_main:
             truncate_metrics(out, progress.step)
@@ -305,11 +334,11 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
             if progress.batch_in_epoch:
                 raise RuntimeError(f"the data loader ended after {progress.batch_in_epoch} of "
                                    f"{derived.steps_per_epoch} batches of epoch {progress.epoch}")
-        last = save(final_checkpoint_path(out), finished=True)
-        if ctx.is_main:
+        if ctx.is_main:  # model.pt first: final.pt marks the run complete, so a crash between leaves it resumable
             save_model_file(out / "model.pt", step_fn.raw_model, step_fn.raw_model.spec.to_dict(),  # type: ignore
                             config=config_to_dict(config), step=progress.step,
                             epoch=progress.epoch)
+        last = save(final_checkpoint_path(out), finished=True)
         logger.info("training complete: %d steps, %d epochs; model in %s", progress.step, progress.epoch,
                     out / "model.pt")
         return TrainResult("complete", out, progress.step, progress.epoch, last, 0, loss_value)

@@ -29,14 +29,14 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
 from swav.config import Config
 from swav.multicrop import crop_groups_from_lists, mix_seed, resolve_normalization, seed_worker
 from swav.preemption import ignore_stop_signals
 
-__all__ = ["ResumableSampler", "CropDataset", "TrainLoader", "in_memory_images", "resolve_pipeline",
-           "build_train_loader"]
+__all__ = ["ResumableSampler", "CropDataset", "TrainLoader", "worker_init", "data_sizes", "in_memory_images",
+           "resolve_pipeline", "batch_generator", "per_image_stages", "build_train_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,25 @@ class CropDataset(Dataset):
         return self.transform(image, index=index)
 
 
-def _worker_init(worker_id: int) -> None:
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: per-(rank, worker) seeds; stop signals are left to the main process."""
     seed_worker(worker_id)
     ignore_stop_signals()
+
+
+def data_sizes(dataset: Dataset, world_size: int) -> tuple[int, int]:
+    """(images in the data set, images every rank gets per epoch): ``N // W`` for a sampler; shards: see
+    :func:`swav.train_shards.shard_data_sizes`.
+
+    Example:
+        >>> data_sizes(list(range(10)), 3)  # type: ignore[arg-type]
+        (10, 3)
+    """
+    if isinstance(dataset, IterableDataset):
+        from swav.train_shards import shard_data_sizes
+        return shard_data_sizes(dataset, world_size)
+    size = len(dataset)  # type: ignore[arg-type]
+    return size, size // world_size
 
 
 def in_memory_images(dataset: Dataset, channels: int) -> torch.Tensor | None:
@@ -139,13 +155,41 @@ class TrainLoader:
         return self._batches()
 
 
-def _batch_generator(seed: int, rank: int, epoch: int, batch_index: int) -> torch.Generator:
+def batch_generator(seed: int, rank: int, epoch: int, batch_index: int) -> torch.Generator:
+    """The generator of one batch's batched random stages, keyed by ``(seed, rank, epoch, batch index)``."""
     return torch.Generator().manual_seed(mix_seed(seed, rank, epoch, batch_index) >> 1)
+
+
+def per_image_stages(config: Config, pipeline: str) -> tuple[Any, Any]:
+    """``(transform, augment)``: the per-image transform run in workers (``transform(image, index=i)``) and the
+    batched colour stage run on the device (None for ``pil``, whose transform does everything)."""
+    c, d = config.crops, config.data
+    groups = crop_groups_from_lists(c.counts, c.sizes, c.min_scales, c.max_scales)
+    mean, std = resolve_normalization(d.channels, d.mean, d.std)
+    if pipeline == "pil":
+        from swav.multicrop import MultiCropTransform
+        transform = MultiCropTransform(groups, channels=d.channels, mean=mean, std=std,
+                                       color_jitter_strength=c.color_jitter_strength,
+                                       grayscale_prob=c.grayscale_prob, blur_prob=c.blur_prob, seed=config.run.seed)
+        return transform, None
+    if pipeline == "batched":
+        from swav.batch_augment import BatchColorAugment, MultiCropCropper
+        return (MultiCropCropper(groups, channels=d.channels, seed=config.run.seed),
+                BatchColorAugment(channels=d.channels, mean=mean, std=std,
+                                  color_jitter_strength=c.color_jitter_strength, grayscale_prob=c.grayscale_prob,
+                                  blur_prob=c.blur_prob))
+    raise ValueError(f"data.pipeline={pipeline!r} is invalid here: expected pil or batched "
+                     "(tensor needs in-memory data)")
 
 
 def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank: int, world_size: int,
                        device: torch.device) -> TrainLoader:
-    """The :class:`TrainLoader` for ``pipeline`` (already resolved) over ``dataset``."""
+    """The :class:`TrainLoader` for ``pipeline`` (already resolved) over ``dataset`` (shards: streamed, see
+    :mod:`swav.train_shards`)."""
+    if isinstance(dataset, IterableDataset):
+        from swav.train_shards import build_shard_loader
+        return build_shard_loader(config, dataset, pipeline=pipeline, rank=rank,  # type: ignore[arg-type]
+                                  world_size=world_size, device=device)
     c, d = config.crops, config.data
     groups = crop_groups_from_lists(c.counts, c.sizes, c.min_scales, c.max_scales)
     mean, std = resolve_normalization(d.channels, d.mean, d.std)
@@ -164,34 +208,21 @@ def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank:
             index = torch.tensor(sampler.indices(), dtype=torch.long)
             for b in range(len(index) // batch):
                 chunk = images[index[b * batch:(b + 1) * batch].to(device)]
-                yield multicrop(chunk, _batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b))
+                yield multicrop(chunk, batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b))
         return TrainLoader(sampler, tensor_batches, device)
 
-    if pipeline == "pil":
-        from swav.multicrop import MultiCropTransform
-        transform: Any = MultiCropTransform(groups, channels=d.channels, mean=mean, std=std,
-                                            color_jitter_strength=c.color_jitter_strength,
-                                            grayscale_prob=c.grayscale_prob, blur_prob=c.blur_prob, seed=seed)
-        augment = None
-    elif pipeline == "batched":
-        from swav.batch_augment import BatchColorAugment, MultiCropCropper
-        transform = MultiCropCropper(groups, channels=d.channels, seed=seed)
-        augment = BatchColorAugment(channels=d.channels, mean=mean, std=std,
-                                    color_jitter_strength=c.color_jitter_strength, grayscale_prob=c.grayscale_prob,
-                                    blur_prob=c.blur_prob)
-    else:
-        raise ValueError(f"data.pipeline={pipeline!r} is invalid: expected pil, batched or tensor")
+    transform, augment = per_image_stages(config, pipeline)
     from swav.batch_augment import multicrop_collate
     workers = d.workers
     loader = DataLoader(CropDataset(dataset, transform), batch_size=batch, sampler=sampler, drop_last=True,
                         num_workers=workers, collate_fn=multicrop_collate, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0, worker_init_fn=_worker_init if workers > 0 else None)
+                        persistent_workers=workers > 0, worker_init_fn=worker_init if workers > 0 else None)
 
     def file_batches() -> Iterator[list[torch.Tensor]]:
         for b, crops in enumerate(loader):
             crops = [x.to(device, non_blocking=True) for x in crops]
             if augment is not None:
-                augment.generator = _batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
+                augment.generator = batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
                 crops = augment(crops)
             yield crops
     return TrainLoader(sampler, file_batches, device)

@@ -3,8 +3,9 @@
 Saving is collective: every rank contributes its queue and RNG state (``all_gather_object``), rank 0
 writes one file atomically, and all ranks learn whether the write succeeded, so a disk-full error
 stops every rank with the same message. Restoring: each rank takes its own queue and RNG state; after
-a change of world size the queue restarts empty and the position inside the epoch is converted by the
-number of samples seen, both with a WARNING (issue 5).
+a change of world size the queued rows of all ranks are re-split over the new ranks
+(:mod:`swav.queue_resplit`) and the position inside the epoch is converted by the number of samples
+seen, both with a WARNING (issue 5).
 
 Example:
     >>> Progress(epoch=2, batch_in_epoch=5, step=25).as_dict()
@@ -28,6 +29,7 @@ from swav.config import Config, config_to_dict
 from swav.derived import DerivedValues
 from swav.distributed import all_reduce_max_, get_world_size, is_distributed
 from swav.queue import EmbeddingQueue
+from swav.queue_resplit import resplit_queues
 from swav.run_folder import resume_differences
 from swav.train_step import SwAVStep
 
@@ -106,14 +108,21 @@ def _check_compatible(ckpt: dict[str, Any], config: Config, spec: dict[str, Any]
 
 def _restored_queue(queues: list[Any], saved_world: int, rank: int, derived: DerivedValues,
                     device: torch.device) -> EmbeddingQueue | None:
-    """This rank's queue from the checkpoint, or None (restart empty, with a WARNING) if it cannot fit."""
+    """This rank's queue from the checkpoint (re-split after a change of world size), or None (restart empty,
+    with a WARNING) when the saved per-rank length differs from the config's at the same world size."""
     mine = queues[rank] if rank < len(queues) else None
     if saved_world != derived.world_size:
-        if any(q is not None for q in queues):
-            logger.warning("checkpoint was written by %d ranks, this run has %d: the queue restarts empty "
-                           "(it refills within %d steps)", saved_world, derived.world_size,
-                           derived.queue_length_per_rank // max(1, derived.global_batch_size // derived.world_size))
-        return None
+        if not any(q is not None for q in queues):
+            return None
+        if derived.queue_length_per_rank < 1:
+            logger.warning("checkpoint holds a queue but this run has none (swav.queue_length=0): "
+                           "queue dropped")
+            return None
+        mine = resplit_queues(queues, world_size=derived.world_size, length=derived.queue_length_per_rank)[rank]
+        logger.warning("checkpoint was written by %d ranks, this run has %d: the queued embeddings of all ranks "
+                       "were re-split, %d per rank (%d of %d rows filled on this rank)", saved_world,
+                       derived.world_size, derived.queue_length_per_rank, int(mine["filled"]),  # type: ignore[index]
+                       derived.queue_length_per_rank)
     if mine is None:
         return None
     a, length, d = mine["embeddings"].shape

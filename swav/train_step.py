@@ -17,7 +17,7 @@ Legend: V crops, B batch per device, K prototypes, A assignment crops, L queue r
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,12 +27,13 @@ from torch import nn
 
 from swav.config import Config
 from swav.distributed import all_gather_cat, all_reduce_max_
-from swav.health import NonFiniteError, gradients_finite, nonfinite_parameter_names
+from swav.health import NonFiniteError, gradients_finite, nonfinite_parameter_names, swapped_prediction_terms
 from swav.loss import swav_loss
 from swav.model import SwAVModel
 from swav.queue import EmbeddingQueue
 
-__all__ = ["cpu_supports_bf16", "resolve_precision", "bf16_gradients_agree", "autocast_dtype", "StepOutput", "SwAVStep"]
+__all__ = ["cpu_supports_bf16", "resolve_precision", "bf16_gradients_agree", "autocast_dtype", "InjectedFailure",
+           "StepOutput", "SwAVStep"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,10 @@ def bf16_gradients_agree(model: nn.Module, crop_shapes: Sequence[tuple[int, int,
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by ``debug.inject_error_step`` to test how a failing rank stops the job (issue 5)."""
 
 
 @dataclass
@@ -201,18 +206,24 @@ class SwAVStep:
                                     queue_scores, cfg.swav.log_domain, return_codes=True)
         if step + 1 == cfg.debug.inject_nan_step and cfg.debug.inject_nan_rank in (-1, self.rank):
             loss = loss * float("nan")
+        if step + 1 == cfg.debug.inject_error_step and cfg.debug.inject_error_rank in (-1, self.rank):
+            raise InjectedFailure(f"debug.inject_error_step={step + 1}: failure injected on rank {self.rank}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if step < cfg.swav.freeze_prototypes_steps:
             for p in self.raw_model.prototypes.parameters():
                 p.grad = None
         self.scaler.unscale_(self.optimizer)
-        stop_signal, time_over = self._agree(loss, step, stop_signal, time_over)
+        stop_signal, time_over = self._agree(loss, step, stop_signal, time_over, lambda: swapped_prediction_terms(
+            out.scores, codes, num_crops=cfg.num_crops, crops_for_assign=cfg.swav.crops_for_assign,
+            temperature=cfg.swav.temperature))
         skipped = self._optimizer_step(step)
         return StepOutput(loss.detach(), codes[0], lr, stop_signal, time_over, skipped)
 
-    def _agree(self, loss: torch.Tensor, step: int, stop_signal: int, time_over: bool) -> tuple[int, bool]:
-        """All-reduce [non-finite, stop signal, time over]; raise NonFiniteError on every rank if needed."""
+    def _agree(self, loss: torch.Tensor, step: int, stop_signal: int, time_over: bool,
+               loss_terms: Callable[[], dict[str, float]] | None = None) -> tuple[int, bool]:
+        """All-reduce [non-finite, stop signal, time over]; raise NonFiniteError (with this rank's loss terms)
+        on every rank if needed."""
         run = self.config.run
         if not (run.nan_check or step % run.log_every_steps == 0):
             return 0, False
@@ -229,7 +240,7 @@ class SwAVStep:
             names = nonfinite_parameter_names(self.raw_model.named_parameters())
             value = losses[0] if len(losses) == 1 else losses
             detail = "" if len(losses) == 1 else " (loss per rank)"
-            raise NonFiniteError(step + 1, value, names, detail)
+            raise NonFiniteError(step + 1, value, names, detail, terms=loss_terms() if loss_terms else None)
         return int(signal_value), bool(over)
 
     def _optimizer_step(self, step: int) -> bool:

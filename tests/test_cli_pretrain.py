@@ -73,7 +73,9 @@ def test_fashion_mnist_slice_with_knn_summary(tmp_path, capsys):
                                 "--knn-test-limit", "200")
     assert code == 0, err
     config = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
-    assert config["data"]["channels"] == 1 and config["model"]["num_prototypes"] == [100]  # the CPU recipe
+    from swav.recipes import recipe_dict
+    assert config["data"]["channels"] == 1  # the CPU recipe
+    assert config["model"]["num_prototypes"] == [recipe_dict("fashion_mnist_cpu")["model"]["num_prototypes"]]
     derived = json.loads((out / "derived.json").read_text())
     assert derived["pipeline"] == "tensor" and derived["total_steps"] == 4
     summary = json.loads((out / "summary.json").read_text())

@@ -36,7 +36,7 @@ DEMO_OUTPUT_DIR = "swav-demo"
 _SMALL_LABELLED = ("fashion-mnist", "fashion_mnist", "fashionmnist", "mnist")
 # limits of one invocation: not taken over from a resumed run's config.yaml
 _PER_INVOCATION = {"run.max_steps": 0, "run.time_budget_minutes": 0.0, "debug.inject_nan_step": -1,
-                   "debug.inject_nan_rank": -1}
+                   "debug.inject_nan_rank": -1, "debug.inject_error_step": -1, "debug.inject_error_rank": -1}
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

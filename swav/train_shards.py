@@ -1,0 +1,213 @@
+"""Training from streaming WebDataset shards (issue 5; crops per image as in SPEC §7).
+
+:class:`~swav.shards.ShardDataset` is iterable (no sampler), so the engine's epoch logic for shards
+lives here:
+
+* Equal steps on every rank (DDP needs it): each epoch the shard order is permuted and rank ``r`` of
+  ``W`` reads shards ``r, r+W, ...``; whatever the permutation, every rank holds at least the
+  ``floor(S / W)`` smallest of the ``S`` shards, so :func:`guaranteed_samples_per_rank` is a bound
+  valid in every epoch and each epoch stops after that many samples // batch steps. With equal
+  shards and ``S`` a multiple of ``W`` (``swav pack-shards --num-shards k*W``) nothing is skipped;
+  otherwise the samples beyond the bound wait for another epoch.
+* Workers: each (rank, worker) reads its own shards, so a worker's last batch may be short; the main
+  process re-batches to exactly ``B`` samples. Workers are not persistent: the epoch reaches them when
+  the iterator is created (a persistent worker would never see :meth:`set_epoch`).
+* Randomness: crops are keyed by ``(seed, epoch, rank, sample key)`` and the batched colour stage by
+  ``(seed, rank, epoch, batch index)``, as for image folders; the stream order by ``(seed, epoch)``
+  (shards) and ``(seed, epoch, rank, worker)`` (shuffle buffer). An epoch is therefore reproducible.
+* Resume inside an epoch restarts at a *shard boundary*: every rank skips the ``m`` first shards of
+  its list, ``m`` the largest number whose samples every rank had certainly taken (at most
+  ``start_batch * B``); samples between that boundary and the checkpoint are read again, and the epoch
+  still has exactly the remaining number of steps. Resume at an epoch end is exact.
+
+Example (2 ranks, 4 equal shards, batch 2; no process group needed to build the loaders)::
+
+    from swav.shards import ShardDataset
+    ds = ShardDataset("shards/", rank=1, world_size=2, seed=31, return_key=True)
+    loader = build_train_loader(config, ds, pipeline="batched", rank=1, world_size=2, device=torch.device("cpu"))
+    loader.set_epoch(0)
+    for crops in loader:          # crops: V float tensors (B, C, S, S)
+        print(loader.batch_keys)  # the sample keys of this batch
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from swav.batch_augment import multicrop_collate
+from swav.config import Config
+from swav.shards import ShardDataset
+from swav.train_data import TrainLoader, batch_generator, per_image_stages, worker_init
+
+__all__ = ["guaranteed_samples_per_rank", "resume_shard_offset", "sample_index", "ShardCropStream",
+           "ShardTrainLoader", "shard_data_sizes", "build_shard_loader"]
+
+logger = logging.getLogger(__name__)
+
+
+def guaranteed_samples_per_rank(counts: Sequence[int], world_size: int) -> int:
+    """Samples every rank receives in every epoch, whatever the shard permutation.
+
+    Example:
+        >>> guaranteed_samples_per_rank([10, 10, 10, 10], 2), guaranteed_samples_per_rank([5, 9, 7], 2)
+        (20, 5)
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} is invalid: expected >= 1")
+    if len(counts) < world_size:
+        raise ValueError(f"{len(counts)} shard(s) for {world_size} ranks: every rank needs at least one shard; "
+                         f"write at least {world_size} (swav pack-shards --num-shards {world_size})")
+    return sum(sorted(counts)[:len(counts) // world_size])
+
+
+def resume_shard_offset(rank_counts: Sequence[Sequence[int]], samples_done: int) -> int:
+    """Shards ``m`` each rank may skip: the largest ``m`` with every rank's first ``m`` shards <= samples done.
+
+    ``rank_counts[r]``: sample counts of rank ``r``'s shards in reading order.
+
+    Example:
+        >>> resume_shard_offset([[4, 4, 4], [4, 5, 3]], samples_done=8)
+        1
+    """
+    m = 0
+    while all(m < len(c) and sum(c[:m + 1]) <= samples_done for c in rank_counts):
+        m += 1
+    return m
+
+
+def sample_index(key: str) -> int:
+    """A stable integer for a sample key (its number when numeric, else a CRC-32): seeds its crops.
+
+    Example:
+        >>> sample_index("000042"), sample_index("dogs/a.jpg") == sample_index("dogs/a.jpg")
+        (42, True)
+    """
+    return int(key) if key.isdigit() else zlib.crc32(key.encode("utf-8", "surrogateescape"))
+
+
+class ShardCropStream(IterableDataset):
+    """``(crops, key)`` for every image of this rank's shards; ``transform(image, index=...)`` makes the crops."""
+
+    def __init__(self, shards: ShardDataset, transform: Any) -> None:
+        if not shards.return_key or shards.transform is not None:
+            raise ValueError("ShardCropStream needs ShardDataset(..., return_key=True) without a transform: the "
+                             "training crops are seeded by each sample's key")
+        self.shards = shards
+        self.transform = transform
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int, start_shard: int = 0) -> None:
+        self.epoch = epoch
+        self.shards.set_epoch(epoch, start_shard)
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], str]]:
+        self.transform.set_epoch(self.epoch)
+        for image, _label, key in self.shards:
+            yield self.transform(image, index=sample_index(key)), key
+
+
+def _rebatch(batches: Iterator[tuple[list[torch.Tensor], list[str]]], size: int
+             ) -> Iterator[tuple[list[torch.Tensor], list[str]]]:
+    """Exactly ``size`` samples per batch from batches of any size (short ones end each worker's stream)."""
+    parts: list[list[torch.Tensor]] = []
+    keys: list[str] = []
+    for crops, batch_keys in batches:
+        parts.append(crops)
+        keys += list(batch_keys)
+        while len(keys) >= size:
+            merged = parts[0] if len(parts) == 1 else [torch.cat(views) for views in zip(*parts)]
+            yield [v[:size] for v in merged], keys[:size]
+            parts = [[v[size:] for v in merged]] if len(keys) > size else []
+            keys = keys[size:]
+
+
+class ShardTrainLoader(TrainLoader):
+    """The :class:`~swav.train_data.TrainLoader` of a shard stream: ``steps_per_epoch`` batches per epoch."""
+
+    def __init__(self, stream: ShardCropStream, loader: DataLoader, *, batch_size: int, steps_per_epoch: int,
+                 augment: Any, seed: int, rank: int, device: torch.device) -> None:
+        super().__init__(None, self._batches, device)  # type: ignore[arg-type]
+        self.stream, self.loader, self.augment = stream, loader, augment
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.seed, self.rank = seed, rank
+        self.epoch, self.start_batch = 0, 0
+        self.batch_keys: list[str] = []  # keys of the batch yielded last (for checks and debugging)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; ``start_batch > 0`` (resume) restarts at a shard boundary (module docstring)."""
+        if not 0 <= start_batch < self.steps_per_epoch:
+            raise ValueError(f"start_batch={start_batch} is invalid: expected 0..{self.steps_per_epoch - 1}")
+        shards = self.stream.shards
+        start_shard = 0
+        if start_batch:
+            shards.set_epoch(epoch, 0)
+            count = dict(zip(shards.urls, shards.counts or [], strict=True))
+            rank_counts = [[count[u] for u in shards.rank_shards(r)] for r in range(shards.world_size)]
+            m = resume_shard_offset(rank_counts, start_batch * self.batch_size)
+            start_shard = m * shards.world_size
+            logger.warning("resuming inside epoch %d of streamed shards: restarting at a shard boundary (each rank "
+                           "skips its first %d shard(s)); up to %d samples per rank are read again this epoch",
+                           epoch, m, start_batch * self.batch_size - min(sum(c[:m]) for c in rank_counts))
+        self.stream.set_epoch(epoch, start_shard)
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_batch
+
+    def _batches(self) -> Iterator[list[torch.Tensor]]:
+        wanted = len(self)
+        if wanted <= 0:
+            return
+        for b, (crops, keys) in enumerate(_rebatch(iter(self.loader), self.batch_size)):
+            self.batch_keys = keys
+            crops = [x.to(self.device, non_blocking=True) for x in crops]
+            if self.augment is not None:
+                self.augment.generator = batch_generator(self.seed, self.rank, self.epoch, self.start_batch + b)
+                crops = self.augment(crops)
+            yield crops
+            if b + 1 == wanted:  # the epoch's share: stop without reading further (workers shut down)
+                return
+
+
+def _require_index(dataset: ShardDataset) -> list[int]:
+    if dataset.counts is None:
+        raise ValueError(f"training from shards needs their sample counts: no shards.json next to "
+                         f"{dataset.urls[0]!r}; pack the data with `swav pack-shards` (it writes the index)")
+    return dataset.counts
+
+
+def shard_data_sizes(dataset: Any, world_size: int) -> tuple[int, int]:
+    """(images in the shards, images every rank gets per epoch) from the shard index."""
+    if not isinstance(dataset, ShardDataset):
+        raise ValueError(f"dataset of type {type(dataset).__name__} is iterable: the engine streams only "
+                         "swav.shards.ShardDataset (pass --data shards:PATTERN or a folder of shards)")
+    counts = _require_index(dataset)
+    return sum(counts), guaranteed_samples_per_rank(counts, world_size)
+
+
+def build_shard_loader(config: Config, dataset: ShardDataset, *, pipeline: str, rank: int, world_size: int,
+                       device: torch.device) -> ShardTrainLoader:
+    """The loader for shards: per-image crops in ``data.workers`` workers, re-batched, colour stage on device."""
+    guaranteed = shard_data_sizes(dataset, world_size)[1]  # checks the type and the index first
+    if (dataset.rank, dataset.world_size) != (rank, world_size):
+        raise ValueError(f"ShardDataset is set up for rank {dataset.rank} of {dataset.world_size}, the loader for "
+                         f"rank {rank} of {world_size}: build it after init_process_group or pass rank/world_size")
+    batch, workers = config.optim.batch_size_per_device, config.data.workers
+    counts = _require_index(dataset)
+    steps = guaranteed // batch
+    if len(counts) // world_size < max(workers, 1):
+        logger.warning("%d shards for %d ranks x %d workers: some workers have nothing to read; write at least "
+                       "%d shards (swav pack-shards --num-shards)", len(counts), world_size, workers,
+                       world_size * max(workers, 1))
+    transform, augment = per_image_stages(config, pipeline)
+    stream = ShardCropStream(dataset, transform)
+    loader = DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=multicrop_collate,
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        worker_init_fn=worker_init if workers > 0 else None)
+    return ShardTrainLoader(stream, loader, batch_size=batch, steps_per_epoch=steps, augment=augment,
+                            seed=config.run.seed, rank=rank, device=device)

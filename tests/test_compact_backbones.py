@@ -1,0 +1,66 @@
+"""Tests for the compact ResNets of the CPU recipe (swav/compact_backbones.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swav.compact_backbones import CompactResNet, available_compact_backbones, build_compact_backbone
+from swav.model import SwAVModel
+
+
+@pytest.mark.parametrize(
+    "name, feature_dim, stem_stride, stages, depth",
+    [("resnet-compact-16", 64, 1, 3, 1), ("resnet-compact-s2-16-x4", 128, 2, 4, 1), ("resnet-compact-8-2", 32, 1, 3, 2),
+     ("resnet-compact-s2-8-2-x3", 32, 2, 3, 2)],
+)
+def test_names_build_the_described_network(name, feature_dim, stem_stride, stages, depth):
+    trunk, dim = build_compact_backbone(name, in_channels=1)
+    assert dim == feature_dim == trunk.feature_dim
+    assert trunk.conv1.stride == (stem_stride, stem_stride) and trunk.conv1.in_channels == 1
+    assert [hasattr(trunk, f"layer{i}") for i in range(1, 5)] == [True] * stages + [False] * (4 - stages)
+    assert all(len(getattr(trunk, f"layer{i}")) == depth for i in range(1, stages + 1))
+    out = trunk(torch.randn(3, 1, 28, 28))
+    assert out.shape == (3, feature_dim)
+
+
+def test_forward_is_global_average_of_the_last_stage():
+    trunk, _ = build_compact_backbone("resnet-compact-s2-8-x4", in_channels=3)
+    trunk.eval()
+    x = torch.randn(2, 3, 32, 32)
+    h = trunk.relu(trunk.bn1(trunk.conv1(x)))
+    for i in range(1, 5):
+        h = getattr(trunk, f"layer{i}")(h)
+    assert h.shape[-2:] == (2, 2)  # 32 -> 16 (stem) -> 16 -> 8 -> 4 -> 2
+    assert torch.allclose(trunk(x), h.mean(dim=(2, 3)), atol=1e-6)
+    # features of a ReLU network are non-negative
+    assert bool((trunk(x) >= 0).all())
+
+
+def test_trains_inside_swav_model_and_works_with_any_input_size():
+    trunk, dim = build_compact_backbone("resnet-compact-8", in_channels=1)
+    model = SwAVModel(trunk, dim, hidden_dim=16, output_dim=8, num_prototypes=10)
+    out = model([torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28), torch.randn(4, 1, 12, 12)])
+    out.scores[0].sum().backward()
+    assert out.embeddings.shape == (12, 8)
+    assert all(p.grad is not None for p in trunk.parameters())
+
+
+def test_init_and_examples():
+    trunk = CompactResNet(width=4, depth=1, in_channels=1)
+    bns = [m for m in trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any() for m in bns)
+    for name in available_compact_backbones():
+        assert build_compact_backbone(name, in_channels=3)[1] > 0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet-compact-", "resnet-compact-16-x5"])
+def test_invalid_names_are_rejected(name):
+    with pytest.raises(ValueError, match="resnet-compact"):
+        build_compact_backbone(name)
+
+
+def test_invalid_sizes_are_rejected():
+    with pytest.raises(ValueError, match="depth"):
+        build_compact_backbone("resnet-compact-16-0")
+    with pytest.raises(ValueError, match="stages"):
+        CompactResNet(width=4, stages=5)

@@ -1,0 +1,123 @@
+"""Training from WebDataset shards (issue 5): every image exactly once per epoch across 2 ranks x 2 workers,
+equal steps on every rank, resume at a shard boundary, and the engine trains from ``shards:DIR``.
+
+The exactly-once checks run at the level of the loader the engine builds (``build_train_loader`` on a
+``ShardDataset``), which records the keys of each batch; rank and world size are given explicitly, so
+no process group is needed there. The end-to-end run uses a real 2-process gloo group.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from swav.shards import ShardDataset, write_shards
+from swav.train import train
+from swav.train_data import build_train_loader
+from swav.train_shards import guaranteed_samples_per_rank, resume_shard_offset, sample_index
+from tests.distributed_helpers import run_distributed
+from tests.train_helpers import tiny_config, tiny_model
+
+N = 24
+B = 4
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(N):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"img.{i:03d}.png")
+    return folder
+
+
+def _pack(images, out, **kwargs):
+    write_shards(images, out, **kwargs)
+    return out
+
+
+def _epoch_keys(shards, cfg, epoch: int, world: int = 2, start_batch: int = 0) -> list[list[list[str]]]:
+    """Per rank, the keys of every batch the engine's loader yields in ``epoch``."""
+    out = []
+    for rank in range(world):
+        ds = ShardDataset(shards, rank=rank, world_size=world, seed=cfg.run.seed, return_key=True)
+        loader = build_train_loader(cfg, ds, pipeline="batched", rank=rank, world_size=world,
+                                    device=torch.device("cpu"))
+        loader.set_epoch(epoch, start_batch)
+        batches = []
+        for crops in loader:
+            assert [tuple(c.shape) for c in crops] == [(B, 3, 12, 12)] * 2 + [(B, 3, 8, 8)] * 2
+            assert all(c.dtype == torch.float32 for c in crops)
+            batches.append(list(loader.batch_keys))
+        assert len(batches) == len(loader)
+        out.append(batches)
+    return out
+
+
+def test_every_image_once_per_epoch_across_two_ranks_and_two_workers(images, tmp_path):
+    shards = _pack(images, tmp_path / "shards", num_shards=4)  # 4 x 6 images: 2 shards per rank, 1 per worker
+    cfg = tiny_config(tmp_path / "run", **{"data.workers": 2, "data.pipeline": "batched"})
+    everything = sorted(p.name for p in images.iterdir())
+    orders = []
+    for epoch in (0, 1):
+        per_rank = _epoch_keys(shards, cfg, epoch)
+        assert [len(r) for r in per_rank] == [3, 3]  # the same number of steps on both ranks
+        seen = [k for rank in per_rank for batch in rank for k in batch]
+        assert Counter(seen) == Counter(everything)  # every image exactly once
+        orders.append(per_rank)
+    assert orders[0] != orders[1]  # a new order every epoch (shard permutation and shuffle buffer)
+    assert _epoch_keys(shards, cfg, 1) == orders[1]  # reproducible
+
+
+def test_uneven_shards_keep_ranks_in_step_and_never_repeat(images, tmp_path):
+    shards = _pack(images, tmp_path / "shards", max_samples_per_shard=5)  # 5, 5, 5, 5, 4 images
+    counts = [s["num_samples"] for s in json.loads((shards / "shards.json").read_text())["shards"]]
+    assert guaranteed_samples_per_rank(counts, 2) == 9  # the 2 smallest shards: 4 + 5
+    cfg = tiny_config(tmp_path / "run", **{"data.workers": 2, "data.pipeline": "batched"})
+    for epoch in range(3):
+        per_rank = _epoch_keys(shards, cfg, epoch)
+        assert [len(r) for r in per_rank] == [2, 2]  # 9 // 4 on every rank, whichever shards it holds
+        seen = [k for rank in per_rank for batch in rank for k in batch]
+        assert len(seen) == len(set(seen)) == 16
+
+
+def test_resume_inside_an_epoch_restarts_at_a_shard_boundary(images, tmp_path):
+    shards = _pack(images, tmp_path / "shards", num_shards=8)  # 8 x 3: 4 shards (12 images) per rank
+    cfg = tiny_config(tmp_path / "run", **{"data.workers": 2, "data.pipeline": "batched"})
+    resumed = _epoch_keys(shards, cfg, 1, start_batch=2)  # 8 images per rank done: skip 2 shards (6 images)
+    for rank, batches in enumerate(resumed):
+        assert len(batches) == 1  # 3 steps per epoch, 2 done
+        ds = ShardDataset(shards, rank=rank, world_size=2, seed=cfg.run.seed, return_key=True)
+        ds.set_epoch(1)
+        kept = {key for url in ds.rank_shards()[2:] for _, _, key in ShardDataset([url], return_key=True)}
+        assert set(batches[0]) <= kept
+    assert resume_shard_offset([[3, 3, 3, 3], [3, 3, 3, 3]], 8) == 2
+    assert resume_shard_offset([[3, 3], [9, 1]], 8) == 0  # rank 1 may not have finished its first shard
+    assert sample_index("000123") == 123 and sample_index("a/b.png") == sample_index("a/b.png") > 0
+
+
+def _train_from_shards(rank: int, world_size: int, root: str, shards: str):
+    # run_distributed starts its ranks with "spawn", which child processes inherit: each epoch's data-loader
+    # workers would then re-import torch (~15 s each here). Ranks started by torchrun fork their workers.
+    multiprocessing.set_start_method("fork", force=True)
+    values = {"data.path": f"shards:{shards}", "data.workers": 2, "data.pipeline": "auto", "optim.epochs": 2,
+              "swav.queue_length": 16, "swav.queue_start_epoch": 0}
+    straight = train(tiny_config(f"{root}/straight", **values), model_builder=tiny_model)
+    first = train(tiny_config(f"{root}/split", **values, **{"run.max_steps": 4}), model_builder=tiny_model)
+    second = train(tiny_config(f"{root}/split", **values), model_builder=tiny_model, resume=True)
+    return [(r.status, r.step) for r in (straight, first, second)]
+
+
+@pytest.mark.distributed
+def test_two_ranks_train_and_resume_from_shards(images, tmp_path):
+    shards = _pack(images, tmp_path / "shards", num_shards=4)
+    results = run_distributed(_train_from_shards, 2, str(tmp_path), str(shards))
+    assert results[0] == results[1] == [("complete", 6), ("max_steps", 4), ("complete", 6)]
+    derived = json.loads((tmp_path / "straight" / "derived.json").read_text())
+    assert (derived["dataset_size"], derived["samples_per_rank"], derived["steps_per_epoch"]) == (24, 12, 3)
+    assert derived["pipeline"] == "batched"
