@@ -64,3 +64,21 @@ def test_invalid_sizes_are_rejected():
         build_compact_backbone("resnet-compact-16-0")
     with pytest.raises(ValueError, match="stages"):
         CompactResNet(width=4, stages=5)
+
+
+def test_grid_pooled_readout_keeps_the_layout():
+    trunk, dim = build_compact_backbone("resnet-compact-8-g3", in_channels=1)
+    assert dim == 32 * 9 == trunk.feature_dim
+    trunk.eval()
+    x = torch.randn(2, 1, 28, 28)
+    h = trunk.layer3(trunk.layer2(trunk.layer1(trunk.relu(trunk.bn1(trunk.conv1(x))))))  # 7 x 7 map
+    assert torch.allclose(trunk(x), torch.nn.functional.adaptive_avg_pool2d(h, 3).flatten(1), atol=1e-6)
+    # the grid cells average back to the global pooled feature when they tile the map evenly
+    even, _ = build_compact_backbone("resnet-compact-8-g2", in_channels=1)
+    even.eval()
+    x8 = torch.randn(2, 1, 32, 32)  # 32 -> 8 x 8 map, 2 x 2 cells of 4 x 4
+    cells = even(x8).reshape(2, 32, 4).mean(dim=2)
+    g = even.layer3(even.layer2(even.layer1(even.relu(even.bn1(even.conv1(x8))))))
+    assert torch.allclose(cells, g.mean(dim=(2, 3)), atol=1e-6)
+    with pytest.raises(ValueError, match="grid"):
+        build_compact_backbone("resnet-compact-8-g5")

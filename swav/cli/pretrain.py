@@ -47,6 +47,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its newest valid checkpoint (start if none)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    parser.add_argument("--partial", action="store_true",
+                        help="with --resume: load what fits from a checkpoint of another model or crop set "
+                             "(the skipped tensors are listed)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")
     parser.add_argument("--summary", dest="summary", action="store_true", default=None,
                         help="end with the k-NN summary (default: on for the demo and Fashion-MNIST/MNIST)")
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from swav.train import train
 
-    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    result = train(config, resume=args.resume, overwrite=args.overwrite, partial=args.partial)
     if result.status == "already_complete":
         print(f"the run in {result.output_dir} is already complete (step {result.step}); nothing to do")
     elif result.status == "preempted":
@@ -127,7 +130,11 @@ def run(args: argparse.Namespace) -> int:
     elif result.status != "complete":
         print(f"stopped at step {result.step} ({result.status}); checkpoint {result.checkpoint}; "
               f"continue with --resume")
-    if result.status in ("complete", "already_complete") and _summary_wanted(args, config, demo):
+    summary_file = result.output_dir / "summary.json"
+    if result.status == "already_complete" and summary_file.is_file():
+        from swav.pretrain_summary import format_summary  # a finished run is left untouched
+        print(format_summary(json.loads(summary_file.read_text(encoding="utf-8"))))
+    elif result.status in ("complete", "already_complete") and _summary_wanted(args, config, demo):
         _print_summary(config, result.output_dir, args.knn_train_limit, args.knn_test_limit)
     return 0
 
