@@ -10,3 +10,13 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """Keep OpenMP/BLAS pools (scikit-learn, numpy) at one thread too, like torch above."""
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+    with threadpool_limits(1):
+        yield
+

@@ -19,18 +19,6 @@ from swav.sinkhorn import sinkhorn_knopp
 FASHION = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they cost seconds."""
-    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency: OpenMP/BLAS threads
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
-
-
 def _unit(n: int, d: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=1)
 

@@ -21,18 +21,6 @@ from swav.model import SwAVModel
 FASHION = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they cost seconds."""
-    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency: OpenMP/BLAS threads
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
-
-
 class _Images(Dataset):
     """Random labelled images; counts accesses and can fail at one index (a crash mid-run)."""
 

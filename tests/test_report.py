@@ -24,20 +24,8 @@ from PIL import Image
 from swav.curves import curve_series, plot_training_curves, read_metrics
 
 FASHION = "/usr/share/datasets/fashion-mnist"
-PHOTOS = "/work/shared/data/photos-500x375"
+PHOTOS = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "photos-500x375")
 XHTML = "{http://www.w3.org/1999/xhtml}"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they cost seconds."""
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def _engine_records(steps: int = 30, k: int = 10) -> list[dict]:
