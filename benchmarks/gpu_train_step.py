@@ -6,8 +6,11 @@ One command on a GPU machine with only PyTorch, torchvision and this project:
 
 Prints one table: images/s, peak GPU memory, and the ratio of the full SwAV step to a
 backbone-only forward+backward on the same crops, for per-GPU batch 64 and 128, fp32 vs
-bf16 + channels-last, synthetic crops and real JPEGs (decode + crop in DataLoader workers,
-colour augmentation batched on the GPU). Writes the same figures as JSON with --json.
+bf16 + channels-last, synthetic crops and real JPEGs (decoded and cropped either in DataLoader
+workers or on the GPU with nvJPEG + roi_align; colour augmentation batched on the GPU), the
+fraction of time the step waited for data, how many host-device synchronisations each stage
+makes (torch.cuda.set_sync_debug_mode), optionally torch.compile and a short run of the engine
+itself (``--engine-steps``). Writes the same figures as JSON with --json, row by row.
 """
 from __future__ import annotations
 
@@ -40,13 +43,13 @@ def synthetic_crops(batch: int, device) -> list[torch.Tensor]:
     return [torch.randn(batch, 3, size, size, device=device) for size, count in CROPS for _ in range(count)]
 
 
-def build_step(config: Config, precision: str, device) -> tuple[SwAVStep, torch.nn.Module]:
+def build_step(config: Config, precision: str, device, compile_model: bool = False) -> tuple[SwAVStep, torch.nn.Module]:
     model = build_model(ModelSpec(backbone="resnet50")).to(device)
     if config.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
     schedule = warmup_cosine_schedule(4.8, 0.0048, 100, 1000, 10, 0.3)
-    step = SwAVStep(model, model, optimizer, config=config, lr_schedule=schedule, queue_length_per_rank=0,
+    step = SwAVStep(torch.compile(model) if compile_model else model, model, optimizer, config=config, lr_schedule=schedule, queue_length_per_rank=0,
                     precision=precision, device=device, rank=0)
     return step, model
 
@@ -67,7 +70,7 @@ def backbone_only(model, crops, dtype, channels_last):
     if channels_last:
         crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
     big, small = torch.cat(crops[:2]), torch.cat(crops[2:])
-    with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+    with torch.autocast(big.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss = model.backbone(big).float().mean() + model.backbone(small).float().mean()
     loss.backward()
 
@@ -89,45 +92,213 @@ def run_synthetic(batch, precision, channels_last, steps, warmup, device):
             "peak_gib": peak}
 
 
-def run_jpeg(batch, steps, warmup, device, data: Path, workers: int):
+def jpeg_files(data: Path) -> list[Path]:
+    return sorted(p for p in data.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+
+
+def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str, compile_model: bool = False):
+    """Real JPEGs, decoded on the CPU in workers (``decode='cpu'``: the ``batched`` pipeline) or read as bytes
+    in workers and decoded + cropped on the GPU (``decode='gpu'``: the ``device`` pipeline); colour work on
+    the GPU in both cases."""
     from swav.batch_augment import BatchColorAugment, MultiCropCropper, multicrop_collate
+    from swav.device_crops import DeviceMultiCrop, encoded_collate, split_encoded
     from swav.multicrop import CropGroup
 
-    files = sorted(p for p in data.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    files = jpeg_files(data)
     groups = [CropGroup(224, 2, 0.14, 1.0), CropGroup(96, 6, 0.05, 0.14)]
     cropper = MultiCropCropper(groups, channels=3, seed=0)
+    device_crops = DeviceMultiCrop(groups, channels=3, seed=0, device=device)
 
     class Files(torch.utils.data.Dataset):
         def __len__(self):
             return 10**6
 
         def __getitem__(self, i):
-            return cropper(str(files[i % len(files)]), index=i), 0
+            path = files[i % len(files)]
+            if decode == "gpu":
+                return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), i, 0
+            return cropper(str(path), index=i), 0
 
-    loader = torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=workers, collate_fn=multicrop_collate,
-                                         pin_memory=True, drop_last=True, persistent_workers=True, prefetch_factor=4)
-    augment = BatchColorAugment(channels=3, seed=0).to(device)
+    collate = encoded_collate if decode == "gpu" else multicrop_collate
+    loader = torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=workers, collate_fn=collate,
+                                         pin_memory=decode == "cpu", drop_last=True, persistent_workers=True,
+                                         prefetch_factor=4)
+    augment = BatchColorAugment(channels=3, seed=0)
     config = make_config(batch, True)
     torch.cuda.reset_peak_memory_stats(device)
-    step, _ = build_step(config, "bf16", device)
+    step, _ = build_step(config, "bf16", device, compile_model)
     it = iter(loader)
     data_wait = 0.0
 
     def one(i):
         nonlocal data_wait
         t = time.perf_counter()
-        crops_u8, _ = next(it)
-        crops_u8 = [c.to(device, non_blocking=True) for c in crops_u8]
+        item = next(it)
         data_wait += time.perf_counter() - t
+        if decode == "gpu":
+            buffer, ends, indices, epoch = item
+            crops_u8 = device_crops(split_encoded(buffer, ends), indices, epoch)
+        else:
+            crops_u8 = [c.to(device, non_blocking=True) for c in item[0]]
         step(augment(crops_u8), 5000 + i)
 
     for i in range(warmup):
         one(i)
     data_wait = 0.0
     per = timed(one, steps, 0, device)
-    return {"input": f"jpeg ({workers} workers)", "batch": batch, "precision": "bf16", "channels_last": True,
-            "images_per_s": batch / per, "backbone_only_images_per_s": float("nan"), "step_over_backbone": float("nan"),
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30, "data_wait_fraction": data_wait / (per * steps)}
+    label = ", torch.compile" if compile_model else ""
+    return {"input": f"jpeg, {decode} decode{label}", "workers": workers, "batch": batch, "precision": "bf16",
+            "channels_last": True, "images_per_s": batch / per, "backbone_only_images_per_s": float("nan"),
+            "step_over_backbone": float("nan"), "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "data_wait_fraction": data_wait / (per * steps)}
+
+
+def sync_audit(device, data: Path) -> dict[str, int]:
+    """Host-device synchronisations per call (``torch.cuda.set_sync_debug_mode``), after a warm-up call."""
+    import warnings
+
+    from swav.batch_augment import BatchColorAugment
+    from swav.device_crops import DeviceMultiCrop
+    from swav.multicrop import CropGroup
+
+    batch = 16
+    groups = [CropGroup(224, 2, 0.14, 1.0), CropGroup(96, 6, 0.05, 0.14)]
+    encoded = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in jpeg_files(data)[:batch]]
+    crops_u8 = [torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device)
+                for s, c in CROPS for _ in range(c)]
+    augment = BatchColorAugment(channels=3, seed=0)
+    cropper = DeviceMultiCrop(groups, seed=0, device=device)
+    calls = {"colour augmentation (masked)": lambda i: augment(crops_u8)}
+    if encoded:
+        calls["GPU decode + crop"] = lambda i: cropper(encoded, list(range(len(encoded))), 0)
+    for nan_check in (False, True):
+        config = with_values(make_config(batch, True), {"run.nan_check": nan_check})
+        step, _ = build_step(config, "bf16", device)
+        crops = [c.float() for c in crops_u8]
+        calls[f"SwAV step, run.nan_check={nan_check}"] = lambda i, step=step, crops=crops: step(crops, 5000 + i)
+    counts = {}
+    for name, fn in calls.items():
+        fn(0)
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn(1)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        counts[name] = len(syncs)
+        where = "; ".join(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+        print(f"sync audit: {name}: {len(syncs)} synchronisation(s) {where}", flush=True)
+    return counts
+
+
+def augment_breakdown(device, batch: int, steps: int) -> dict[str, float]:
+    """Milliseconds per batch of the GPU colour stage alone, of the host time to issue it, of the step alone
+    and of both, on GPU-resident uint8 crops; plus the profiler's top operators of the colour stage."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from swav.batch_augment import BatchColorAugment
+
+    crops_u8 = [torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device)
+                for s, c in CROPS for _ in range(c)]
+    augment = BatchColorAugment(channels=3, seed=0)
+    step, _ = build_step(make_config(batch, True), "bf16", device)
+    crops = [c.float() for c in crops_u8]
+    result = {"augment_ms": 1000 * timed(lambda i: augment(crops_u8), steps, 2, device),
+              "step_ms": 1000 * timed(lambda i: step(crops, 5000 + i), steps, 2, device),
+              "augment_then_step_ms": 1000 * timed(lambda i: step(augment(crops_u8), 5000 + i), steps, 2, device)}
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        augment(crops_u8)
+    result["augment_host_ms"] = 1000 * (time.perf_counter() - start) / steps
+    torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            augment(crops_u8)
+            torch.cuda.synchronize(device)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), flush=True)
+    print(f"colour stage breakdown, batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()), flush=True)
+    result["per_op_ms"] = per_op_times(device, batch)
+    return result
+
+
+def per_op_times(device, batch: int) -> dict[str, float]:
+    """Milliseconds of each colour op on a whole resolution batch (V x B crops), synchronised."""
+    import swav.batch_augment as ba
+
+    ops = {"flip": lambda x, f: ba._flip(x, inplace=True),
+           "brightness": lambda x, f: ba.adjust_brightness_batch(x, f, inplace=True),
+           "contrast": lambda x, f: ba.adjust_contrast_batch(x, f, inplace=True),
+           "saturation": lambda x, f: ba.adjust_saturation_batch(x, f, inplace=True),
+           "hue": lambda x, f: ba.adjust_hue_batch(x, f - 1.0, inplace=True),
+           "grayscale": lambda x, f: ba.grayscale_batch(x, inplace=True),
+           "index select+copy (half)": lambda x, f: x.index_copy_(0, f.argsort()[: len(f) // 2],
+                                                                   x.index_select(0, f.argsort()[: len(f) // 2]))}
+    times = {}
+    for size, count in CROPS:
+        n = batch * count
+        x = torch.rand(n, 3, size, size, device=device)
+        f = torch.rand(n, device=device) + 0.5
+        table = dict(ops)
+        table["blur"] = lambda x, f, k=ba.blur_kernel_size(size): ba.gaussian_blur_batch(x, f, k, inplace=True)
+        for name, fn in table.items():
+            times[f"{name} {count}x{size}"] = 1000 * timed(lambda i: fn(x, f), 3, 1, device)
+    print("colour ops, ms per whole batch: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()), flush=True)
+    return times
+
+
+def run_engine(device, data: Path, batch: int, steps: int, workers: int, out_dir: Path,
+               compile_model: bool = False) -> dict:
+    """``swav pretrain`` itself (the engine's loop: logging, NaN check, metrics) on the photos with the
+    ``device`` pipeline, ResNet-50 2x224 + 6x96, for ``steps`` steps; images/s from its metrics."""
+    from swav.train import train
+
+    folder = out_dir / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = jpeg_files(data)
+    for i in range(batch * (steps + 1)):  # one epoch holds every step (links: no copies)
+        link = folder / f"{i:06d}.jpg"
+        if not link.exists():
+            link.symlink_to(files[i % len(files)].resolve())
+    config = with_values(Config(), {
+        "data.path": str(folder), "data.pipeline": "device", "data.workers": workers,
+        "crops.counts": [2, 6], "crops.sizes": [224, 96], "crops.min_scales": [0.14, 0.05],
+        "crops.max_scales": [1.0, 0.14], "optim.batch_size_per_device": batch, "optim.epochs": 1,
+        "optim.warmup_epochs": 0.0, "run.channels_last": True, "run.output_dir": str(out_dir / "run"),
+        "run.max_steps": steps, "run.log_every_steps": 10, "run.device": device.type, "run.compile": compile_model})
+    start = time.perf_counter()
+    result = train(config, overwrite=True)
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first interval includes start-up
+    label = ", run.compile" if compile_model else ""
+    return {"input": f"swav pretrain, device pipeline{label}", "batch": batch, "steps": result.step, "wall_s": wall,
+            "images_per_s": sum(rates) / len(rates) if rates else float("nan")}
+
+
+def run_compiled(batch, steps, warmup, device):
+    """Synthetic crops, bf16 + channels-last, the model wrapped in ``torch.compile`` (run.compile=true)."""
+    torch.cuda.reset_peak_memory_stats(device)
+    config = make_config(batch, True)
+    model = build_model(ModelSpec(backbone="resnet50")).to(device).to(memory_format=torch.channels_last)
+    optimizer = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
+    schedule = warmup_cosine_schedule(4.8, 0.0048, 100, 1000, 10, 0.3)
+    step = SwAVStep(torch.compile(model), model, optimizer, config=config, lr_schedule=schedule,
+                    queue_length_per_rank=0, precision="bf16", device=device, rank=0)
+    crops = synthetic_crops(batch, device)
+    start = time.perf_counter()
+    step(crops, 5000)
+    torch.cuda.synchronize(device)
+    compile_s = time.perf_counter() - start
+    full = timed(lambda i: step(crops, 5001 + i), steps, warmup, device)
+    return {"input": "synthetic, torch.compile", "batch": batch, "precision": "bf16", "channels_last": True,
+            "images_per_s": batch / full, "backbone_only_images_per_s": float("nan"),
+            "step_over_backbone": float("nan"), "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "compile_s": compile_s}
 
 
 def main() -> None:
@@ -138,33 +309,73 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "photos-500x375")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--skip-fp32", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile at the largest batch")
+    parser.add_argument("--engine-steps", type=int, default=0, help="also run swav pretrain for this many steps")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/swav_gpu_bench"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--skip-diagnostics", action="store_true")
+    parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--decodes", nargs="*", default=["cpu", "gpu"], choices=["cpu", "gpu"])
+    parser.add_argument("--compile-jpeg", action="store_true", help="torch.compile the model in the JPEG rows")
+    parser.add_argument("--only-diagnostics", action="store_true", help="sync audit and colour-stage breakdown only")
+    parser.add_argument("--smoke-cpu", action="store_true",
+                        help="run every code path once on the CPU (CUDA calls become no-ops) to check the script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.smoke_cpu:
+        for fn in ("synchronize", "reset_peak_memory_stats", "empty_cache", "set_sync_debug_mode"):
+            setattr(torch.cuda, fn, lambda *a, **k: None)
+        torch.cuda.max_memory_allocated = lambda *a, **k: 0
+        torch.cuda.get_device_name = lambda *a, **k: "CPU (smoke test)"
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
-    device = torch.device("cuda")
+    else:
+        device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    rows = []
-    for batch in args.batch_sizes:
-        if not args.skip_fp32:
-            rows.append(run_synthetic(batch, "fp32", False, args.steps, args.warmup, device))
-            print(rows[-1], flush=True)
-        rows.append(run_synthetic(batch, "bf16", True, args.steps, args.warmup, device))
-        print(rows[-1], flush=True)
-    if args.data.is_dir():
-        for batch in args.batch_sizes:
-            rows.append(run_jpeg(batch, args.steps * 2, args.warmup, device, args.data, args.workers))
-            print(rows[-1], flush=True)
     name = torch.cuda.get_device_name(device)
+    report: dict = {"device": name, "torch": torch.__version__, "rows": [], "sync_audit": {}}
+
+    def save(row=None):
+        if row is not None:
+            report["rows"].append(row)
+            print(row, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+
+    have_data = args.data.is_dir() and bool(jpeg_files(args.data))
+    if not args.skip_diagnostics:
+        report["sync_audit"] = sync_audit(device, args.data if have_data else Path("/nonexistent"))
+        save()
+        report["colour_stage"] = augment_breakdown(device, max(args.batch_sizes), args.steps)
+        save()
+    if args.only_diagnostics:
+        return
+    for batch in [] if args.skip_synthetic else args.batch_sizes:
+        if not args.skip_fp32:
+            save(run_synthetic(batch, "fp32", False, args.steps, args.warmup, device))
+        save(run_synthetic(batch, "bf16", True, args.steps, args.warmup, device))
+    if have_data:
+        for decode in args.decodes:
+            for batch in args.batch_sizes:
+                save(run_jpeg(batch, args.steps * 2, args.warmup, device, args.data, args.workers, decode,
+                              args.compile_jpeg))
+        if args.engine_steps:
+            save(run_engine(device, args.data, max(args.batch_sizes), args.engine_steps, args.workers, args.work_dir,
+                            args.compile_jpeg))
+    if args.compile:
+        save(run_compiled(max(args.batch_sizes), args.steps, args.warmup, device))
     print(f"\nResNet-50, 2x224 + 6x96, {name}, torch {torch.__version__} (fp32 rows use TF32 matmul/conv)")
-    print(f"{'input':<20}{'batch':>6}{'precision':>10}{'ch-last':>8}{'img/s':>9}{'bb-only img/s':>15}{'step/bb':>9}{'peak GiB':>10}")
-    for r in rows:
-        print(f"{r['input']:<20}{r['batch']:>6}{r['precision']:>10}{str(r['channels_last']):>8}{r['images_per_s']:>9.1f}"
-              f"{r['backbone_only_images_per_s']:>15.1f}{r['step_over_backbone']:>9.3f}{r['peak_gib']:>10.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=2))
+    if report["sync_audit"]:
+        print("host-device synchronisations per call: " + ", ".join(f"{k}: {v}" for k, v in report["sync_audit"].items()))
+    print(f"{'input':<34}{'batch':>6}{'precision':>10}{'img/s':>9}{'bb-only img/s':>15}{'step/bb':>9}{'peak GiB':>10}"
+          f"{'data wait':>11}")
+    for r in report["rows"]:
+        wait = r.get("data_wait_fraction")
+        print(f"{r['input']:<34}{r['batch']:>6}{r.get('precision', 'bf16'):>10}{r['images_per_s']:>9.1f}"
+              f"{r.get('backbone_only_images_per_s', float('nan')):>15.1f}{r.get('step_over_backbone', float('nan')):>9.3f}"
+              f"{r.get('peak_gib', float('nan')):>10.2f}{'' if wait is None else f'{100 * wait:.1f}%':>11}")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,18 @@ def multicrop_collate(batch: Sequence[Any]) -> Any:
     return [torch.stack([item[v] for item in batch]) for v in range(num_crops)]
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def device_constant(values: Sequence[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor on ``device``, made once: ``torch.tensor(..., device=cuda)`` would copy
+    from the host and synchronise with the GPU on every call."""
+    key = (tuple(values), str(device), dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(list(values), dtype=dtype).to(device)
+    return _CONSTANTS[key]
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
     return r.mul(_GRAY_WEIGHTS[0]).add_(g, alpha=_GRAY_WEIGHTS[1]).add_(b, alpha=_GRAY_WEIGHTS[2])\
@@ -209,7 +221,7 @@ def adjust_hue_batch(x: torch.Tensor, factor: torch.Tensor, *,
     hue6.add_(((b - r).add_(c, alpha=2.0) - hue6).mul_(g_max))  # green: (b - r) / C + 2
     hue6.div_(c.clamp_min(1e-30)).add_(_per_sample(factor, hue6) * 6.0)
     hue6.sub_(torch.floor(hue6 * (1.0 / 6.0)).mul_(6.0))  # now in [0, 6)
-    centres = torch.tensor([0.0, 2.0, 4.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    centres = device_constant((0.0, 2.0, 4.0), x.device, x.dtype).view(1, 3, 1, 1)
     ramp = (hue6.unsqueeze(1) - centres).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
     out = ramp.mul_(chroma).add_(minc)
     return x.copy_(out) if inplace else out
@@ -355,8 +367,6 @@ class BatchColorAugment(nn.Module):
                              "'masked'")
         self.chunk_elements = chunk_elements
         self.strategy = strategy
-        self._mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        self._std = torch.tensor(self.std).view(1, -1, 1, 1)
         self.generator = None if seed is None else torch.Generator().manual_seed(mix_seed(seed))
 
     def sample_params(self, num_samples: int) -> ColorParams:
@@ -380,14 +390,57 @@ class BatchColorAugment(nn.Module):
         if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != self.channels:
             raise ValueError(f"crops of dtype {crops.dtype} and shape {tuple(crops.shape)} are "
                              f"invalid: expected uint8 (B, {self.channels}, S, S)")
-        out = torch.empty(crops.shape, dtype=torch.float32, device=crops.device)
         grouped = self.strategy == "grouped" or (self.strategy == "auto"
                                                  and crops.device.type == "cpu")
-        pieces = (self._groups(params, crops[0].numel()) if grouped
-                  else [list(range(crops.shape[0]))])
-        for piece in pieces:
+        if not grouped:
+            return self._apply_masked(crops, params)
+        out = torch.empty(crops.shape, dtype=torch.float32, device=crops.device)
+        for piece in self._groups(params, crops[0].numel()):
             self._augment_piece(crops, params, piece, out)
         return out
+
+    def _apply_masked(self, crops: torch.Tensor, params: ColorParams) -> torch.Tensor:
+        """Every op once, on the subset of the whole batch that needs it, in SPEC §7 order.
+
+        The plan (which samples, which factors) is made on the CPU from ``params``; all its
+        indices and factors reach the device in two copies from pinned memory, so the stage
+        never waits for the GPU (no host-device synchronisation) and queues ahead of the step.
+        """
+        n, device = crops.shape[0], crops.device
+        steps: list[tuple[Callable[..., torch.Tensor], list[int], torch.Tensor | None]] = []
+
+        def add(fn: Callable[..., torch.Tensor], mask: torch.Tensor, values: torch.Tensor | None = None) -> None:
+            idx = mask.nonzero()[:, 0]
+            if len(idx):
+                steps.append((fn, idx.tolist(), None if values is None else values[idx]))
+
+        add(_flip, params.flip)
+        for position in range(len(self.jitter_ops)):
+            for j, name in enumerate(self.jitter_ops):
+                add(_JITTER_FNS[name], params.jitter & (params.order[:, position] == j), params.factors[:, j])
+        add(grayscale_batch, params.grayscale)
+        add(partial(gaussian_blur_batch, kernel_size=blur_kernel_size(min(crops.shape[-2:]))),
+            params.blur, params.sigma)
+        indices = torch.tensor([i for _, idx, _ in steps for i in idx], dtype=torch.long)
+        values = torch.cat([torch.zeros(0)] + [v.float() for _, _, v in steps if v is not None])
+        if device.type == "cuda":
+            indices = indices.pin_memory().to(device, non_blocking=True)
+            values = values.pin_memory().to(device, non_blocking=True)
+        x = crops.to(torch.float32).div_(255.0)
+        start = value_start = 0
+        for fn, idx, v in steps:
+            count = len(idx)
+            args = [] if v is None else [values[value_start:value_start + count]]
+            value_start += 0 if v is None else count
+            if count == n:
+                fn(x, *args, inplace=True)
+            else:
+                selected = indices[start:start + count]
+                x.index_copy_(0, selected, fn(x.index_select(0, selected), *args, inplace=True))
+            start += count
+        mean = device_constant(self.mean, device, torch.float32).view(1, -1, 1, 1)
+        std = device_constant(self.std, device, torch.float32).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std)
 
     def _groups(self, params: ColorParams, sample_elements: int) -> list[list[int]]:
         """Samples with identical op sequences, in pieces of at most ``chunk_elements``."""
@@ -428,7 +481,8 @@ class BatchColorAugment(nn.Module):
         kernel_size = blur_kernel_size(min(x.shape[-2:]))
         _apply_subset(x, where("blur"), partial(gaussian_blur_batch, kernel_size=kernel_size),
                       p.sigma)
-        x.sub_(self._mean.to(x.device)).div_(self._std.to(x.device))
+        x.sub_(device_constant(self.mean, x.device, x.dtype).view(1, -1, 1, 1))
+        x.div_(device_constant(self.std, x.device, x.dtype).view(1, -1, 1, 1))
         if not contiguous:
             out.index_copy_(0, indices, x)
 

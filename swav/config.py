@@ -36,7 +36,7 @@ __all__ = [
     "PIPELINES", "PRECISIONS",
 ]
 
-PIPELINES = ("auto", "pil", "batched", "tensor")
+PIPELINES = ("auto", "pil", "batched", "tensor", "device")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -55,7 +55,7 @@ class DataConfig:
 
     path: str | None = None  # folder, IDX/CIFAR files, shards:PATTERN, or a name (fashion-mnist)
     channels: int = 3  # 1 (grey) or 3 (RGB); also the network's input channels
-    pipeline: str = "auto"  # auto | pil | batched | tensor (in-memory uint8 data, batched crops)
+    pipeline: str = "auto"  # auto | pil | batched | tensor (in-memory uint8 data) | device (decode+crop on the GPU)
     workers: int = 10  # DataLoader worker processes per rank
     limit: int = 0  # use only the first N images (0 = all); for tests and quick checks
     download: bool = False  # allow torchvision to download a named data set

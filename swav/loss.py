@@ -81,9 +81,10 @@ def _single_head_loss(
         for i, a in enumerate(crops_for_assign)
     ]).to(logits_VBK.dtype)
     cross_AV = (lse_VB.sum(dim=1)[None, :] - torch.einsum("abk,vbk->av", codes_ABK, logits_VBK)) / batch
-    mask_AV = torch.ones_like(cross_AV)
-    mask_AV[torch.arange(len(crops_for_assign)), torch.tensor(crops_for_assign)] = 0.0
-    loss = ((cross_AV * mask_AV).sum(dim=1) / (num_crops - 1)).mean()
+    # drop each assignment crop's prediction of itself; python-int indexing (no index tensor to copy
+    # to the device, hence no GPU synchronisation)
+    own_A = torch.stack([cross_AV[i, a] for i, a in enumerate(crops_for_assign)])
+    loss = ((cross_AV.sum(dim=1) - own_A) / (num_crops - 1)).mean()
     return loss, codes_ABK
 
 

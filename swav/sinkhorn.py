@@ -62,7 +62,8 @@ def sinkhorn_knopp(
         reduce_sum = all_reduce_sum_ if distributed else (lambda t: t)
         reduce_max = all_reduce_max_ if distributed else (lambda t: t)
         num_prototypes = s_BK.shape[1]
-        total_rows = reduce_sum(torch.tensor([float(s_BK.shape[0])], dtype=dtype, device=s_BK.device))
+        # torch.full, not torch.tensor: no host-to-device copy, hence no GPU synchronisation
+        total_rows = reduce_sum(torch.full((1,), float(s_BK.shape[0]), dtype=dtype, device=s_BK.device))
         if log_domain:
             return _sinkhorn_log(s_BK, epsilon, iterations, num_prototypes, total_rows, reduce_sum, reduce_max)
         return _sinkhorn_exp(s_BK, epsilon, iterations, num_prototypes, total_rows, reduce_sum, reduce_max)
@@ -101,7 +102,7 @@ def _log_reduce_sum(logx: torch.Tensor, dim: int | None, reduce_sum, reduce_max)
 def _sinkhorn_log(s_BK, epsilon, iterations, K, B_total, reduce_sum, reduce_max) -> torch.Tensor:
     logQ_KB = (s_BK / epsilon).t()
     logQ_KB = logQ_KB - _log_reduce_sum(logQ_KB, None, reduce_sum, reduce_max)
-    log_K = torch.log(torch.tensor(float(K), dtype=s_BK.dtype, device=s_BK.device))
+    log_K = torch.log(torch.full((), float(K), dtype=s_BK.dtype, device=s_BK.device))
     log_B = torch.log(B_total)
     no_reduce = lambda t: t  # noqa: E731  (column sums are local to each rank)
     for _ in range(iterations):

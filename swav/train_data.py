@@ -12,7 +12,9 @@ restore (worker RNG, iterator position). Hence:
 Pipelines (``data.pipeline``): ``pil`` (:class:`~swav.multicrop.MultiCropTransform` per image in
 workers), ``batched`` (uint8 crops per image in workers + :class:`~swav.batch_augment.BatchColorAugment`
 on the device), ``tensor`` (whole data set as a uint8 tensor, :class:`~swav.tensor_multicrop.TensorMultiCrop`
-per batch on the device; for in-memory data such as Fashion-MNIST or CIFAR). ``auto`` picks
+per batch on the device; for in-memory data such as Fashion-MNIST or CIFAR), ``device`` (workers only
+read file bytes; :class:`~swav.device_crops.DeviceMultiCrop` decodes (nvJPEG on CUDA) and crops the batch on the
+device, then :class:`~swav.batch_augment.BatchColorAugment`; image folders only). ``auto`` picks
 ``tensor`` for in-memory data and ``batched`` otherwise. Every loader yields a list of V float
 crops ``(B, C, S, S)`` on the training device.
 
@@ -130,6 +132,10 @@ def resolve_pipeline(requested: str, dataset: Dataset, channels: int) -> str:
     in_memory = in_memory_images(dataset, channels) is not None
     if requested == "auto":
         return "tensor" if in_memory else "batched"
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if requested == "device" and getattr(base, "samples", None) is None:
+        raise ValueError("data.pipeline='device' needs a folder of image files; use 'batched' for shards "
+                         "and 'tensor' (or 'auto') for in-memory data sets")
     if requested == "tensor" and not in_memory:
         raise ValueError("data.pipeline='tensor' needs a data set held in memory as one uint8 tensor "
                          "(Fashion-MNIST/MNIST IDX files, CIFAR); use 'batched' or 'pil' for image files")
@@ -211,6 +217,8 @@ def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank:
                 yield multicrop(chunk, batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b))
         return TrainLoader(sampler, tensor_batches, device)
 
+    if pipeline == "device":
+        return _device_loader(config, dataset, sampler, rank=rank, device=device)
     transform, augment = per_image_stages(config, pipeline)
     from swav.batch_augment import multicrop_collate
     workers = d.workers
@@ -226,3 +234,30 @@ def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank:
                 crops = augment(crops)
             yield crops
     return TrainLoader(sampler, file_batches, device)
+
+
+def _device_loader(config: Config, dataset: Dataset, sampler: ResumableSampler, *, rank: int,
+                   device: torch.device) -> TrainLoader:
+    """Workers read bytes; decoding, cropping and colour work run on ``device`` (``data.pipeline=device``)."""
+    from swav.batch_augment import BatchColorAugment
+    from swav.device_crops import DeviceMultiCrop, EncodedImageDataset, encoded_collate, split_encoded
+    c, d = config.crops, config.data
+    groups = crop_groups_from_lists(c.counts, c.sizes, c.min_scales, c.max_scales)
+    mean, std = resolve_normalization(d.channels, d.mean, d.std)
+    seed = config.run.seed
+    cropper = DeviceMultiCrop(groups, channels=d.channels, seed=seed, device=device)
+    augment = BatchColorAugment(channels=d.channels, mean=mean, std=std, color_jitter_strength=c.color_jitter_strength,
+                                grayscale_prob=c.grayscale_prob, blur_prob=c.blur_prob)
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    encoded = EncodedImageDataset(base)
+    workers = d.workers
+    loader = DataLoader(encoded, batch_size=config.optim.batch_size_per_device, sampler=sampler, drop_last=True,
+                        num_workers=workers, collate_fn=encoded_collate, persistent_workers=workers > 0,
+                        worker_init_fn=worker_init if workers > 0 else None)
+
+    def device_batches() -> Iterator[list[torch.Tensor]]:
+        for b, (buffer, ends, indices, epoch) in enumerate(loader):
+            crops = cropper(split_encoded(buffer, ends), indices, epoch)
+            augment.generator = batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
+            yield augment(crops)
+    return TrainLoader(sampler, device_batches, device)

@@ -227,7 +227,11 @@ class SwAVStep:
         run = self.config.run
         if not (run.nan_check or step % run.log_every_steps == 0):
             return 0, False
-        flags = torch.tensor([0.0, float(stop_signal), float(time_over)], device=self.device)
+        flags = torch.zeros(3, device=self.device)  # filled on the device: no host-to-device copy, no extra sync
+        if stop_signal:
+            flags[1] = float(stop_signal)
+        if time_over:
+            flags[2] = 1.0
         if run.nan_check:
             bad = ~torch.isfinite(loss.detach())
             if not self.scaler.is_enabled():  # fp16: inf gradients are the scaler's business

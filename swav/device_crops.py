@@ -1,0 +1,170 @@
+"""Decode and crop on the training device (issue "Speed": a GPU node not limited by its CPU cores).
+
+The ``device`` pipeline moves everything but file reading off the CPU:
+
+1. DataLoader workers only read the encoded files (:class:`EncodedImageDataset`: bytes, no decoding).
+2. :class:`DeviceMultiCrop` decodes the whole batch at once with ``torchvision.io.decode_jpeg`` on the
+   device (nvJPEG on CUDA; libjpeg-turbo on CPU), draws the crop boxes on the CPU with the same
+   seeded distribution as :class:`~swav.batch_augment.MultiCropCropper` (RandomResizedCrop's), and cuts
+   every crop of one resolution with a single ``torchvision.ops.roi_align`` call per source-image size.
+3. :class:`~swav.batch_augment.BatchColorAugment` does flip, jitter, grayscale, blur and normalisation
+   on the same device.
+
+Deviation from the per-image pipeline (documented in the README): the resize is roi_align's bilinear
+sampling averaged over each output pixel's footprint (``sampling_ratio`` adaptive), an area-averaging
+antialias instead of torchvision's antialiased bilinear kernel; crop geometry and every random
+decision have the same distribution. Files that are not JPEG (PNG, WebP, ...) or that the device
+decoder rejects are decoded on the CPU (PIL) and then follow the same path.
+
+Legend: B batch, V crops, C channels, S crop size.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.ops import roi_align
+
+from swav.batch_augment import MultiCropCropper, decode_image_source
+from swav.multicrop import CropGroup, check_groups, crop_generator
+
+try:  # deprecated in torchvision 0.29 (moving to torchcodec); everything is decoded by PIL without it
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover
+    decode_jpeg = None
+
+__all__ = ["EncodedImageDataset", "DeviceMultiCrop", "encoded_collate", "split_encoded"]
+
+logger = logging.getLogger(__name__)
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class EncodedImageDataset(Dataset):
+    """The files of an :class:`~swav.datasets.ImageFolderDataset` as encoded bytes (uint8 1-D tensors).
+
+    Item ``(epoch, index)`` (the :class:`~swav.train_data.ResumableSampler` key) -> ``(bytes, index, epoch)``.
+    A file that cannot be read is reported with its path and the fix.
+    """
+
+    def __init__(self, folder: Dataset) -> None:
+        samples = getattr(folder, "samples", None)
+        if samples is None:
+            raise ValueError("data.pipeline='device' needs a folder of image files (ImageFolderDataset); "
+                             "use 'batched' for shards and 'tensor' for in-memory data sets")
+        self.paths = [path for path, _ in samples]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        path = self.paths[index]
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise OSError(f"cannot read image file {path!r} ({exc}); remove it or fix its permissions") from exc
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), index, epoch
+
+
+def encoded_collate(items: Sequence[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, list[int], list[int], int]:
+    """``(buffer, ends, indices, epoch)``: the batch's encoded files end to end in one uint8 tensor (a worker
+    hands one shared-memory block to the main process instead of one per file), where each file ends, the
+    sample indices, and the batch's epoch. :func:`split_encoded` gives the files back."""
+    buffer = torch.cat([item[0] for item in items])
+    ends = torch.tensor([len(item[0]) for item in items]).cumsum(0).tolist()
+    return buffer, ends, [item[1] for item in items], items[0][2]
+
+
+def split_encoded(buffer: torch.Tensor, ends: Sequence[int]) -> list[torch.Tensor]:
+    """The files of :func:`encoded_collate`'s buffer, as views."""
+    return [buffer[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+
+
+class DeviceMultiCrop:
+    """Encoded images -> V uint8 crop batches ``(B, C, S, S)`` on ``device`` (group 0's crops first).
+
+    Crop boxes are keyed by ``(seed, epoch, rank, sample index)`` exactly as in
+    :class:`~swav.batch_augment.MultiCropCropper`, so the two pipelines cut the same rectangles.
+
+    Example:
+        >>> import io; from PIL import Image
+        >>> buf = io.BytesIO(); Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "JPEG")
+        >>> data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        >>> crops = DeviceMultiCrop([CropGroup(16, 2, 0.3, 1.0), CropGroup(8, 3, 0.05, 0.3)], seed=0)([data], [0])
+        >>> [tuple(c.shape) for c in crops]
+        [(1, 3, 16, 16), (1, 3, 16, 16), (1, 3, 8, 8), (1, 3, 8, 8), (1, 3, 8, 8)]
+    """
+
+    def __init__(self, groups: Sequence[CropGroup], *, channels: int = 3, seed: int | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.groups = check_groups(groups)
+        self.cropper = MultiCropCropper(self.groups, channels=channels, seed=seed)
+        self.channels = channels
+        self.seed = seed
+        self.device = torch.device(device)
+        self.device_decode = decode_jpeg is not None
+        self.cpu_decoded = 0  # images that needed the CPU fallback (not JPEG or rejected by the decoder)
+
+    def decode(self, encoded: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 ``(C, H, W)`` images on the device; one batched device decode for the JPEGs."""
+        images: list[torch.Tensor | None] = [None] * len(encoded)
+        jpeg = [i for i, data in enumerate(encoded)
+                if self.device_decode and bytes(data[:3].tolist()) == _JPEG_MAGIC]
+        if jpeg:
+            mode = ImageReadMode.RGB if self.channels == 3 else ImageReadMode.GRAY
+            try:
+                decoded = decode_jpeg([encoded[i] for i in jpeg], mode=mode, device=self.device)
+                for i, image in zip(jpeg, decoded):
+                    images[i] = image
+            except RuntimeError as exc:  # one bad file fails the batch: find it image by image
+                logger.debug("batched device decode failed (%s); decoding one by one", exc)
+                for i in jpeg:
+                    try:
+                        images[i] = decode_jpeg(encoded[i], mode=mode, device=self.device)
+                    except RuntimeError:
+                        pass
+        for i, image in enumerate(images):
+            if image is None:
+                self.cpu_decoded += 1
+                try:
+                    cpu = decode_image_source(bytes(encoded[i].numpy()), self.channels)
+                except Exception as exc:  # PIL raises many types for corrupt data
+                    raise ValueError(f"image {i} of the batch cannot be decoded ({exc}); find the corrupt "
+                                     "file with `swav scan DATA` and remove it") from exc
+                images[i] = cpu.to(self.device, non_blocking=True)
+        return images  # type: ignore[return-value]
+
+    def __call__(self, encoded: Sequence[torch.Tensor], indices: Sequence[int], epoch: int = 0) -> list[torch.Tensor]:
+        images = self.decode(encoded)
+        sizes = [(g.size, g.count) for g in self.groups]
+        # boxes per crop position v, per image b: (x1, y1, x2, y2) in pixels, as roi_align wants
+        boxes_bV = []
+        for image, index in zip(images, indices):
+            generator = crop_generator(self.seed, epoch, int(index), 0)
+            boxes = self.cropper.sample_boxes(image.shape[-2], image.shape[-1], generator)
+            boxes_bV.append([(b.left, b.top, b.left + b.width, b.top + b.height) for b in boxes])
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for b, image in enumerate(images):
+            by_shape.setdefault(tuple(image.shape[-2:]), []).append(b)
+        batch = len(images)
+        out: list[torch.Tensor] = []
+        start = 0
+        for size, count in sizes:
+            crops = torch.empty(count * batch, self.channels, size, size, dtype=torch.uint8, device=self.device)
+            for members in by_shape.values():
+                stack = torch.stack([images[b] for b in members]).float()
+                rows = [(k, v, b) for v in range(start, start + count) for k, b in enumerate(members)]
+                rois = torch.tensor([(k, *boxes_bV[b][v]) for k, v, b in rows], dtype=torch.float32)
+                targets = torch.tensor([(v - start) * batch + b for _, v, b in rows], dtype=torch.long)
+                if self.device.type == "cuda":
+                    rois = rois.pin_memory().to(self.device, non_blocking=True)
+                    targets = targets.pin_memory().to(self.device, non_blocking=True)
+                cut = roi_align(stack, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+                crops.index_copy_(0, targets, cut.round_().clamp_(0, 255).to(torch.uint8))
+            out += list(crops.split(batch))
+            start += count
+        return out
+

@@ -1,0 +1,113 @@
+"""The ``device`` pipeline: batched decode + roi_align crops (issue "Speed"), checked on the CPU."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from swav.batch_augment import MultiCropCropper
+from swav.device_crops import DeviceMultiCrop, EncodedImageDataset, encoded_collate, split_encoded
+from swav.multicrop import CropGroup
+from swav.train import train
+from swav.train_data import resolve_pipeline
+
+from train_helpers import InMemoryImages, tiny_config, tiny_model
+
+GROUPS = [CropGroup(48, 2, 0.14, 1.0), CropGroup(24, 3, 0.05, 0.14)]
+
+
+def smooth_image(seed: int, size=(120, 90)) -> Image.Image:
+    """A photo-like RGB image: upsampled noise (smooth regions and edges)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    return small.resize(size, Image.BICUBIC)
+
+
+def encode(image: Image.Image, fmt: str = "JPEG") -> torch.Tensor:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, quality=95) if fmt == "JPEG" else image.save(buffer, fmt)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def test_same_boxes_as_the_per_image_cropper_and_close_pixels() -> None:
+    images = [smooth_image(i) for i in range(6)]
+    encoded = [encode(im) for im in images]
+    crops = DeviceMultiCrop(GROUPS, seed=4)(encoded, list(range(6)), epoch=2)
+    assert [tuple(c.shape) for c in crops] == [(6, 3, 48, 48)] * 2 + [(6, 3, 24, 24)] * 3
+    assert all(c.dtype == torch.uint8 for c in crops)
+    cropper = MultiCropCropper(GROUPS, seed=4)
+    cropper.set_epoch(2)
+    # the reference decodes the same JPEG bytes and resizes with antialiased bilinear
+    reference = [cropper(bytes(e.numpy()), index=i) for i, e in enumerate(encoded)]
+    for v, batch in enumerate(crops):
+        expected = torch.stack([reference[b][v] for b in range(6)]).float()
+        diff = (batch.float() - expected).abs()
+        assert diff.mean() < 2.0, (v, float(diff.mean()))
+    # a different epoch cuts other rectangles
+    other = DeviceMultiCrop(GROUPS, seed=4)(encoded, list(range(6)), epoch=3)
+    assert not torch.equal(other[0], crops[0])
+    again = DeviceMultiCrop(GROUPS, seed=4)(encoded, list(range(6)), epoch=2)
+    assert all(torch.equal(a, b) for a, b in zip(again, crops))
+
+
+def test_png_and_mixed_sizes_are_decoded_on_the_cpu_and_cropped_alike() -> None:
+    images = [smooth_image(0, (120, 90)), smooth_image(1, (70, 100)), smooth_image(2, (120, 90))]
+    encoded = [encode(images[0]), encode(images[1], "PNG"), encode(images[2])]
+    cropper = DeviceMultiCrop(GROUPS, seed=0)
+    crops = cropper(encoded, [0, 1, 2])
+    assert cropper.cpu_decoded == 1
+    reference = MultiCropCropper(GROUPS, seed=0)(images[1], index=1)
+    for v in range(5):  # the PNG is lossless: compare with the decoded image's crops
+        assert (crops[v][1].float() - reference[v].float()).abs().mean() < 2.0
+
+
+def test_grayscale_output_has_one_channel() -> None:
+    crops = DeviceMultiCrop(GROUPS, channels=1, seed=0)([encode(smooth_image(0))], [0])
+    assert tuple(crops[0].shape) == (1, 1, 48, 48)
+
+
+def test_corrupt_file_names_the_fix() -> None:
+    good = encode(smooth_image(0))
+    bad = torch.cat([good[:40], torch.zeros(200, dtype=torch.uint8)])  # JPEG header, garbage body
+    with pytest.raises(ValueError, match="swav scan"):
+        DeviceMultiCrop(GROUPS, seed=0)([good, bad], [0, 1])
+
+
+def test_encoded_dataset_reads_bytes_and_collates(tmp_path) -> None:
+    from swav.datasets import ImageFolderDataset
+    for i in range(3):
+        smooth_image(i).save(tmp_path / f"{i}.jpg")
+    dataset = EncodedImageDataset(ImageFolderDataset(tmp_path))
+    items = [dataset[(5, i)] for i in range(3)]
+    buffer, ends, indices, epoch = encoded_collate(items)
+    assert indices == [0, 1, 2] and epoch == 5
+    data = split_encoded(buffer, ends)
+    assert bytes(data[1].numpy()) == (tmp_path / "1.jpg").read_bytes()
+    with pytest.raises(ValueError, match="folder of image files"):
+        EncodedImageDataset(InMemoryImages(4))
+
+
+def test_device_pipeline_needs_an_image_folder() -> None:
+    with pytest.raises(ValueError, match="data.pipeline='device'"):
+        resolve_pipeline("device", InMemoryImages(4), 3)
+
+
+def test_pretrain_with_device_pipeline_resumes_bit_identically(tmp_path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(12):
+        smooth_image(i, (30, 24)).save(folder / f"{i}.jpg")
+    values = {"data.pipeline": "device", "optim.epochs": 2}
+    straight = train(tiny_config(tmp_path / "straight", folder, **values), model_builder=tiny_model)
+    assert straight.status == "complete" and straight.step == 6
+    train(tiny_config(tmp_path / "split", folder, **values, **{"run.max_steps": 4}), model_builder=tiny_model)
+    resumed = train(tiny_config(tmp_path / "split", folder, **values), model_builder=tiny_model, resume=True)
+    assert resumed.step == 6
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=False) for d in ("straight", "split"))
+    state_a, state_b = a["model"], b["model"]
+    assert state_a.keys() == state_b.keys() and len(state_a) > 10
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
