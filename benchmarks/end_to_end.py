@@ -1,27 +1,29 @@
 """End-to-end `swav pretrain` throughput on the Fashion-MNIST CPU recipe, data loading included (issue "Speed",
 item 4), side by side with the same training steps on pre-made crops.
 
-    PYTHONPATH=. python benchmarks/end_to_end.py --steps 60 [--threads 2] [--json out.json]
+    PYTHONPATH=. python benchmarks/end_to_end.py --steps 40 --repeats 3 [--threads 2] [--json out.json]
 
 1. engine: :func:`swav.train.train` with the recipe (``data.pipeline`` auto = in-memory tensor crops),
    ``run.max_steps`` = warm-up + ``--steps``; images/s between the first and the last logged step (the
    start-up, the bf16 self-check and the first interval are excluded).
 2. pre-made crops: the same loader's batches produced beforehand (their production timed separately),
    then the same model, optimiser and :class:`~swav.train_step.SwAVStep` on them, timed alone.
-Prints one table (images/s, ratio engine / pre-made) and writes it as JSON.
+Both are repeated, alternately; prints one table of the medians (images/s, ratio engine / pre-made) and
+writes it as JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from swav.config import with_values
+from swav.config import apply_overrides, with_values
 from swav.datasets import build_dataset
 from swav.model import build_model
 from swav.recipes import load_recipe
@@ -77,18 +79,29 @@ def main() -> None:
     parser.add_argument("--recipe", default="fashion_mnist_cpu")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_recipe(args.recipe)
+    if args.overrides:
+        config = apply_overrides(config, args.overrides)
+    engines, premades, makes = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        engine = engine_rate(config, args.steps, args.warmup, Path(tmp) / "run")
-    premade, make_ms = premade_rate(config, args.steps, args.warmup)
+        for r in range(args.repeats):  # alternated: a shared machine's load drifts
+            engines.append(engine_rate(config, args.steps, args.warmup, Path(tmp) / f"run{r}"))
+            rate, make_ms = premade_rate(config, args.steps, args.warmup)
+            premades.append(rate)
+            makes.append(make_ms)
+            print(f"repeat {r + 1}: engine {engines[-1]:.1f} img/s, pre-made crops {rate:.1f} img/s", flush=True)
+    engine, premade, make_ms = statistics.median(engines), statistics.median(premades), statistics.median(makes)
     batch = config.optim.batch_size_per_device
-    print(f"\n{args.recipe}: batch {batch}, {args.steps} timed steps after {args.warmup}, "
-          f"{torch.get_num_threads()} threads, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+    print(f"\n{args.recipe}: batch {batch}, {args.steps} timed steps after {args.warmup}, medians of {args.repeats} "
+          f"alternated repeats, {torch.get_num_threads()} threads, "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
     print(f"{'run':<44}{'img/s':>9}{'ratio':>8}")
     print(f"{'swav pretrain (engine, data loading included)':<44}{engine:>9.1f}{engine / premade:>8.3f}")
     print(f"{'same steps on pre-made crops':<44}{premade:>9.1f}{1.0:>8.3f}")
@@ -96,7 +109,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"recipe": args.recipe, "batch": batch, "threads": torch.get_num_threads(),
                                          "engine_images_per_s": engine, "premade_images_per_s": premade,
-                                         "ratio": engine / premade, "make_crops_ms_per_batch": make_ms}, indent=2))
+                                         "ratio": engine / premade, "make_crops_ms_per_batch": make_ms,
+                                         "engine_runs": engines, "premade_runs": premades}, indent=2))
 
 
 if __name__ == "__main__":

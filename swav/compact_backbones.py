@@ -5,12 +5,13 @@ for a 2-core CPU budget of minutes. These trunks keep the ResNet recipe (3x3 con
 BatchNorm, ReLU, BasicBlock residual units with 1x1 projection shortcuts, global average pooling)
 but with few, narrow stages, sized for 28-32 px inputs. Names:
 
-``resnet-compact[-s2]-<w>[-<d>][-x<n>]``
+``resnet-compact[-s2]-<w>[-<d>][-x<n>][-g<g>]``
     3x3 stem conv with w channels, then n stages (3 by default, or 4) of ``d`` BasicBlocks
     (default 1) with w, 2w, 4w (, 8w) channels at strides 1, 2, 2 (, 2); pooled feature
     ``w * 2**(n-1)``. ``-s2`` gives the stem stride 2: the first stage then runs at 14 x 14 for
     28 px inputs (about half the cost). Examples: ``resnet-compact-16`` (16-32-64 at 28/14/7 px,
-    64-d), ``resnet-compact-s2-16-x4`` (16-32-64-128 at 14/7/4/2 px, 128-d).
+    64-d), ``resnet-compact-s2-16-x4`` (16-32-64-128 at 14/7/4/2 px, 128-d). ``-g<g>`` (1-8) pools the
+    last map to a g x g grid instead of one cell (feature ``C * g * g``); ``-g7`` on a 7 x 7 map keeps it whole.
 
 The modules return pooled ``(B, C)`` features, like :func:`swav.backbones.build_backbone`, and use
 torchvision's initialisation (He normal, fan-out; BN gamma 1, beta 0).
@@ -51,8 +52,8 @@ class CompactResNet(nn.Module):
             raise ValueError(f"stages={stages!r} is invalid: expected 3 or 4")
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride={stem_stride!r} is invalid: expected 1 or 2")
-        if not 1 <= grid <= 4:
-            raise ValueError(f"grid={grid!r} is invalid: expected 1 (global average pooling) to 4")
+        if not 1 <= grid <= 8:
+            raise ValueError(f"grid={grid!r} is invalid: expected 1 (global average pooling) to 8")
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)

@@ -57,6 +57,7 @@ class DataConfig:
     channels: int = 3  # 1 (grey) or 3 (RGB); also the network's input channels
     pipeline: str = "auto"  # auto | pil | batched | tensor (in-memory uint8 data) | device (decode+crop on the GPU)
     workers: int = 10  # DataLoader worker processes per rank
+    prefetch_batches: int = 0  # tensor pipeline: cut this many batches ahead in a background thread (0 = inline)
     limit: int = 0  # use only the first N images (0 = all); for tests and quick checks
     download: bool = False  # allow torchvision to download a named data set
     max_bad_fraction: float = 0.01  # abort when more of the images are unreadable
@@ -66,7 +67,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.channels in (1, 3), "data.channels", self.channels, "1 or 3")
         _check(self.pipeline in PIPELINES, "data.pipeline", self.pipeline, f"one of {PIPELINES}")
-        for key in ("workers", "limit"):
+        for key in ("workers", "limit", "prefetch_batches"):
             _check(getattr(self, key) >= 0, f"data.{key}", getattr(self, key), "an integer >= 0")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", self.max_bad_fraction,
                "a fraction in [0, 1]")

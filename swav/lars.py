@@ -61,7 +61,7 @@ class LARS(torch.optim.SGD):
             rate = torch.where(ok, self.trust_coefficient * p_norms / (g_norms + wd * p_norms + self.eps), 1.0)
             decay = torch.where(ok, rate * wd, 0.0)
             torch._foreach_mul_(grads, list(rate.unbind()))
-            torch._foreach_add_(grads, torch._foreach_mul(params, list(decay.unbind())))
+            torch._foreach_addcmul_(grads, params, list(decay.unbind()))  # g += decay * p, no temporaries
 
     def step(self, closure=None):  # type: ignore[override]
         loss = None

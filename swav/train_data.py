@@ -27,6 +27,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -142,14 +144,66 @@ def resolve_pipeline(requested: str, dataset: Dataset, channels: int) -> str:
     return requested
 
 
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def prefetched(batches: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """``batches`` made by a background thread, up to ``depth`` ahead (torch ops release the GIL, so the
+    next batch is cut while the step runs). Errors re-raise in the consumer; closing the consumer stops
+    the thread. The batches and their order are those of ``batches`` (randomness is keyed by batch index).
+
+    Example:
+        >>> list(prefetched(iter(range(5))))
+        [0, 1, 2, 3, 4]
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as error:  # noqa: BLE001  (handed to the consumer)
+            put(_Failure(error))
+
+    thread = threading.Thread(target=produce, name="swav-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is end:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+
+
 class TrainLoader:
-    """Iterates one epoch of V-crop batches on ``device``; ``set_epoch(epoch, start_batch)`` before each."""
+    """Iterates one epoch of V-crop batches on ``device``; ``set_epoch(epoch, start_batch)`` before each.
+    ``prefetch`` > 0 makes the batches in a background thread (:func:`prefetched`)."""
 
     def __init__(self, sampler: ResumableSampler, batches: Callable[[], Iterator[list[torch.Tensor]]],
-                 device: torch.device) -> None:
+                 device: torch.device, prefetch: int = 0) -> None:
         self.sampler = sampler
         self._batches = batches
         self.device = device
+        self.prefetch = prefetch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
@@ -158,7 +212,7 @@ class TrainLoader:
         return len(self.sampler) // self.sampler.batch_size
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        return self._batches()
+        return prefetched(self._batches(), self.prefetch) if self.prefetch > 0 else self._batches()
 
 
 def batch_generator(seed: int, rank: int, epoch: int, batch_index: int) -> torch.Generator:
@@ -215,7 +269,7 @@ def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank:
             for b in range(len(index) // batch):
                 chunk = images[index[b * batch:(b + 1) * batch].to(device)]
                 yield multicrop(chunk, batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b))
-        return TrainLoader(sampler, tensor_batches, device)
+        return TrainLoader(sampler, tensor_batches, device, prefetch=d.prefetch_batches)
 
     if pipeline == "device":
         return _device_loader(config, dataset, sampler, rank=rank, device=device)

@@ -80,5 +80,11 @@ def test_grid_pooled_readout_keeps_the_layout():
     cells = even(x8).reshape(2, 32, 4).mean(dim=2)
     g = even.layer3(even.layer2(even.layer1(even.relu(even.bn1(even.conv1(x8))))))
     assert torch.allclose(cells, g.mean(dim=(2, 3)), atol=1e-6)
-    with pytest.raises(ValueError, match="grid"):
-        build_compact_backbone("resnet-compact-8-g5")
+    # on 28-pixel inputs the last map is 7 x 7: grid 7 is the whole map, unpooled
+    full, dim7 = build_compact_backbone("resnet-compact-8-g7", in_channels=1)
+    full.load_state_dict(trunk.state_dict())
+    full.eval()
+    assert dim7 == 32 * 49 and torch.allclose(full(x), h.flatten(1), atol=1e-6)
+    for bad in ("resnet-compact-8-g9", "resnet-compact-8-g0"):
+        with pytest.raises(ValueError, match="grid"):
+            build_compact_backbone(bad)
