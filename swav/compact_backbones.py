@@ -71,7 +71,7 @@ class CompactResNet(nn.Module):
             self.add_module(f"layer{index}", nn.Sequential(*blocks))
         # grid > 1 average-pools the last map to grid x grid cells and flattens them: for tiny, centred
         # images (Fashion-MNIST) the layout carries much of the class, and global pooling discards it
-        self.avgpool = nn.AdaptiveAvgPool2d(grid)
+        self.avgpool = nn.AdaptiveAvgPool2d((grid, grid))
         self.feature_dim = channels * grid * grid
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -85,7 +85,9 @@ class CompactResNet(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         if self.num_stages == 4:
             x = self.layer4(x)
-        return torch.flatten(self.avgpool(x), 1)
+        if x.shape[-2:] != self.avgpool.output_size:  # pooling a map to its own size is the identity: skip it
+            x = self.avgpool(x)
+        return torch.flatten(x, 1)
 
 
 def available_compact_backbones() -> list[str]:
