@@ -108,8 +108,9 @@ class DeviceMultiCrop:
         self.device_decode = decode_jpeg is not None
         self.cpu_decoded = 0  # images that needed the CPU fallback (not JPEG or rejected by the decoder)
 
-    def decode(self, encoded: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """uint8 ``(C, H, W)`` images on the device; one batched device decode for the JPEGs."""
+    def decode(self, encoded: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """uint8 ``(C, H, W)`` images on the device; one batched device decode for the JPEGs. ``names`` (e.g.
+        file paths) only serve the error message."""
         images: list[torch.Tensor | None] = [None] * len(encoded)
         jpeg = [i for i, data in enumerate(encoded)
                 if self.device_decode and bytes(data[:3].tolist()) == _JPEG_MAGIC]
@@ -132,13 +133,15 @@ class DeviceMultiCrop:
                 try:
                     cpu = decode_image_source(bytes(encoded[i].numpy()), self.channels)
                 except Exception as exc:  # PIL raises many types for corrupt data
-                    raise ValueError(f"image {i} of the batch cannot be decoded ({exc}); find the corrupt "
+                    what = repr(names[i]) if names is not None else f"image {i} of the batch"
+                    raise ValueError(f"{what} cannot be decoded ({exc}); find the corrupt "
                                      "file with `swav scan DATA` and remove it") from exc
                 images[i] = cpu.to(self.device, non_blocking=True)
         return images  # type: ignore[return-value]
 
-    def __call__(self, encoded: Sequence[torch.Tensor], indices: Sequence[int], epoch: int = 0) -> list[torch.Tensor]:
-        images = self.decode(encoded)
+    def __call__(self, encoded: Sequence[torch.Tensor], indices: Sequence[int], epoch: int = 0,
+                 names: Sequence[str] | None = None) -> list[torch.Tensor]:
+        images = self.decode(encoded, names)
         sizes = [(g.size, g.count) for g in self.groups]
         # boxes per crop position v, per image b: (x1, y1, x2, y2) in pixels, as roi_align wants
         boxes_bV = []
@@ -149,13 +152,15 @@ class DeviceMultiCrop:
         by_shape: dict[tuple[int, int], list[int]] = {}
         for b, image in enumerate(images):
             by_shape.setdefault(tuple(image.shape[-2:]), []).append(b)
+        # one float stack per source size, shared by every crop resolution
+        stacks = {shape: torch.stack([images[b] for b in members]).float() for shape, members in by_shape.items()}
         batch = len(images)
         out: list[torch.Tensor] = []
         start = 0
         for size, count in sizes:
             crops = torch.empty(count * batch, self.channels, size, size, dtype=torch.uint8, device=self.device)
-            for members in by_shape.values():
-                stack = torch.stack([images[b] for b in members]).float()
+            for shape, members in by_shape.items():
+                stack = stacks[shape]
                 rows = [(k, v, b) for v in range(start, start + count) for k, b in enumerate(members)]
                 rois = torch.tensor([(k, *boxes_bV[b][v]) for k, v, b in rows], dtype=torch.float32)
                 targets = torch.tensor([(v - start) * batch + b for _, v, b in rows], dtype=torch.long)

@@ -311,7 +311,7 @@ def _device_loader(config: Config, dataset: Dataset, sampler: ResumableSampler, 
 
     def device_batches() -> Iterator[list[torch.Tensor]]:
         for b, (buffer, ends, indices, epoch) in enumerate(loader):
-            crops = cropper(split_encoded(buffer, ends), indices, epoch)
+            crops = cropper(split_encoded(buffer, ends), indices, epoch, names=[encoded.paths[i] for i in indices])
             augment.generator = batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
             yield augment(crops)
     return TrainLoader(sampler, device_batches, device)

@@ -74,6 +74,8 @@ def test_corrupt_file_names_the_fix() -> None:
     bad = torch.cat([good[:40], torch.zeros(200, dtype=torch.uint8)])  # JPEG header, garbage body
     with pytest.raises(ValueError, match="swav scan"):
         DeviceMultiCrop(GROUPS, seed=0)([good, bad], [0, 1])
+    with pytest.raises(ValueError, match="'photos/b.jpg' cannot be decoded"):
+        DeviceMultiCrop(GROUPS, seed=0)([good, bad], [0, 1], names=["photos/a.jpg", "photos/b.jpg"])
 
 
 def test_encoded_dataset_reads_bytes_and_collates(tmp_path) -> None:
