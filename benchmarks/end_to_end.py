@@ -8,8 +8,10 @@ item 4), side by side with the same training steps on pre-made crops.
    start-up, the bf16 self-check and the first interval are excluded).
 2. pre-made crops: the same loader's batches produced beforehand (their production timed separately),
    then the same model, optimiser and :class:`~swav.train_step.SwAVStep` on them, timed alone.
-Both are repeated, alternately; prints one table of the medians (images/s, ratio engine / pre-made) and
-writes it as JSON.
+Both are repeated, alternately, and timed in intervals of 10 steps (the engine's logging interval). The
+table gives the median over all intervals of each side (a short slow spell of a shared machine spoils
+one interval, not the figure) and, as a cross-check, the median of the per-repeat ratios; JSON holds
+every interval.
 """
 from __future__ import annotations
 
@@ -33,19 +35,23 @@ from swav.train_data import build_train_loader, resolve_pipeline
 from swav.train_step import SwAVStep, resolve_precision
 
 
-def engine_rate(config, steps: int, warmup: int, out: Path) -> float:
-    config = with_values(config, {"run.max_steps": warmup + steps, "run.log_every_steps": 10,
+INTERVAL = 10
+
+
+def engine_rates(config, steps: int, warmup: int, out: Path) -> list[float]:
+    """images/s of every logging interval of ``swav pretrain`` after the warm-up."""
+    config = with_values(config, {"run.max_steps": warmup + steps, "run.log_every_steps": INTERVAL,
                                   "run.output_dir": str(out), "run.checkpoint_every_epochs": 0,
                                   "run.tensorboard": False})
     train(config, overwrite=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if r.get("kind") == "step" and r["step"] >= warmup]
-    first, last = logged[0], logged[-1]
-    return (last["step"] - first["step"]) * config.optim.batch_size_per_device / (last["time"] - first["time"])
+    batch = config.optim.batch_size_per_device
+    return [(b["step"] - a["step"]) * batch / (b["time"] - a["time"]) for a, b in zip(logged, logged[1:])]
 
 
-def premade_rate(config, steps: int, warmup: int) -> tuple[float, float]:
-    """(images/s of the steps alone on pre-made crops, milliseconds per batch to make the crops)."""
+def premade_rates(config, steps: int, warmup: int) -> tuple[list[float], float]:
+    """(images/s of every interval of steps on pre-made crops, milliseconds per batch to make the crops)."""
     device = torch.device("cpu")
     dataset = build_dataset(config.data.path, split="train", channels=config.data.channels)
     pipeline = resolve_pipeline(config.data.pipeline, dataset, config.data.channels)
@@ -68,10 +74,13 @@ def premade_rate(config, steps: int, warmup: int) -> tuple[float, float]:
                     precision=resolve_precision(config.run.precision, device), device=device, rank=0)
     for i in range(warmup):
         step(batches[i], i)
-    start = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        step(batches[i], i)
-    return steps * config.optim.batch_size_per_device / (time.perf_counter() - start), make_ms
+    rates = []
+    for first in range(warmup, warmup + steps - INTERVAL + 1, INTERVAL):
+        start = time.perf_counter()
+        for i in range(first, first + INTERVAL):
+            step(batches[i], i)
+        rates.append(INTERVAL * config.optim.batch_size_per_device / (time.perf_counter() - start))
+    return rates, make_ms
 
 
 def main() -> None:
@@ -89,27 +98,37 @@ def main() -> None:
     config = load_recipe(args.recipe)
     if args.overrides:
         config = apply_overrides(config, args.overrides)
-    engines, premades, makes = [], [], []
+    engines, premades, makes, ratios = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):  # alternated: a shared machine's load drifts
-            engines.append(engine_rate(config, args.steps, args.warmup, Path(tmp) / f"run{r}"))
-            rate, make_ms = premade_rate(config, args.steps, args.warmup)
-            premades.append(rate)
+            engine_runs = engine_rates(config, args.steps, args.warmup, Path(tmp) / f"run{r}")
+            premade_runs, make_ms = premade_rates(config, args.steps, args.warmup)
+            engines.append(engine_runs)
+            premades.append(premade_runs)
             makes.append(make_ms)
-            print(f"repeat {r + 1}: engine {engines[-1]:.1f} img/s, pre-made crops {rate:.1f} img/s", flush=True)
-    engine, premade, make_ms = statistics.median(engines), statistics.median(premades), statistics.median(makes)
+            ratios.append(statistics.median(engine_runs) / statistics.median(premade_runs))
+            print(f"repeat {r + 1}: engine {statistics.median(engine_runs):.1f} img/s, pre-made crops "
+                  f"{statistics.median(premade_runs):.1f} img/s (intervals of {INTERVAL} steps: "
+                  f"{' '.join(f'{x:.0f}' for x in engine_runs)} | {' '.join(f'{x:.0f}' for x in premade_runs)})",
+                  flush=True)
+    engine = statistics.median(x for run in engines for x in run)
+    premade = statistics.median(x for run in premades for x in run)
+    make_ms = statistics.median(makes)
     batch = config.optim.batch_size_per_device
-    print(f"\n{args.recipe}: batch {batch}, {args.steps} timed steps after {args.warmup}, medians of {args.repeats} "
-          f"alternated repeats, {torch.get_num_threads()} threads, "
+    print(f"\n{args.recipe}: batch {batch}, {args.steps} timed steps after {args.warmup}, {args.repeats} alternated "
+          f"repeats, medians over all {INTERVAL}-step intervals, {torch.get_num_threads()} threads, "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
     print(f"{'run':<44}{'img/s':>9}{'ratio':>8}")
     print(f"{'swav pretrain (engine, data loading included)':<44}{engine:>9.1f}{engine / premade:>8.3f}")
     print(f"{'same steps on pre-made crops':<44}{premade:>9.1f}{1.0:>8.3f}")
+    print(f"median of the per-repeat ratios: {statistics.median(ratios):.3f} "
+          f"({' '.join(f'{x:.3f}' for x in ratios)})")
     print(f"making the crops alone: {make_ms:.1f} ms per batch of {batch} ({1000 * batch / make_ms:.0f} img/s)")
     if args.json:
         args.json.write_text(json.dumps({"recipe": args.recipe, "batch": batch, "threads": torch.get_num_threads(),
                                          "engine_images_per_s": engine, "premade_images_per_s": premade,
-                                         "ratio": engine / premade, "make_crops_ms_per_batch": make_ms,
+                                         "ratio": engine / premade, "median_repeat_ratio": statistics.median(ratios),
+                                         "repeat_ratios": ratios, "make_crops_ms_per_batch": make_ms,
                                          "engine_runs": engines, "premade_runs": premades}, indent=2))
 
 

@@ -8,6 +8,11 @@ torch.compile) it times the engine's full SwAV step (lr, prototype normalisation
 forward, Sinkhorn codes, loss, backward, LARS step) and a backbone-only forward+backward on the
 same crops, and reports images/s, the ratio to the plain fp32 step, the step/backbone ratio, and
 how far the first step's loss and codes are from fp32 (same weights, same crops).
+
+The configurations are timed in rounds: each round runs one step and one backbone-only call of every
+configuration in turn, so that a slow spell of a shared machine falls on all of them alike. The table
+gives the median over rounds (and the fastest round, which is the least disturbed one); every ratio
+is a ratio of medians.
 """
 from __future__ import annotations
 
@@ -75,21 +80,24 @@ def backbone_only(step: SwAVStep, crops: list[torch.Tensor]) -> None:
     loss.backward()
 
 
-def seconds_per_call(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
+def timed(fn) -> float:
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+    fn()
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="resnet50", help="resnet50 or a recipe name")
     parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -101,34 +109,47 @@ def main() -> None:
     if args.compile:
         variants.append(("bf16", True, True))
     reference = None
-    rows = []
+    rows, steps = [], []
     for precision, channels_last, compile_model in variants:
         step = make_step(config, model, precision, channels_last, compile_model)
         first = step(crops, 10**6)  # past prototype freezing; same weights and crops for every variant
         loss, codes = float(first.loss), first.codes_ABK.float()
         if reference is None:
             reference = (loss, codes)
-        step_s = seconds_per_call(lambda: step(crops, 10**6), args.repeats, args.warmup)
-        bb_s = seconds_per_call(lambda: backbone_only(step, crops), args.repeats, args.warmup)
-        batch = config.optim.batch_size_per_device
+        for _ in range(args.warmup):
+            step(crops, 10**6)
+            backbone_only(step, crops)
+        steps.append(step)
         rows.append({"precision": precision, "channels_last": channels_last, "compile": compile_model,
-                     "step_s": step_s, "images_per_s": batch / step_s, "backbone_only_s": bb_s,
-                     "step_over_backbone": step_s / bb_s, "loss": loss,
-                     "loss_diff_vs_fp32": abs(loss - reference[0]),
-                     "codes_max_diff_vs_fp32": float((codes - reference[1]).abs().max())})
-        print(rows[-1], flush=True)
+                     "loss": loss, "loss_diff_vs_fp32": abs(loss - reference[0]),
+                     "codes_max_diff_vs_fp32": float((codes - reference[1]).abs().max()),
+                     "step_times_s": [], "backbone_only_times_s": []})
+    for round_index in range(args.repeats):
+        for step, row in zip(steps, rows):
+            row["step_times_s"].append(timed(lambda: step(crops, 10**6)))
+            row["backbone_only_times_s"].append(timed(lambda: backbone_only(step, crops)))
+        print(f"round {round_index + 1}/{args.repeats}: "
+              + "  ".join(f"{r['step_times_s'][-1]:.3f}/{r['backbone_only_times_s'][-1]:.3f}" for r in rows),
+              flush=True)
+    batch = config.optim.batch_size_per_device
+    for row in rows:
+        step_s, bb_s = median(row["step_times_s"]), median(row["backbone_only_times_s"])
+        row.update({"step_s": step_s, "step_min_s": min(row["step_times_s"]), "images_per_s": batch / step_s,
+                    "backbone_only_s": bb_s, "step_over_backbone": step_s / bb_s})
     base = rows[0]["images_per_s"]
     print(f"\n{args.preset}: crops {list(config.crops.counts)} x {list(config.crops.sizes)} px, batch "
           f"{config.optim.batch_size_per_device}, backbone {config.model.backbone}, {torch.get_num_threads()} threads, "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
-    print(f"{'precision':<10}{'ch-last':>8}{'compile':>8}{'s/step':>9}{'img/s':>9}{'vs fp32':>9}{'step/bb':>9}"
-          f"{'|dloss|':>10}{'|dcodes|':>10}")
+    print(f"medians of {args.repeats} interleaved rounds (min: fastest round)")
+    print(f"{'precision':<10}{'ch-last':>8}{'compile':>8}{'s/step':>9}{'min':>8}{'img/s':>9}{'vs fp32':>9}"
+          f"{'min vs':>8}{'step/bb':>9}{'|dloss|':>10}{'|dcodes|':>10}")
     for r in rows:
         print(f"{r['precision']:<10}{str(r['channels_last']):>8}{str(r['compile']):>8}{r['step_s']:>9.3f}"
-              f"{r['images_per_s']:>9.2f}{r['images_per_s'] / base:>9.2f}{r['step_over_backbone']:>9.3f}"
+              f"{r['step_min_s']:>8.3f}{r['images_per_s']:>9.2f}{r['images_per_s'] / base:>9.2f}"
+              f"{rows[0]['step_min_s'] / r['step_min_s']:>8.2f}{r['step_over_backbone']:>9.3f}"
               f"{r['loss_diff_vs_fp32']:>10.4f}{r['codes_max_diff_vs_fp32']:>10.4f}")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"preset": args.preset, "batch": config.optim.batch_size_per_device, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ For every parameter p with gradient g (both norms non-zero), with weight decay w
     g    = (g + wd * p) * rate
 then plain SGD with momentum runs with weight decay switched off. No clipping: the rate is not
 capped at 1 and it applies to all parameters (biases and BatchNorm included), as the original.
+
+The momentum update itself is PyTorch's fused SGD kernel where the parameters' device has one (CPU and
+CUDA): one pass over parameters, gradients and momentum buffers instead of three, which takes about a
+fifth off the optimiser's time on a CPU (``benchmarks/train_step.py``).
 """
 from __future__ import annotations
 
@@ -33,12 +37,20 @@ class LARS(torch.optim.SGD):
         weight_decay: float = 1e-6,
         trust_coefficient: float = 0.001,
         eps: float = 1e-8,
+        fused: bool | None = None,
     ) -> None:
         if trust_coefficient <= 0:
             raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0)
+        params = list(params)
+        if fused is None:
+            fused = _fused_supported(params)
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0, fused=fused,
+                         foreach=False if fused else None)
+        # gradients are rescaled here before the SGD step, so they must already be unscaled: a GradScaler
+        # must skip or run the whole step, not hand a scale to the fused kernel
+        self._step_supports_amp_scaling = False
         for group in self.param_groups:
             group.setdefault("lars_weight_decay", weight_decay)
         self.defaults["lars_weight_decay"] = weight_decay
@@ -63,11 +75,32 @@ class LARS(torch.optim.SGD):
             torch._foreach_mul_(grads, list(rate.unbind()))
             torch._foreach_addcmul_(grads, params, list(decay.unbind()))  # g += decay * p, no temporaries
 
+    @torch.no_grad()
+    def _complete_momentum_buffers(self) -> None:
+        """The fused kernel wants every momentum buffer or none: a parameter that gets its first gradient
+        later than the others (prototypes after freezing) starts from a zero buffer, which gives the same
+        update as SGD's first step (buffer = gradient, as dampening is 0)."""
+        for group in self.param_groups:
+            if not group.get("fused") or group["momentum"] == 0:
+                continue
+            for p in group["params"]:
+                if p.grad is not None and self.state[p].get("momentum_buffer") is None:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
     def step(self, closure=None):  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._rescale_gradients()
+        self._complete_momentum_buffers()
         super().step()
         return loss
+
+
+def _fused_supported(params: list) -> bool:
+    """Whether PyTorch's fused SGD kernel takes every parameter (floating point, on CPU or CUDA)."""
+    tensors = [p for p in params if isinstance(p, torch.Tensor)]
+    if len(tensors) != len(params) or not tensors:  # parameter groups given as dicts: keep the default
+        return False
+    return all(t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors)

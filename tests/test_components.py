@@ -132,3 +132,25 @@ def test_schedule_official_formula():
     np.testing.assert_allclose(warmup_cosine_schedule(1.0, 0.0, 2, 3)[0], 1.0)
     with pytest.raises(ValueError, match="warmup_epochs"):
         warmup_cosine_schedule(1.0, 0.0, 2, 3, warmup_epochs=3)
+
+
+def test_lars_fused_update_equals_the_foreach_update_when_a_parameter_starts_late():
+    """The fused SGD kernel (default on CPU) gives the same parameters as the per-tensor path, also when
+    one parameter gets its first gradient steps after the others (prototypes during freezing)."""
+    torch.manual_seed(3)
+    layers = [nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3)) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    opts = [LARS(layers[0].parameters(), lr=0.3, weight_decay=1e-4, fused=True),
+            LARS(layers[1].parameters(), lr=0.3, weight_decay=1e-4, fused=False)]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    for step in range(6):
+        x = torch.randn(5, 6)
+        for layer, opt in zip(layers, opts):
+            opt.zero_grad(set_to_none=True)
+            layer(x).pow(2).sum().backward()
+            if step < 2:
+                layer[1].weight.grad = None  # frozen for the first two steps
+            opt.step()
+        for a, b in zip(layers[0].parameters(), layers[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert LARS(nn.Linear(2, 2).parameters(), lr=0.1).defaults["fused"]  # the default on CPU
