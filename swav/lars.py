@@ -56,10 +56,32 @@ class LARS(torch.optim.SGD):
         self.defaults["lars_weight_decay"] = weight_decay
         self.trust_coefficient = trust_coefficient
         self.eps = eps
+        self._grad_norms: list[tuple[list[torch.Tensor], torch.Tensor | None]] | None = None
+
+    @torch.no_grad()
+    def gradients_finite(self) -> torch.Tensor:
+        """A 0-d bool tensor (no host sync): every gradient is finite. The gradient norms it computes are
+        kept for the next :meth:`step`, which needs them anyway (one pass over the gradients, not two)."""
+        self._grad_norms = []
+        finite = torch.ones((), dtype=torch.bool, device=self._first_device())
+        for group in self.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            norms = torch.stack(torch._foreach_norm(grads)) if grads else None
+            self._grad_norms.append((grads, norms))
+            if norms is not None:
+                finite = finite & torch.isfinite(norms.float()).all()
+        return finite
+
+    def _first_device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
 
     @torch.no_grad()
     def _rescale_gradients(self) -> None:
-        for group in self.param_groups:
+        cached, self._grad_norms = self._grad_norms, None
+        for index, group in enumerate(self.param_groups):
             wd = group["lars_weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -68,7 +90,11 @@ class LARS(torch.optim.SGD):
             # all norms and rates as single stacked tensors: a handful of kernels per group instead
             # of several per parameter (this matters on GPUs, where launches dominate small tensors)
             p_norms = torch.stack(torch._foreach_norm(params))
-            g_norms = torch.stack(torch._foreach_norm(grads))
+            if cached is not None and len(cached[index][0]) == len(grads) and all(
+                    a is b for a, b in zip(cached[index][0], grads)):
+                g_norms = cached[index][1]  # from gradients_finite(), on these very gradient tensors
+            else:
+                g_norms = torch.stack(torch._foreach_norm(grads))
             ok = (p_norms > 0) & (g_norms > 0)  # else the gradient passes through untouched
             rate = torch.where(ok, self.trust_coefficient * p_norms / (g_norms + wd * p_norms + self.eps), 1.0)
             decay = torch.where(ok, rate * wd, 0.0)

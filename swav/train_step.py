@@ -28,6 +28,7 @@ from torch import nn
 from swav.config import Config
 from swav.distributed import all_gather_cat, all_reduce_max_
 from swav.health import NonFiniteError, gradients_finite, nonfinite_parameter_names, swapped_prediction_terms
+from swav.lars import LARS
 from swav.loss import swav_loss
 from swav.model import SwAVModel
 from swav.queue import EmbeddingQueue
@@ -235,7 +236,9 @@ class SwAVStep:
         if run.nan_check:
             bad = ~torch.isfinite(loss.detach())
             if not self.scaler.is_enabled():  # fp16: inf gradients are the scaler's business
-                bad = bad | ~gradients_finite(self.raw_model.parameters())
+                finite = (self.optimizer.gradients_finite() if isinstance(self.optimizer, LARS)
+                          else gradients_finite(self.raw_model.parameters()))
+                bad = bad | ~finite
             flags[0] = bad.float()
         all_reduce_max_(flags)
         nonfinite, signal_value, over = flags.tolist()

@@ -154,3 +154,28 @@ def test_lars_fused_update_equals_the_foreach_update_when_a_parameter_starts_lat
         for a, b in zip(layers[0].parameters(), layers[1].parameters()):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert LARS(nn.Linear(2, 2).parameters(), lr=0.1).defaults["fused"]  # the default on CPU
+
+
+def test_lars_reuses_the_gradient_norms_of_its_finiteness_check_only_for_the_same_gradients():
+    torch.manual_seed(4)
+    layers = [nn.Linear(5, 3) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    opts = [LARS(layer.parameters(), lr=0.2, weight_decay=1e-3) for layer in layers]
+    for step in range(4):
+        x = torch.randn(6, 5)
+        for k, (layer, opt) in enumerate(zip(layers, opts)):
+            opt.zero_grad(set_to_none=True)
+            layer(x).pow(2).sum().backward()
+            if k == 0:
+                assert bool(opt.gradients_finite())
+                if step == 2:  # new gradient tensors after the check: the kept norms must not be used
+                    for p in layer.parameters():
+                        p.grad = p.grad * 3.0
+            elif step == 2:
+                for p in layer.parameters():
+                    p.grad = p.grad * 3.0
+            opt.step()
+        for a, b in zip(layers[0].parameters(), layers[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    layers[0].weight.grad = torch.full_like(layers[0].weight, float("nan"))
+    assert not bool(opts[0].gradients_finite())
