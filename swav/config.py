@@ -206,6 +206,10 @@ class RunConfig:
     time_budget_minutes: float = 0.0  # stop (and save) after this much time; 0 = no limit
     log_every_steps: int = 50
     nan_check: bool = True  # stop before the optimiser step on NaN/Inf loss or gradients
+    # when the step's flags (NaN check, stop signals) reach the host: "step" = in the same step (one host-
+    # device sync per step), "deferred" = one step later, without a sync (a non-finite step's update is
+    # skipped on the device), "auto" = deferred on CUDA with LARS, else step
+    check_sync: str = "auto"
     max_scaler_skips: int = 20  # fp16: consecutive skipped steps that stop the run
     tensorboard: bool = True
     knn_every_epochs: int = 0  # online k-NN monitor on held-out labelled data every N epochs (0 = off)
@@ -215,6 +219,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "run.output_dir", self.output_dir, "a folder path")
         _check(self.precision in PRECISIONS, "run.precision", self.precision, f"one of {PRECISIONS}")
+        _check(self.check_sync in ("auto", "step", "deferred"), "run.check_sync", self.check_sync,
+               "auto, step or deferred")
         dev = self.device
         ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
         _check(ok, "run.device", dev, "auto, cpu, cuda or cuda:N")

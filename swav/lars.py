@@ -59,15 +59,24 @@ class LARS(torch.optim.SGD):
         self._grad_norms: list[tuple[list[torch.Tensor], torch.Tensor | None]] | None = None
 
     @torch.no_grad()
-    def gradients_finite(self) -> torch.Tensor:
-        """A 0-d bool tensor (no host sync): every gradient is finite. The gradient norms it computes are
-        kept for the next :meth:`step`, which needs them anyway (one pass over the gradients, not two)."""
-        self._grad_norms = []
-        finite = torch.ones((), dtype=torch.bool, device=self._first_device())
+    def gradient_norms(self) -> list[tuple[list[torch.Tensor], torch.Tensor | None]]:
+        """Per parameter group: (parameters with a gradient, their gradient norms stacked), on the device,
+        no host sync. The norms are kept for the next :meth:`step`, which needs them anyway (one pass over
+        the gradients, not two)."""
+        self._grad_norms, found = [], []
         for group in self.param_groups:
-            grads = [p.grad for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
             norms = _norms(grads) if grads else None
             self._grad_norms.append((grads, norms))
+            found.append((params, norms))
+        return found
+
+    @torch.no_grad()
+    def gradients_finite(self) -> torch.Tensor:
+        """A 0-d bool tensor (no host sync): every gradient is finite (norms kept as in :meth:`gradient_norms`)."""
+        finite = torch.ones((), dtype=torch.bool, device=self._first_device())
+        for _, norms in self.gradient_norms():
             if norms is not None:
                 finite = finite & torch.isfinite(norms.float()).all()
         return finite

@@ -288,6 +288,7 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
         if run.knn_every_epochs and ctx.is_main else None
 
     def save(path: Path, finished: bool = False) -> Path:
+        step_fn.flush()  # run.check_sync=deferred: the last step's NaN check, before anything is written
         saved = save_training_state(path, step_fn, progress, config=config, derived=derived, rank=ctx.rank,
                                     finished=finished)
         if ctx.is_main and not finished:
@@ -334,6 +335,7 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
             if progress.batch_in_epoch:
                 raise RuntimeError(f"the data loader ended after {progress.batch_in_epoch} of "
                                    f"{derived.steps_per_epoch} batches of epoch {progress.epoch}")
+        step_fn.flush()  # the last step's deferred NaN check comes before model.pt
         if ctx.is_main:  # model.pt first: final.pt marks the run complete, so a crash between leaves it resumable
             save_model_file(out / "model.pt", step_fn.raw_model, step_fn.raw_model.spec.to_dict(),  # type: ignore
                             config=config_to_dict(config), step=progress.step,

@@ -8,9 +8,13 @@ NaN/Inf check agreed by all ranks (before the optimiser step) -> optimiser step 
 
 Mixed precision has one code path: ``torch.autocast`` with the resolved dtype (none for fp32) and a
 ``GradScaler`` that is enabled only for fp16. Sinkhorn always runs in float32 (inside ``swav_loss``);
-queue scores are computed in float32 too. The only host-device synchronisation per step is the
-all-reduced flag tensor ``[non-finite, stop signal, time budget over]`` (skipped when
-``run.nan_check`` is off, except every ``run.log_every_steps`` steps).
+queue scores are computed in float32 too. The step's checks end in one all-reduced flag tensor
+``[non-finite, stop signal, time budget over]`` (skipped when ``run.nan_check`` is off, except every
+``run.log_every_steps`` steps). ``run.check_sync: step`` reads it on the host in the same step (one
+host-device synchronisation per step); ``deferred`` (the default on CUDA) reads it one step later, so
+the step has no synchronisation at all: the optimiser (LARS, fused kernel) skips the update on the
+device when the flag says non-finite, and the error is raised one step later, naming the bad step,
+before anything more is applied or saved (:meth:`SwAVStep.flush` runs before every save).
 
 Legend: V crops, B batch per device, K prototypes, A assignment crops, L queue rows, D embedding dim.
 """
@@ -126,6 +130,32 @@ class StepOutput:
     skipped: bool  # fp16: the scaler skipped the update (inf/NaN gradients)
 
 
+@dataclass
+class _PostedFlags:
+    """A step's all-reduced flags on their way to the host (``run.check_sync: deferred``)."""
+
+    step: int
+    on_device: torch.Tensor  # [non-finite, stop signal, time over], all-reduced
+    host: torch.Tensor  # the same, copied without blocking
+    ready: torch.cuda.Event | None
+    loss: torch.Tensor
+    gradient_norms: list[tuple[list[torch.Tensor], torch.Tensor | None]]  # to name parameters on failure
+    terms: Callable[[], dict[str, float]] | None
+
+
+def resolve_check_sync(mode: str, device: torch.device, optimizer: torch.optim.Optimizer, fp16: bool) -> str:
+    """``run.check_sync`` -> "step" or "deferred". Deferred needs the fused LARS kernel (it skips a
+    non-finite update on the device) and no fp16 gradient scaler (which synchronises anyway)."""
+    possible = isinstance(optimizer, LARS) and all(g.get("fused") for g in optimizer.param_groups) and not fp16
+    if mode == "auto":
+        return "deferred" if possible and device.type == "cuda" else "step"
+    if mode == "deferred" and not possible:
+        raise ValueError("run.check_sync=deferred needs optim.lars=true with parameters on CPU or CUDA and "
+                         "run.precision bf16 or fp32 (fp16's gradient scaler synchronises every step anyway); "
+                         "use run.check_sync=step")
+    return mode
+
+
 class SwAVStep:
     """Holds the training objects of one rank and runs :meth:`__call__` once per batch.
 
@@ -157,6 +187,9 @@ class SwAVStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.queue: EmbeddingQueue | None = None
         self.consecutive_skips = 0
+        self.check_sync = resolve_check_sync(config.run.check_sync, device, optimizer, precision == "fp16")
+        self._posted: _PostedFlags | None = None
+        self._carried: tuple[int, bool] = (0, False)  # flags read by flush(), for the next step's output
 
     def start_epoch(self, epoch: int) -> None:
         """Create the (empty) queue at the start of epoch ``swav.queue_start_epoch`` (SPEC §5)."""
@@ -215,43 +248,115 @@ class SwAVStep:
             for p in self.raw_model.prototypes.parameters():
                 p.grad = None
         self.scaler.unscale_(self.optimizer)
-        stop_signal, time_over = self._agree(loss, step, stop_signal, time_over, lambda: swapped_prediction_terms(
+        terms = lambda: swapped_prediction_terms(  # noqa: E731 - evaluated only on failure
             out.scores, codes, num_crops=cfg.num_crops, crops_for_assign=cfg.swav.crops_for_assign,
-            temperature=cfg.swav.temperature))
-        skipped = self._optimizer_step(step)
+            temperature=cfg.swav.temperature)
+        if self.check_sync == "deferred":
+            posted = self._post_flags(loss, step, stop_signal, time_over, terms)
+            # the previous step's flags: the device is past them by now (no stall), and a failure there
+            # raises before this step's update is queued
+            self.flush()
+            stop_signal, time_over = self._carried
+            self._carried = (0, False)
+            self._posted = posted
+            skip = posted.on_device[0:1] if posted is not None and cfg.run.nan_check else None
+            skipped = self._optimizer_step(step, skip_if=skip)
+        else:
+            stop_signal, time_over = self._agree(loss, step, stop_signal, time_over, terms)
+            skipped = self._optimizer_step(step)
         return StepOutput(loss.detach(), codes[0], lr, stop_signal, time_over, skipped)
 
-    def _agree(self, loss: torch.Tensor, step: int, stop_signal: int, time_over: bool,
-               loss_terms: Callable[[], dict[str, float]] | None = None) -> tuple[int, bool]:
-        """All-reduce [non-finite, stop signal, time over]; raise NonFiniteError (with this rank's loss terms)
-        on every rank if needed."""
-        run = self.config.run
-        if not (run.nan_check or step % run.log_every_steps == 0):
-            return 0, False
+    def flush(self) -> None:
+        """Read the flags of the last posted step (``run.check_sync: deferred``) and raise NonFiniteError if
+        it was not finite; its stop signal and time-budget flag come out with the next step. The loop calls
+        this before every checkpoint, so that nothing after a non-finite step is saved."""
+        posted, self._posted = self._posted, None
+        if posted is None:
+            return
+        if posted.ready is not None:
+            posted.ready.synchronize()
+        nonfinite, signal_value, over = posted.host.tolist()
+        if nonfinite:
+            names = {p: n for n, p in self.raw_model.named_parameters()}
+            bad = [names.get(p, "?") for params, norms in posted.gradient_norms if norms is not None
+                   for p, ok in zip(params, torch.isfinite(norms).tolist()) if not ok]
+            self._raise_nonfinite(posted.loss, posted.step, bad, posted.terms)
+        self._carried = (max(self._carried[0], int(signal_value)), self._carried[1] or bool(over))
+
+    def _raise_nonfinite(self, loss: torch.Tensor, step: int, names: list[str],
+                         loss_terms: Callable[[], dict[str, float]] | None) -> None:
+        losses = all_gather_cat(loss.detach().float().reshape(1)).tolist()
+        value = losses[0] if len(losses) == 1 else losses
+        detail = "" if len(losses) == 1 else " (loss per rank)"
+        raise NonFiniteError(step + 1, value, names, detail, terms=loss_terms() if loss_terms else None)
+
+    def _flags(self, loss: torch.Tensor, stop_signal: int, time_over: bool,
+               finite_gradients: torch.Tensor | None) -> torch.Tensor:
         flags = torch.zeros(3, device=self.device)  # filled on the device: no host-to-device copy, no extra sync
         if stop_signal:
             flags[1] = float(stop_signal)
         if time_over:
             flags[2] = 1.0
-        if run.nan_check:
+        if self.config.run.nan_check:
             bad = ~torch.isfinite(loss.detach())
-            if not self.scaler.is_enabled():  # fp16: inf gradients are the scaler's business
-                finite = (self.optimizer.gradients_finite() if isinstance(self.optimizer, LARS)
-                          else gradients_finite(self.raw_model.parameters()))
-                bad = bad | ~finite
+            if finite_gradients is not None:
+                bad = bad | ~finite_gradients
             flags[0] = bad.float()
         all_reduce_max_(flags)
-        nonfinite, signal_value, over = flags.tolist()
+        return flags
+
+    def _post_flags(self, loss: torch.Tensor, step: int, stop_signal: int, time_over: bool,
+                    terms: Callable[[], dict[str, float]]) -> _PostedFlags | None:
+        """Deferred mode: all-reduce this step's flags and start copying them to the host."""
+        run = self.config.run
+        if not (run.nan_check or step % run.log_every_steps == 0):
+            return None
+        norms: list[tuple[list[torch.Tensor], torch.Tensor | None]] = []
+        finite = None
+        if run.nan_check:
+            norms = self.optimizer.gradient_norms()  # type: ignore[attr-defined] - LARS (resolve_check_sync)
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
+            for _, n in norms:
+                if n is not None:
+                    finite = finite & torch.isfinite(n).all()
+        flags = self._flags(loss, stop_signal, time_over, finite)
+        pinned = self.device.type == "cuda"
+        host = torch.empty(3, pin_memory=pinned)
+        host.copy_(flags, non_blocking=pinned)
+        ready = None
+        if pinned:
+            ready = torch.cuda.Event()
+            ready.record()
+        return _PostedFlags(step, flags, host, ready, loss.detach(), norms, terms)
+
+    def _agree(self, loss: torch.Tensor, step: int, stop_signal: int, time_over: bool,
+               loss_terms: Callable[[], dict[str, float]] | None = None) -> tuple[int, bool]:
+        """All-reduce [non-finite, stop signal, time over] and read it now; raise NonFiniteError (with this
+        rank's loss terms) on every rank if needed."""
+        run = self.config.run
+        if not (run.nan_check or step % run.log_every_steps == 0):
+            return 0, False
+        finite = None
+        if run.nan_check and not self.scaler.is_enabled():  # fp16: inf gradients are the scaler's business
+            finite = (self.optimizer.gradients_finite() if isinstance(self.optimizer, LARS)
+                      else gradients_finite(self.raw_model.parameters()))
+        nonfinite, signal_value, over = self._flags(loss, stop_signal, time_over, finite).tolist()
         if nonfinite:
-            losses = all_gather_cat(loss.detach().float().reshape(1)).tolist()
-            names = nonfinite_parameter_names(self.raw_model.named_parameters())
-            value = losses[0] if len(losses) == 1 else losses
-            detail = "" if len(losses) == 1 else " (loss per rank)"
-            raise NonFiniteError(step + 1, value, names, detail, terms=loss_terms() if loss_terms else None)
+            self._raise_nonfinite(loss, step, nonfinite_parameter_names(self.raw_model.named_parameters()),
+                                  loss_terms)
         return int(signal_value), bool(over)
 
-    def _optimizer_step(self, step: int) -> bool:
+    def _optimizer_step(self, step: int, skip_if: torch.Tensor | None = None) -> bool:
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        if skip_if is not None:
+            # the fused SGD kernel's on-device skip (the protocol GradScaler uses): a non-finite step changes
+            # neither parameters nor momentum buffers, and the host need not know yet
+            self.optimizer.found_inf = skip_if  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+            return False
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if scale is None:

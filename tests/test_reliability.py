@@ -335,8 +335,10 @@ def test_nan_loss_stops_before_the_optimiser_step_and_the_run_resumes(tmp_path, 
     assert_matches_reference(out, reference)
 
 
-def test_inf_gradients_with_a_finite_loss_name_exactly_the_parameters_hit(tmp_path, idx_data):
-    cfg = tiny_config(tmp_path, **{"data.path": str(idx_data), "data.channels": 1, "run.checkpoint_every_steps": 1})
+@pytest.mark.parametrize("check_sync", ["step", "deferred"])
+def test_inf_gradients_with_a_finite_loss_name_exactly_the_parameters_hit(tmp_path, idx_data, check_sync):
+    cfg = tiny_config(tmp_path, **{"data.path": str(idx_data), "data.channels": 1, "run.checkpoint_every_steps": 1,
+                                   "run.check_sync": check_sync})
     # two backbone passes per step (12 and 8 px crops): calls 5 and 6 are step 3
     with pytest.raises(NonFiniteError) as info:
         train(cfg, model_builder=lambda spec: poisonable_model(spec, lambda call: call > 4))

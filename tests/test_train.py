@@ -109,8 +109,10 @@ def test_prototypes_frozen_for_exactly_n_steps(tmp_path, image_folder):
     assert torch.allclose(protos[1].norm(dim=1), torch.ones(10), atol=1e-5)
 
 
-def test_nan_stops_before_the_optimiser_step(tmp_path, image_folder):
-    cfg = tiny_config(tmp_path, image_folder, **{"debug.inject_nan_step": 5, "run.checkpoint_every_steps": 2})
+@pytest.mark.parametrize("check_sync", ["step", "deferred"])
+def test_nan_stops_before_the_optimiser_step(tmp_path, image_folder, check_sync):
+    cfg = tiny_config(tmp_path, image_folder, **{"debug.inject_nan_step": 5, "run.checkpoint_every_steps": 2,
+                                                  "run.check_sync": check_sync})
     with pytest.raises(NonFiniteError) as info:
         train(cfg, model_builder=tiny_model)
     message = str(info.value)
@@ -190,19 +192,24 @@ class SignalAt(InMemoryImages):
         return super().__getitem__(i)
 
 
-def test_preemption_signal_saves_and_exits_nonzero(tmp_path):
+@pytest.mark.parametrize("check_sync", ["step", "deferred"])
+def test_preemption_signal_saves_and_exits_nonzero(tmp_path, check_sync):
     dataset = SignalAt(index=7)
-    cfg = tiny_config(tmp_path, **{"data.pipeline": "pil", "run.checkpoint_every_epochs": 0})
+    cfg = tiny_config(tmp_path, **{"data.pipeline": "pil", "run.checkpoint_every_epochs": 0,
+                                   "run.check_sync": check_sync})
     result = train(cfg, dataset=dataset, model_builder=tiny_model)
     assert result.status == "preempted" and result.signal == signal.SIGUSR1 and result.exit_code == 128 + 10
     assert result.checkpoint == step_checkpoint_path(tmp_path, result.step) and result.checkpoint.is_file()
-    assert 1 <= result.step <= 5
+    assert 1 <= result.step <= (5 if check_sync == "step" else 6)  # deferred: flags read one step later
     cfg = with_values(cfg, {"run.max_steps": result.step + 1})
     assert train(cfg, dataset=InMemoryImages(20), model_builder=tiny_model, resume=True).step == result.step + 1
 
 
-def test_time_budget_stops_and_saves(tmp_path, image_folder):
-    cfg = tiny_config(tmp_path, image_folder, **{"run.time_budget_minutes": 1e-6, "run.checkpoint_every_epochs": 0})
+@pytest.mark.parametrize("check_sync,stop_step", [("step", 1), ("deferred", 2)])
+def test_time_budget_stops_and_saves(tmp_path, image_folder, check_sync, stop_step):
+    cfg = tiny_config(tmp_path, image_folder, **{"run.time_budget_minutes": 1e-6, "run.checkpoint_every_epochs": 0,
+                                                  "run.check_sync": check_sync})
     result = train(cfg, model_builder=tiny_model)
-    assert (result.status, result.step, result.exit_code) == ("time_budget", 1, 0)
-    assert result.checkpoint == step_checkpoint_path(tmp_path, 1) and load_checkpoint(result.checkpoint)["step"] == 1
+    assert (result.status, result.step, result.exit_code) == ("time_budget", stop_step, 0)
+    assert result.checkpoint == step_checkpoint_path(tmp_path, stop_step)
+    assert load_checkpoint(result.checkpoint)["step"] == stop_step

@@ -26,8 +26,8 @@ def _straight_and_resumed(rank: int, world_size: int, root: str):
     return done.status, done.step, first.status, first.step, second.status, second.step
 
 
-def _nan_on_rank_one(rank: int, world_size: int, root: str):
-    values = {**VALUES, "debug.inject_nan_step": 3, "debug.inject_nan_rank": 1}
+def _nan_on_rank_one(rank: int, world_size: int, root: str, check_sync: str = "step"):
+    values = {**VALUES, "debug.inject_nan_step": 3, "debug.inject_nan_rank": 1, "run.check_sync": check_sync}
     try:
         train(tiny_config(f"{root}/nan", **values), dataset=InMemoryImages(24), model_builder=tiny_model)
     except NonFiniteError as exc:
@@ -49,8 +49,9 @@ def test_two_ranks_train_checkpoint_and_resume_identically(tmp_path):
 
 
 @pytest.mark.distributed
-def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    results = run_distributed(_nan_on_rank_one, 2, str(tmp_path))
+@pytest.mark.parametrize("check_sync", ["step", "deferred"])
+def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, check_sync):
+    results = run_distributed(_nan_on_rank_one, 2, str(tmp_path), check_sync)
     assert results[0] is not None and results[1] is not None
     assert results[0][0] == results[1][0] == 3
     assert "loss per rank" in results[0][1] and "nan" in results[0][1]
