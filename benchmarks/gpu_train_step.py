@@ -171,11 +171,12 @@ def sync_audit(device, data: Path) -> dict[str, int]:
     calls = {"colour augmentation (masked)": lambda i: augment(crops_u8)}
     if encoded:
         calls["GPU decode + crop"] = lambda i: cropper(encoded, list(range(len(encoded))), 0)
-    for nan_check in (False, True):
-        config = with_values(make_config(batch, True), {"run.nan_check": nan_check})
+    for nan_check, check_sync in ((False, "step"), (True, "step"), (True, "deferred")):
+        config = with_values(make_config(batch, True), {"run.nan_check": nan_check, "run.check_sync": check_sync})
         step, _ = build_step(config, "bf16", device)
         crops = [c.float() for c in crops_u8]
-        calls[f"SwAV step, run.nan_check={nan_check}"] = lambda i, step=step, crops=crops: step(crops, 5000 + i)
+        calls[f"SwAV step, run.nan_check={nan_check}, run.check_sync={check_sync}"] = \
+            lambda i, step=step, crops=crops: step(crops, 5000 + i)
     counts = {}
     for name, fn in calls.items():
         fn(0)
@@ -252,7 +253,7 @@ def per_op_times(device, batch: int) -> dict[str, float]:
 
 
 def run_engine(device, data: Path, batch: int, steps: int, workers: int, out_dir: Path,
-               compile_model: bool = False) -> dict:
+               compile_model: bool = False, check_sync: str = "auto") -> dict:
     """``swav pretrain`` itself (the engine's loop: logging, NaN check, metrics) on the photos with the
     ``device`` pipeline, ResNet-50 2x224 + 6x96, for ``steps`` steps; images/s from its metrics."""
     from swav.train import train
@@ -269,13 +270,14 @@ def run_engine(device, data: Path, batch: int, steps: int, workers: int, out_dir
         "crops.counts": [2, 6], "crops.sizes": [224, 96], "crops.min_scales": [0.14, 0.05],
         "crops.max_scales": [1.0, 0.14], "optim.batch_size_per_device": batch, "optim.epochs": 1,
         "optim.warmup_epochs": 0.0, "run.channels_last": True, "run.output_dir": str(out_dir / "run"),
-        "run.max_steps": steps, "run.log_every_steps": 10, "run.device": device.type, "run.compile": compile_model})
+        "run.max_steps": steps, "run.log_every_steps": 10, "run.device": device.type, "run.compile": compile_model,
+        "run.check_sync": check_sync})
     start = time.perf_counter()
     result = train(config, overwrite=True)
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first interval includes start-up
-    label = ", run.compile" if compile_model else ""
+    label = (", run.compile" if compile_model else "") + ("" if check_sync == "auto" else f", check_sync={check_sync}")
     return {"input": f"swav pretrain, device pipeline{label}", "batch": batch, "steps": result.step, "wall_s": wall,
             "images_per_s": sum(rates) / len(rates) if rates else float("nan")}
 
@@ -311,6 +313,8 @@ def main() -> None:
     parser.add_argument("--skip-fp32", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile at the largest batch")
     parser.add_argument("--engine-steps", type=int, default=0, help="also run swav pretrain for this many steps")
+    parser.add_argument("--engine-check-sync", nargs="+", default=["auto"], choices=["auto", "step", "deferred"],
+                        help="run.check_sync of the engine runs (one run each; auto = deferred on CUDA)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/swav_gpu_bench"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-diagnostics", action="store_true")
@@ -361,19 +365,19 @@ def main() -> None:
             for batch in args.batch_sizes:
                 save(run_jpeg(batch, args.steps * 2, args.warmup, device, args.data, args.workers, decode,
                               args.compile_jpeg))
-        if args.engine_steps:
+        for check_sync in args.engine_check_sync if args.engine_steps else []:
             save(run_engine(device, args.data, max(args.batch_sizes), args.engine_steps, args.workers, args.work_dir,
-                            args.compile_jpeg))
+                            args.compile_jpeg, check_sync))
     if args.compile:
         save(run_compiled(max(args.batch_sizes), args.steps, args.warmup, device))
     print(f"\nResNet-50, 2x224 + 6x96, {name}, torch {torch.__version__} (fp32 rows use TF32 matmul/conv)")
     if report["sync_audit"]:
         print("host-device synchronisations per call: " + ", ".join(f"{k}: {v}" for k, v in report["sync_audit"].items()))
-    print(f"{'input':<34}{'batch':>6}{'precision':>10}{'img/s':>9}{'bb-only img/s':>15}{'step/bb':>9}{'peak GiB':>10}"
+    print(f"{'input':<52}{'batch':>6}{'precision':>10}{'img/s':>9}{'bb-only img/s':>15}{'step/bb':>9}{'peak GiB':>10}"
           f"{'data wait':>11}")
     for r in report["rows"]:
         wait = r.get("data_wait_fraction")
-        print(f"{r['input']:<34}{r['batch']:>6}{r.get('precision', 'bf16'):>10}{r['images_per_s']:>9.1f}"
+        print(f"{r['input']:<52}{r['batch']:>6}{r.get('precision', 'bf16'):>10}{r['images_per_s']:>9.1f}"
               f"{r.get('backbone_only_images_per_s', float('nan')):>15.1f}{r.get('step_over_backbone', float('nan')):>9.3f}"
               f"{r.get('peak_gib', float('nan')):>10.2f}{'' if wait is None else f'{100 * wait:.1f}%':>11}")
 
