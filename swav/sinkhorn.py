@@ -75,17 +75,19 @@ def _global_max(s_BK: torch.Tensor, reduce_max) -> torch.Tensor:
 
 
 def _sinkhorn_exp(s_BK, epsilon, iterations, K, B_total, reduce_sum, reduce_max) -> torch.Tensor:
-    Q_KB = torch.exp((s_BK - _global_max(s_BK, reduce_max)) / epsilon).t()
+    # one B x K buffer, normalised in place; each normalisation is a single pass (sum, then one divide by
+    # sum x K or sum x B), and the last iteration's "/ B, then * B" is left out: same values, fewer passes
+    Q_KB = (s_BK - _global_max(s_BK, reduce_max)).div_(epsilon).exp_().t()
     Q_KB /= reduce_sum(Q_KB.sum().reshape(1))
     tiny = torch.finfo(Q_KB.dtype).tiny
-    for _ in range(iterations):
+    for i in range(iterations):
         # clamp: a prototype (or sample) whose mass underflowed to 0 stays 0 instead of NaN
         row_sums_K1 = reduce_sum(Q_KB.sum(dim=1, keepdim=True))
-        Q_KB /= row_sums_K1.clamp_min(tiny)
-        Q_KB /= K
-        Q_KB /= Q_KB.sum(dim=0, keepdim=True).clamp_min(tiny)
-        Q_KB /= B_total
-    Q_KB *= B_total
+        Q_KB /= row_sums_K1.clamp_min(tiny) * K
+        col_sums_1B = Q_KB.sum(dim=0, keepdim=True).clamp_min(tiny)
+        Q_KB /= col_sums_1B if i == iterations - 1 else col_sums_1B * B_total
+    if iterations == 0:
+        Q_KB *= B_total  # rows of the joint distribution scaled to sum to 1 on average, as with iterations
     return Q_KB.t()
 
 
