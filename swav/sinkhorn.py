@@ -91,23 +91,28 @@ def _sinkhorn_exp(s_BK, epsilon, iterations, K, B_total, reduce_sum, reduce_max)
     return Q_KB.t()
 
 
-def _log_reduce_sum(logx: torch.Tensor, dim: int | None, reduce_sum, reduce_max) -> torch.Tensor:
-    """log(sum(exp(logx))) over ``dim`` *and over all ranks*, computed stably."""
+def _log_reduce_sum(logx: torch.Tensor, dim: int | None, reduce_sum, reduce_max,
+                    scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """log(sum(exp(logx))) over ``dim`` *and over all ranks*, computed stably (``scratch``: a buffer of
+    ``logx``'s shape to work in, so that no temporary matrix is allocated)."""
     if dim is None:
         m = reduce_max(logx.max().reshape(1).clone())
         return torch.log(reduce_sum(torch.exp(logx - m).sum().reshape(1))) + m
     m = reduce_max(logx.max(dim=dim, keepdim=True).values.clone())
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return torch.log(reduce_sum(torch.exp(logx - m).sum(dim=dim, keepdim=True))) + m
+    shifted = torch.sub(logx, m, out=scratch) if scratch is not None else logx - m
+    return torch.log(reduce_sum(shifted.exp_().sum(dim=dim, keepdim=True))) + m
 
 
 def _sinkhorn_log(s_BK, epsilon, iterations, K, B_total, reduce_sum, reduce_max) -> torch.Tensor:
+    # two B x K buffers (the log-codes and a scratch for the exponentials), updated in place
     logQ_KB = (s_BK / epsilon).t()
-    logQ_KB = logQ_KB - _log_reduce_sum(logQ_KB, None, reduce_sum, reduce_max)
+    logQ_KB -= _log_reduce_sum(logQ_KB, None, reduce_sum, reduce_max)
+    scratch = torch.empty_like(logQ_KB)
     log_K = torch.log(torch.full((), float(K), dtype=s_BK.dtype, device=s_BK.device))
     log_B = torch.log(B_total)
     no_reduce = lambda t: t  # noqa: E731  (column sums are local to each rank)
     for _ in range(iterations):
-        logQ_KB = logQ_KB - _log_reduce_sum(logQ_KB, 1, reduce_sum, reduce_max) - log_K
-        logQ_KB = logQ_KB - _log_reduce_sum(logQ_KB, 0, no_reduce, no_reduce) - log_B
-    return torch.exp(logQ_KB + log_B).t()
+        logQ_KB -= _log_reduce_sum(logQ_KB, 1, reduce_sum, reduce_max, scratch) + log_K
+        logQ_KB -= _log_reduce_sum(logQ_KB, 0, no_reduce, no_reduce, scratch) + log_B
+    return logQ_KB.add_(log_B).exp_().t()
