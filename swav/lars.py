@@ -73,10 +73,12 @@ class LARS(torch.optim.SGD):
         return found
 
     @torch.no_grad()
-    def gradients_finite(self) -> torch.Tensor:
-        """A 0-d bool tensor (no host sync): every gradient is finite (norms kept as in :meth:`gradient_norms`)."""
+    def gradients_finite(self, norms: list[tuple[list[torch.Tensor], torch.Tensor | None]] | None = None
+                         ) -> torch.Tensor:
+        """A 0-d bool tensor (no host sync): every gradient is finite. ``norms``: what :meth:`gradient_norms`
+        returned for these gradients (computed, and kept for :meth:`step`, if not given)."""
         finite = torch.ones((), dtype=torch.bool, device=self._first_device())
-        for _, norms in self.gradient_norms():
+        for _, norms in self.gradient_norms() if norms is None else norms:
             if norms is not None:
                 finite = finite & torch.isfinite(norms.float()).all()
         return finite

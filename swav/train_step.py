@@ -315,10 +315,7 @@ class SwAVStep:
         finite = None
         if run.nan_check:
             norms = self.optimizer.gradient_norms()  # type: ignore[attr-defined] - LARS (resolve_check_sync)
-            finite = torch.ones((), dtype=torch.bool, device=self.device)
-            for _, n in norms:
-                if n is not None:
-                    finite = finite & torch.isfinite(n).all()
+            finite = self.optimizer.gradients_finite(norms)  # type: ignore[attr-defined]
         flags = self._flags(loss, stop_signal, time_over, finite)
         pinned = self.device.type == "cuda"
         host = torch.empty(3, pin_memory=pinned)
