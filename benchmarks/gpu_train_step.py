@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -181,17 +182,25 @@ def sync_audit(device, data: Path) -> dict[str, int]:
     for name, fn in calls.items():
         fn(0)
         torch.cuda.synchronize(device)
-        with warnings.catch_warnings(record=True) as caught:
+        found: list[str] = []
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message).lower():  # where: the innermost frame of this project's code
+                ours = [f for f in traceback.extract_stack()[:-1] if "/swav/" in f.filename or "benchmarks" in f.filename]
+                frame = ours[-1] if ours else None
+                found.append(f"{Path(filename).name}:{lineno}" + (f" from {Path(frame.filename).name}:{frame.lineno} "
+                                                                  f"({frame.line})" if frame else ""))
+
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 fn(1)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-        counts[name] = len(syncs)
-        where = "; ".join(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
-        print(f"sync audit: {name}: {len(syncs)} synchronisation(s) {where}", flush=True)
+        counts[name] = len(found)
+        print(f"sync audit: {name}: {len(found)} synchronisation(s) {'; '.join(found)}", flush=True)
     return counts
 
 

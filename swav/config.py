@@ -191,6 +191,7 @@ class RunConfig:
     precision: str = "auto"  # auto = bf16 where the hardware supports it, else fp32
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms once per crop size
     sync_bn: bool = True  # SyncBatchNorm when world size > 1
     sync_bn_group_size: int = 8  # ranks per SyncBatchNorm group (official --syncbn_process_group_size)
     dist_url: str = "env://"

@@ -240,6 +240,8 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
     raw = model_builder(spec)
     raw.spec = spec
     raw.to(ctx.device)
+    if ctx.device.type == "cuda":  # fixed crop sizes: the fastest algorithm per shape, found in the first steps
+        torch.backends.cudnn.benchmark = config.run.cudnn_benchmark
     if config.run.channels_last:
         raw.to(memory_format=torch.channels_last)  # before DDP registers the parameters
     precision = _checked_precision(config, raw, ctx.device)

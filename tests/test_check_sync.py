@@ -1,6 +1,6 @@
 """``run.check_sync`` (issue "Speed": no host-device synchronisation inside the step): the deferred mode reads a
 step's flags one step later, skips a non-finite step's update on the device, and otherwise trains exactly like
-the per-step mode. Run on the CPU, where both modes are available."""
+the per-step mode. Run on the CPU, where both modes are available, and on a CUDA GPU as well where one is present."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,19 +15,20 @@ from swav.train_step import SwAVStep, resolve_check_sync
 from tests.train_helpers import tiny_config, tiny_model
 
 STEPS = 5
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _step_fn(tmp_path, check_sync: str, **values) -> SwAVStep:
-    cfg = tiny_config(tmp_path, **{"run.check_sync": check_sync, **values})
+def _step_fn(tmp_path, check_sync: str, device: str = "cpu", **values) -> SwAVStep:
+    cfg = tiny_config(tmp_path, **{"run.check_sync": check_sync, "run.device": device, **values})
     torch.manual_seed(0)
-    raw = tiny_model(ModelSpec(backbone="tiny", hidden_dim=16, output_dim=8, num_prototypes=(10,)))
+    raw = tiny_model(ModelSpec(backbone="tiny", hidden_dim=16, output_dim=8, num_prototypes=(10,))).to(device)
     return SwAVStep(raw, raw, LARS(raw.parameters(), lr=0.0), config=cfg, lr_schedule=np.full(STEPS + 2, 0.3),
-                    queue_length_per_rank=0, precision="fp32", device=torch.device("cpu"), rank=0)
+                    queue_length_per_rank=0, precision="fp32", device=torch.device(device), rank=0)
 
 
-def _crops(k: int) -> list[torch.Tensor]:
+def _crops(k: int, device: str = "cpu") -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(100 + k)
-    return [torch.randn(4, 3, size, size, generator=g) for size in (12, 12, 8, 8)]
+    return [torch.randn(4, 3, size, size, generator=g).to(device) for size in (12, 12, 8, 8)]
 
 
 def _params(step_fn: SwAVStep) -> list[torch.Tensor]:
@@ -43,12 +44,14 @@ def _assert_unchanged(step_fn: SwAVStep, before: list[torch.Tensor]) -> None:
             assert torch.equal(p.detach(), b), name
 
 
-def test_deferred_trains_exactly_like_per_step_checks(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_trains_exactly_like_per_step_checks(tmp_path, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     runs = {}
     for mode in ("step", "deferred"):
-        step_fn = _step_fn(tmp_path / mode, mode)
+        step_fn = _step_fn(tmp_path / mode, mode, device)
         assert step_fn.check_sync == mode
-        losses = [float(step_fn(_crops(k), k).loss) for k in range(STEPS)]
+        losses = [float(step_fn(_crops(k, device), k).loss) for k in range(STEPS)]
         step_fn.flush()
         runs[mode] = (losses, _params(step_fn))
     assert runs["step"][0] == runs["deferred"][0]
@@ -56,19 +59,20 @@ def test_deferred_trains_exactly_like_per_step_checks(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_deferred_skips_the_bad_update_and_raises_one_step_later_naming_the_bad_step(tmp_path):
-    step_fn = _step_fn(tmp_path, "deferred", **{"debug.inject_nan_step": 3})
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_skips_the_bad_update_and_raises_one_step_later_naming_the_bad_step(tmp_path, device):
+    step_fn = _step_fn(tmp_path, "deferred", device, **{"debug.inject_nan_step": 3})
     for k in range(2):
-        step_fn(_crops(k), k)
+        step_fn(_crops(k, device), k)
     before = _params(step_fn)
     momentum = [step_fn.optimizer.state[p]["momentum_buffer"].clone() for p in step_fn.raw_model.parameters()]
-    out = step_fn(_crops(2), 2)  # step 3: NaN loss, not raised yet (no host sync in this step)
+    out = step_fn(_crops(2, device), 2)  # step 3: NaN loss, not raised yet (no host sync in this step)
     assert not torch.isfinite(out.loss)
     _assert_unchanged(step_fn, before)  # the update was skipped on the device
     for p, m in zip(step_fn.raw_model.parameters(), momentum):
         assert torch.equal(step_fn.optimizer.state[p]["momentum_buffer"], m)
     with pytest.raises(NonFiniteError) as info:
-        step_fn(_crops(3), 3)
+        step_fn(_crops(3, device), 3)
     assert info.value.step == 3 and "in step 3" in str(info.value)
     assert "backbone.0.weight" in info.value.parameter_names
     _assert_unchanged(step_fn, before)  # and step 4's update was not queued either

@@ -1,0 +1,81 @@
+"""The engine on every device this machine has: the CPU always, a CUDA GPU as well where one is present (CI has
+none; a GPU machine runs the same file). Every precision trains from JPEG files through the ``device`` pipeline
+(nvJPEG + roi_align on a GPU), a run stopped and resumed ends in the state of a straight run, and the deferred
+check skips a NaN step on the device and names it one step later."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from swav.checkpoint import list_checkpoints, load_checkpoint
+from swav.config import with_values
+from swav.health import NonFiniteError
+from swav.train import train
+from tests.train_helpers import final_state, tiny_config, tiny_model
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# fp16 needs a GPU (on a CPU the engine falls back to bf16/fp32 with a warning)
+CASES = [(d, p) for d in DEVICES for p in ("fp32", "bf16", "fp16") if p != "fp16" or d == "cuda"]
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(3)
+    for i in range(20):
+        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((40, 30), Image.BICUBIC)
+        buffer = io.BytesIO()
+        small.save(buffer, "JPEG", quality=90)
+        (root / f"{i:02d}.jpg").write_bytes(buffer.getvalue())
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_cudnn(monkeypatch):
+    """Resume is compared exactly: cuDNN must pick the same (deterministic) algorithms in every run."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+
+def _config(out, data, device, precision, **values):
+    return tiny_config(out, data, **{"run.device": device, "run.precision": precision, "data.pipeline": "device",
+                                     "run.cudnn_benchmark": False, "run.channels_last": True, **values})
+
+
+@pytest.mark.parametrize("device,precision", CASES)
+def test_every_precision_trains_and_resumes_to_the_straight_run(tmp_path, jpeg_folder, device, precision):
+    straight = train(_config(tmp_path / "straight", jpeg_folder, device, precision, **{"run.max_steps": 6}),
+                     model_builder=tiny_model)
+    assert straight.status == "max_steps" and straight.step == 6
+    train(_config(tmp_path / "split", jpeg_folder, device, precision, **{"run.max_steps": 3}),
+          model_builder=tiny_model)
+    resumed = train(_config(tmp_path / "split", jpeg_folder, device, precision, **{"run.max_steps": 6}),
+                    model_builder=tiny_model, resume=True)
+    assert resumed.step == 6
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    for key, value in a["model"].items():
+        assert value.device.type == "cpu"  # checkpoints load anywhere
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+        assert torch.equal(value, b["model"][key]), key
+    if precision == "fp16":  # the gradient scaler's state travels with the checkpoint
+        assert a["scaler"]["scale"] == b["scaler"]["scale"] and a["scaler"]["scale"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_check_stops_at_the_nan_step_with_nothing_saved_after_it(tmp_path, jpeg_folder, device):
+    cfg = _config(tmp_path, jpeg_folder, device, "bf16", **{"debug.inject_nan_step": 4,
+                                                            "run.checkpoint_every_steps": 3,
+                                                            "run.check_sync": "deferred"})
+    with pytest.raises(NonFiniteError) as info:
+        train(cfg, model_builder=tiny_model)
+    assert info.value.step == 4 and "in step 4" in str(info.value)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003.pt"]
+    last = load_checkpoint(tmp_path / "checkpoints" / "step_00000003.pt")
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert train(with_values(cfg, {"debug.inject_nan_step": -1, "run.max_steps": 5}), model_builder=tiny_model,
+                 resume=True).step == 5
