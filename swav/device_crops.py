@@ -107,6 +107,26 @@ class DeviceMultiCrop:
         self.device = torch.device(device)
         self.device_decode = decode_jpeg is not None
         self.cpu_decoded = 0  # images that needed the CPU fallback (not JPEG or rejected by the decoder)
+        self._decode_stream: torch.cuda.Stream | None = None
+
+    def _device_decode(self, data, mode):
+        """``decode_jpeg`` on the device. On CUDA it runs with a stream of its own current: torchvision's decoder
+        allocates its outputs on the current stream but writes them from a private stream that does not wait for
+        it, so with the training stream current it can be handed (and overwrite) memory that queued kernels of
+        the previous step have yet to read (no error, corrupt activations: this showed as an infinite first-layer
+        gradient once the step stopped synchronising with the host). Memory of the decode stream is only reused
+        once the training stream's reads of it are done (``record_stream``)."""
+        if self.device.type != "cuda":
+            return decode_jpeg(data, mode=mode, device=self.device)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._decode_stream):
+            decoded = decode_jpeg(data, mode=mode, device=self.device)
+        main.wait_stream(self._decode_stream)
+        for image in decoded if isinstance(decoded, list) else [decoded]:
+            image.record_stream(main)
+        return decoded
 
     def decode(self, encoded: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> list[torch.Tensor]:
         """uint8 ``(C, H, W)`` images on the device; one batched device decode for the JPEGs. ``names`` (e.g.
@@ -117,14 +137,14 @@ class DeviceMultiCrop:
         if jpeg:
             mode = ImageReadMode.RGB if self.channels == 3 else ImageReadMode.GRAY
             try:
-                decoded = decode_jpeg([encoded[i] for i in jpeg], mode=mode, device=self.device)
+                decoded = self._device_decode([encoded[i] for i in jpeg], mode)
                 for i, image in zip(jpeg, decoded):
                     images[i] = image
             except RuntimeError as exc:  # one bad file fails the batch: find it image by image
                 logger.debug("batched device decode failed (%s); decoding one by one", exc)
                 for i in jpeg:
                     try:
-                        images[i] = decode_jpeg(encoded[i], mode=mode, device=self.device)
+                        images[i] = self._device_decode(encoded[i], mode)
                     except RuntimeError:
                         pass
         for i, image in enumerate(images):

@@ -13,7 +13,9 @@ from PIL import Image
 
 from swav.checkpoint import list_checkpoints, load_checkpoint
 from swav.config import with_values
+from swav.device_crops import DeviceMultiCrop
 from swav.health import NonFiniteError
+from swav.multicrop import CropGroup
 from swav.train import train
 from tests.train_helpers import final_state, tiny_config, tiny_model
 
@@ -79,3 +81,27 @@ def test_deferred_check_stops_at_the_nan_step_with_nothing_saved_after_it(tmp_pa
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert train(with_values(cfg, {"debug.inject_nan_step": -1, "run.max_steps": 5}), model_builder=tiny_model,
                  resume=True).step == 5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoding_never_overwrites_memory_that_queued_kernels_still_read(device):
+    """Images freed while kernels reading them are still queued (a stalled stream, as when the host runs a step
+    ahead of the GPU) keep their values: the decoder is not handed their memory before those reads are done."""
+    small = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 10, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    small.resize((500, 375), Image.BICUBIC).save(buffer, "JPEG", quality=90)
+    encoded = [torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)] * 4
+    cropper = DeviceMultiCrop([CropGroup(32, 2, 0.14, 1.0), CropGroup(16, 2, 0.05, 0.14)], seed=0, device=device)
+    cropper(encoded, range(4))
+    wrong = 0
+    for _ in range(10):
+        victims = [torch.ones((3, 375, 500), dtype=torch.uint8, device=device) for _ in range(4)]  # decoded size
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda._sleep(100_000_000)  # keeps the reads below queued while the host goes on
+        sums = [v.sum(dtype=torch.int64) for v in victims]
+        del victims
+        crops = cropper(encoded, range(4))
+        wrong += sum(int(s) != 3 * 375 * 500 for s in sums)
+        assert [c.shape[-1] for c in crops] == [32, 32, 16, 16]
+    assert wrong == 0
