@@ -179,6 +179,8 @@ def sync_audit(device, data: Path) -> dict[str, int]:
         calls[f"SwAV step, run.nan_check={nan_check}, run.check_sync={check_sync}"] = \
             lambda i, step=step, crops=crops: step(crops, 5000 + i)
     counts = {}
+    torch.cuda.set_sync_debug_mode("warn")  # the first switch to "warn" itself reports one synchronisation
+    torch.cuda.set_sync_debug_mode(0)
     for name, fn in calls.items():
         fn(0)
         torch.cuda.synchronize(device)
@@ -291,6 +293,31 @@ def run_engine(device, data: Path, batch: int, steps: int, workers: int, out_dir
             "images_per_s": sum(rates) / len(rates) if rates else float("nan")}
 
 
+def decode_stream_check(batch, steps, warmup, device, data: Path, workers: int, repeats: int = 2) -> list[dict]:
+    """The eager JPEG loop (``device`` pipeline) with the decode on its own stream (the library) against
+    torchvision's decoder called with the training stream current (which can overwrite memory that queued
+    kernels still read), alternated: what the protection costs. The second variant may fail or corrupt data."""
+    import swav.device_crops as dc
+
+    own = dc.DeviceMultiCrop._device_decode
+    shared = lambda self, data, mode: dc.decode_jpeg(data, mode=mode, device=self.device)  # noqa: E731
+    rows = []
+    try:
+        for _ in range(repeats):
+            for label, fn in (("own stream", own), ("training stream", shared)):
+                dc.DeviceMultiCrop._device_decode = fn
+                try:
+                    row = run_jpeg(batch, steps, warmup, device, data, workers, "gpu")
+                except Exception as exc:  # a corrupted step may stop the run (NaN check)
+                    row = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                row = {**row, "input": f"jpeg, gpu decode on the {label}", "batch": batch}
+                print(row, flush=True)
+                rows.append(row)
+    finally:
+        dc.DeviceMultiCrop._device_decode = own
+    return rows
+
+
 def run_compiled(batch, steps, warmup, device):
     """Synthetic crops, bf16 + channels-last, the model wrapped in ``torch.compile`` (run.compile=true)."""
     torch.cuda.reset_peak_memory_stats(device)
@@ -331,6 +358,8 @@ def main() -> None:
     parser.add_argument("--decodes", nargs="*", default=["cpu", "gpu"], choices=["cpu", "gpu"])
     parser.add_argument("--compile-jpeg", action="store_true", help="torch.compile the model in the JPEG rows")
     parser.add_argument("--only-diagnostics", action="store_true", help="sync audit and colour-stage breakdown only")
+    parser.add_argument("--decode-stream-check", action="store_true",
+                        help="also time the eager JPEG loop with the decode on its own stream vs the training stream")
     parser.add_argument("--smoke-cpu", action="store_true",
                         help="run every code path once on the CPU (CUDA calls become no-ops) to check the script")
     args = parser.parse_args()
@@ -362,6 +391,10 @@ def main() -> None:
         report["sync_audit"] = sync_audit(device, args.data if have_data else Path("/nonexistent"))
         save()
         report["colour_stage"] = augment_breakdown(device, max(args.batch_sizes), args.steps)
+        save()
+    if args.decode_stream_check and have_data:
+        report["decode_stream"] = decode_stream_check(max(args.batch_sizes), args.steps * 2, args.warmup, device,
+                                                      args.data, args.workers)
         save()
     if args.only_diagnostics:
         return
