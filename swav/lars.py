@@ -90,8 +90,11 @@ class LARS(torch.optim.SGD):
         return torch.device("cpu")
 
     @torch.no_grad()
-    def _rescale_gradients(self) -> None:
+    def _trust_rates(self) -> list[tuple[dict, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+        """Per parameter group with gradients: (group, parameters, gradients, rates, decays), where the LARS
+        gradient is ``rate * g + decay * p`` (decay = rate * wd)."""
         cached, self._grad_norms = self._grad_norms, None
+        found = []
         for index, group in enumerate(self.param_groups):
             wd = group["lars_weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
@@ -108,7 +111,12 @@ class LARS(torch.optim.SGD):
                 g_norms = _norms(grads)
             ok = (p_norms > 0) & (g_norms > 0)  # else the gradient passes through untouched
             rate = torch.where(ok, self.trust_coefficient * p_norms / (g_norms + wd * p_norms + self.eps), 1.0)
-            decay = torch.where(ok, rate * wd, 0.0)
+            found.append((group, params, grads, rate, torch.where(ok, rate * wd, 0.0)))
+        return found
+
+    @torch.no_grad()
+    def _rescale_gradients(self) -> None:
+        for _, params, grads, rate, decay in self._trust_rates():
             torch._foreach_mul_(grads, list(rate.unbind()))
             torch._foreach_addcmul_(grads, params, list(decay.unbind()))  # g += decay * p, no temporaries
 
@@ -124,11 +132,34 @@ class LARS(torch.optim.SGD):
                 if p.grad is not None and self.state[p].get("momentum_buffer") is None:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
+    def _cpu_fused(self) -> bool:
+        return all(g.get("fused") and g["momentum"] > 0 and g["dampening"] == 0
+                   for g in self.param_groups) and self._first_device().type == "cpu"
+
+    @torch.no_grad()
+    def _cpu_fused_step(self) -> None:
+        """On CPUs: the trust ratio goes into the fused SGD kernel itself, one call per parameter, as the
+        gradient's "unscale" factor (1 / rate) and the weight decay (rate * wd). This saves the two passes
+        over the gradients that rescaling them first takes (the rates are read on the host, which costs
+        nothing on a CPU). A non-finite step is skipped the same way (``found_inf``)."""
+        found_inf = getattr(self, "found_inf", None)
+        self._complete_momentum_buffers()
+        for group, params, grads, rate, decay in self._trust_rates():
+            inverse = rate.reciprocal()
+            for k, (p, g, wd) in enumerate(zip(params, grads, decay.tolist())):
+                torch._fused_sgd_([p], [g], [self.state[p]["momentum_buffer"]], weight_decay=wd,
+                                  momentum=group["momentum"], lr=group["lr"], dampening=0.0,
+                                  nesterov=group["nesterov"], maximize=group["maximize"], is_first_step=False,
+                                  grad_scale=inverse[k], found_inf=found_inf)
+
     def step(self, closure=None):  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._cpu_fused():
+            self._cpu_fused_step()
+            return loss
         self._rescale_gradients()
         self._complete_momentum_buffers()
         super().step()
