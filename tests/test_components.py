@@ -156,6 +156,26 @@ def test_lars_fused_update_equals_the_foreach_update_when_a_parameter_starts_lat
     assert LARS(nn.Linear(2, 2).parameters(), lr=0.1).defaults["fused"]  # the default on CPU
 
 
+def test_lars_fused_cpu_update_on_channels_last_weights_equals_the_reference():
+    """The CPU path hands channels-last weights, gradients and buffers to the fused kernel as 1-d views of
+    their memory: the update must be the per-tensor one, element for element in the right place."""
+    torch.manual_seed(5)
+    nets = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    nets[0].to(memory_format=torch.channels_last)
+    opts = [LARS(nets[0].parameters(), lr=0.4, weight_decay=1e-3, fused=True),
+            LARS(nets[1].parameters(), lr=0.4, weight_decay=1e-3, fused=False)]
+    for _ in range(3):
+        x = torch.randn(2, 3, 6, 6)
+        for net, opt, inp in zip(nets, opts, (x.contiguous(memory_format=torch.channels_last), x)):
+            opt.zero_grad(set_to_none=True)
+            net(inp).pow(2).sum().backward()
+            opt.step()
+        assert nets[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_lars_reuses_the_gradient_norms_of_its_finiteness_check_only_for_the_same_gradients():
     torch.manual_seed(4)
     layers = [nn.Linear(5, 3) for _ in range(2)]
