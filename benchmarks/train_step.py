@@ -11,8 +11,9 @@ how far the first step's loss and codes are from fp32 (same weights, same crops)
 
 The configurations are timed in rounds: each round runs one step and one backbone-only call of every
 configuration in turn, so that a slow spell of a shared machine falls on all of them alike. The table
-gives the median over rounds (and the fastest round, which is the least disturbed one); every ratio
-is a ratio of medians. "opt ms" is the optimiser step alone (LARS over every parameter), timed on the
+gives the median over rounds (and the fastest round, which is the least disturbed one); ratios are
+ratios of medians, except "paired": the median over rounds of step / backbone-only measured back to back
+(alternating which comes first), which a slow spell of a few seconds disturbs much less. "opt ms" is the optimiser step alone (LARS over every parameter), timed on the
 gradients the step left: the part of the step overhead that does not shrink with the batch.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import resource
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from swav.config import Config, with_values
@@ -45,6 +47,10 @@ def preset_config(name: str, batch: int | None) -> Config:
         if batch:
             config = with_values(config, {"optim.batch_size_per_device": batch})
     return with_values(config, {"run.log_every_steps": 10**9})
+
+
+VARIANTS = {"fp32": ("fp32", False, False), "bf16": ("bf16", False, False), "bf16-cl": ("bf16", True, False),
+            "bf16-cl-compile": ("bf16", True, True)}  # precision, channels-last, torch.compile
 
 
 def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
@@ -93,6 +99,15 @@ def median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def bootstrap_ci(values: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the median (how far the noise of this machine leaves the figure open)."""
+    rng = np.random.default_rng(0)
+    data = np.asarray(values)
+    medians = np.median(rng.choice(data, (resamples, len(data))), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="resnet50", help="resnet50 or a recipe name")
@@ -100,15 +115,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["fp32", "bf16", "bf16-cl"],
+                        help="configurations to time (the first is the reference of 'vs fp32'); fewer "
+                             "configurations leave time for more rounds")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
     config = preset_config(args.preset, args.batch)
     model = build_model(model_spec_from_config(config))
     crops = make_crops(config)
-    variants = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False)]
+    variants = [VARIANTS[name] for name in args.variants]
     if args.compile:
-        variants.append(("bf16", True, True))
+        variants.append(VARIANTS["bf16-cl-compile"])
     reference = None
     rows, steps = [], []
     for precision, channels_last, compile_model in variants:
@@ -127,10 +145,15 @@ def main() -> None:
                      "step_times_s": [], "backbone_only_times_s": [], "optimizer_times_s": []})
     for round_index in range(args.repeats):
         for step, row in zip(steps, rows):
+            # step and backbone-only back to back, in alternating order: their ratio within a round is
+            # much less exposed to the shared host's slow spells than a ratio of medians over all rounds
+            if round_index % 2:
+                row["backbone_only_times_s"].append(timed(lambda: backbone_only(step, crops)))
             row["step_times_s"].append(timed(lambda: step(crops, 10**6)))
-            # the step leaves its (rescaled) gradients in place: one more optimiser step alone, on them
+            # the step leaves its gradients in place: one more optimiser step alone, on them
             row["optimizer_times_s"].append(timed(step.optimizer.step))
-            row["backbone_only_times_s"].append(timed(lambda: backbone_only(step, crops)))
+            if not round_index % 2:
+                row["backbone_only_times_s"].append(timed(lambda: backbone_only(step, crops)))
         print(f"round {round_index + 1}/{args.repeats}: "
               + "  ".join(f"{r['step_times_s'][-1]:.3f}/{r['backbone_only_times_s'][-1]:.3f}" for r in rows),
               flush=True)
@@ -139,6 +162,10 @@ def main() -> None:
         step_s, bb_s = median(row["step_times_s"]), median(row["backbone_only_times_s"])
         row.update({"step_s": step_s, "step_min_s": min(row["step_times_s"]), "images_per_s": batch / step_s,
                     "backbone_only_s": bb_s, "step_over_backbone": step_s / bb_s,
+                    "step_over_backbone_paired": median([a / b for a, b in zip(row["step_times_s"],
+                                                                               row["backbone_only_times_s"])]),
+                    "step_over_backbone_paired_ci95": bootstrap_ci([a / b for a, b in zip(
+                        row["step_times_s"], row["backbone_only_times_s"])]),
                     "optimizer_s": median(row["optimizer_times_s"])})
     base = rows[0]["images_per_s"]
     print(f"\n{args.preset}: crops {list(config.crops.counts)} x {list(config.crops.sizes)} px, batch "
@@ -146,13 +173,24 @@ def main() -> None:
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
     print(f"medians of {args.repeats} interleaved rounds (min: fastest round)")
     print(f"{'precision':<10}{'ch-last':>8}{'compile':>8}{'s/step':>9}{'min':>8}{'img/s':>9}{'vs fp32':>9}"
-          f"{'min vs':>8}{'step/bb':>9}{'opt ms':>8}{'|dloss|':>10}{'|dcodes|':>10}")
+          f"{'min vs':>8}{'step/bb':>9}{'paired':>8}{'opt ms':>8}{'|dloss|':>10}{'|dcodes|':>10}")
     for r in rows:
         print(f"{r['precision']:<10}{str(r['channels_last']):>8}{str(r['compile']):>8}{r['step_s']:>9.3f}"
               f"{r['step_min_s']:>8.3f}{r['images_per_s']:>9.2f}{r['images_per_s'] / base:>9.2f}"
               f"{rows[0]['step_min_s'] / r['step_min_s']:>8.2f}{r['step_over_backbone']:>9.3f}"
+              f"{r['step_over_backbone_paired']:>8.3f}"
               f"{1000 * r['optimizer_s']:>8.1f}"
               f"{r['loss_diff_vs_fp32']:>10.4f}{r['codes_max_diff_vs_fp32']:>10.4f}")
+    for r in rows[1:]:
+        speedups = [a / b for a, b in zip(rows[0]["step_times_s"], r["step_times_s"])]
+        r["speedup_paired"], r["speedup_paired_ci95"] = median(speedups), bootstrap_ci(speedups)
+        print(f"{r['precision']} channels-last={r['channels_last']}: step {r['speedup_paired']:.2f}x faster than "
+              f"{rows[0]['precision']} (median of per-round ratios; 95% interval {r['speedup_paired_ci95'][0]:.2f}-"
+              f"{r['speedup_paired_ci95'][1]:.2f})")
+    for r in rows:
+        low, high = r["step_over_backbone_paired_ci95"]
+        print(f"{r['precision']} channels-last={r['channels_last']}: paired step/backbone {r['step_over_backbone_paired']:.3f},"
+              f" 95% bootstrap interval {low:.3f}-{high:.3f} over {args.repeats} rounds")
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "batch": config.optim.batch_size_per_device, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 
