@@ -51,6 +51,36 @@ _TORCHVISION_EXTRA_KWARGS: dict[str, dict[str, object]] = {
 _PROBE_CLASSES = 4099
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1, stride-1 convolution that, on a CPU with bf16 autocast and a channels-last input of at most
+    ``MATMUL_MAX_PIXELS`` pixels per map, runs as one matrix product over the pixels (``F.linear`` on the
+    (B*H*W, C) view of channels-last memory; the same arithmetic). oneDNN's bf16 convolution kernels are slow
+    on such small maps (ResNet-50's last stage at 224 and 96 px: up to 3-4x slower than the matrix product,
+    forward + backward); anywhere else it is an ordinary ``nn.Conv2d`` with the same parameters."""
+
+    MATMUL_MAX_PIXELS = 49
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= self.MATMUL_MAX_PIXELS
+                and (x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                                   and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            b, c, h, w = x.shape
+            y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, c), self.weight.view(self.out_channels, c),
+                                     self.bias)
+            return y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)  # channels-last, like the input
+        return super().forward(x)
+
+
+def _pointwise_convolutions(module: nn.Module) -> None:
+    """Make every 1x1 stride-1 convolution a :class:`PointwiseConv2d` (same parameters and state-dict keys;
+    the class is swapped in place, so initialisation and random streams are untouched)."""
+    for child in module.modules():
+        if (type(child) is nn.Conv2d and child.kernel_size == (1, 1) and child.stride == (1, 1)
+                and child.padding == (0, 0) and child.dilation == (1, 1) and child.groups == 1):
+            child.__class__ = PointwiseConv2d
+
+
 class ResNetTrunk(nn.Module):
     """ResNet without ``fc``: stem, four stages, global average pooling, flatten (SPEC §8).
 
@@ -100,6 +130,7 @@ class ResNetTrunk(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.feature_dim = 8 * stem_width * block.expansion
         self._init_weights(zero_init_residual)
+        _pointwise_convolutions(self)
 
     def _make_stage(
         self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int
