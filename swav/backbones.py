@@ -52,19 +52,24 @@ _PROBE_CLASSES = 4099
 
 
 class PointwiseConv2d(nn.Conv2d):
-    """A 1x1, stride-1 convolution that, on a CPU with bf16 autocast and a channels-last input of at most
-    ``MATMUL_MAX_PIXELS`` pixels per map, runs as one matrix product over the pixels (``F.linear`` on the
-    (B*H*W, C) view of channels-last memory; the same arithmetic). oneDNN's bf16 convolution kernels are slow
-    on such small maps (ResNet-50's last stage at 224 and 96 px: up to 3-4x slower than the matrix product,
-    forward + backward); anywhere else it is an ordinary ``nn.Conv2d`` with the same parameters."""
+    """A 1x1 convolution (any stride, no padding) that, on a CPU with bf16 autocast and a channels-last input
+    whose output maps have at most ``MATMUL_MAX_PIXELS`` pixels, runs as one matrix product over the output
+    pixels (``F.linear`` on the (B*H*W, C) view of channels-last memory, after taking every s-th pixel for
+    stride s; the same arithmetic). oneDNN's bf16 convolution kernels are slow on such small maps: ResNet-50's
+    last stage and its downsampling at 224 and 96 px take 2-4x longer, forward + backward, than the matrix
+    product. Anywhere else it is an ordinary ``nn.Conv2d`` with the same parameters and state-dict keys."""
 
     MATMUL_MAX_PIXELS = 49
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= self.MATMUL_MAX_PIXELS
+        sh, sw = self.stride
+        if (x.device.type == "cpu" and x.dim() == 4
+                and -(-x.shape[-2] // sh) * -(-x.shape[-1] // sw) <= self.MATMUL_MAX_PIXELS
                 and (x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                                    and torch.get_autocast_dtype("cpu") == torch.bfloat16))
                 and x.is_contiguous(memory_format=torch.channels_last)):
+            if (sh, sw) != (1, 1):
+                x = x[:, :, ::sh, ::sw]
             b, c, h, w = x.shape
             y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, c), self.weight.view(self.out_channels, c),
                                      self.bias)
@@ -73,11 +78,11 @@ class PointwiseConv2d(nn.Conv2d):
 
 
 def _pointwise_convolutions(module: nn.Module) -> None:
-    """Make every 1x1 stride-1 convolution a :class:`PointwiseConv2d` (same parameters and state-dict keys;
-    the class is swapped in place, so initialisation and random streams are untouched)."""
+    """Make every 1x1 convolution without padding a :class:`PointwiseConv2d` (same parameters and state-dict
+    keys; the class is swapped in place, so initialisation and random streams are untouched)."""
     for child in module.modules():
-        if (type(child) is nn.Conv2d and child.kernel_size == (1, 1) and child.stride == (1, 1)
-                and child.padding == (0, 0) and child.dilation == (1, 1) and child.groups == 1):
+        if (type(child) is nn.Conv2d and child.kernel_size == (1, 1) and child.padding == (0, 0)
+                and child.dilation == (1, 1) and child.groups == 1 and child.padding_mode == "zeros"):
             child.__class__ = PointwiseConv2d
 
 

@@ -277,30 +277,33 @@ def test_invalid_options_raise() -> None:
         build_backbone("vit_b_16", zero_init_residual=True)
 
 
-@pytest.mark.parametrize("pixels,fast", [(7, True), (3, True), (8, False)])
-def test_pointwise_convolution_as_a_matrix_product_on_small_maps(monkeypatch, pixels: int, fast: bool) -> None:
+@pytest.mark.parametrize("pixels,stride,fast", [(7, 1, True), (3, 1, True), (8, 1, False), (14, 2, True),
+                                                (13, 2, True), (15, 2, False)])
+def test_pointwise_convolution_as_a_matrix_product_on_small_maps(monkeypatch, pixels: int, stride: int,
+                                                                  fast: bool) -> None:
     """ResNet's 1x1 convolutions run as one matrix product on small channels-last maps in CPU bf16 autocast
     (faster there than oneDNN's convolution), with the values and gradients of the convolution."""
     from swav.backbones import PointwiseConv2d
 
     trunk, _ = build_backbone("resnet50")
-    assert sum(isinstance(m, PointwiseConv2d) for m in trunk.modules()) == 33  # conv1 + conv3 per block + one
+    assert sum(isinstance(m, PointwiseConv2d) for m in trunk.modules()) == 36  # conv1 + conv3 per block, downsample
     calls = []
     linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or linear(*a))
     torch.manual_seed(0)
-    conv = PointwiseConv2d(64, 48, 1, bias=False)
+    conv = PointwiseConv2d(64, 48, 1, stride=stride, bias=False)
     x = torch.randn(5, 64, pixels, pixels).contiguous(memory_format=torch.channels_last).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv(x)
     assert bool(calls) == fast
-    assert y.shape == (5, 48, pixels, pixels) and y.is_contiguous(memory_format=torch.channels_last)
+    out = -(-pixels // stride)
+    assert y.shape == (5, 48, out, out) and y.is_contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn(y.shape)
     y.float().backward(grad_out)
     ref_x = x.detach().clone().requires_grad_()
     ref_w = conv.weight.detach().clone().requires_grad_()
-    torch.nn.functional.conv2d(ref_x, ref_w).backward(grad_out)
-    reference = torch.nn.functional.conv2d(x.detach(), conv.weight.detach())
+    torch.nn.functional.conv2d(ref_x, ref_w, stride=stride).backward(grad_out)
+    reference = torch.nn.functional.conv2d(x.detach(), conv.weight.detach(), stride=stride)
     for got, want in ((y.float(), reference), (x.grad, ref_x.grad), (conv.weight.grad, ref_w.grad)):
         torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.02 * float(want.abs().max()))
     calls.clear()
