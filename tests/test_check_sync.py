@@ -12,10 +12,9 @@ from swav.health import NonFiniteError
 from swav.lars import LARS
 from swav.model import ModelSpec
 from swav.train_step import SwAVStep, resolve_check_sync
-from tests.train_helpers import tiny_config, tiny_model
+from tests.train_helpers import DEVICES, tiny_config, tiny_model
 
 STEPS = 5
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _step_fn(tmp_path, check_sync: str, device: str = "cpu", **values) -> SwAVStep:

@@ -17,9 +17,8 @@ from swav.device_crops import DeviceMultiCrop
 from swav.health import NonFiniteError
 from swav.multicrop import CropGroup
 from swav.train import train
-from tests.train_helpers import final_state, tiny_config, tiny_model
+from tests.train_helpers import DEVICES, final_state, tiny_config, tiny_model
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # fp16 needs a GPU (on a CPU the engine falls back to bf16/fp32 with a warning)
 CASES = [(d, p) for d in DEVICES for p in ("fp32", "bf16", "fp16") if p != "fp16" or d == "cuda"]
 

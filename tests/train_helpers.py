@@ -10,6 +10,9 @@ from swav.checkpoint import list_checkpoints, load_checkpoint
 from swav.config import Config, with_values
 from swav.model import SwAVModel
 
+# every device this machine has: the CPU always, a CUDA GPU as well where one is present (CI has none)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def tiny_model(spec):
     """A two-conv trunk: the engine does not care what the backbone is, and this one is fast."""
