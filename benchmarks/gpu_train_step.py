@@ -97,13 +97,30 @@ def jpeg_files(data: Path) -> list[Path]:
     return sorted(p for p in data.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
 
 
-def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str, compile_model: bool = False):
+_STEPS: dict[tuple[int, bool], SwAVStep] = {}
+
+
+def jpeg_step(batch: int, device, compile_model: bool) -> SwAVStep:
+    """One bf16 channels-last step per (batch, compile), shared by the JPEG rows (compiling once)."""
+    key = (batch, compile_model)
+    if key not in _STEPS:
+        _STEPS.clear()
+        torch.cuda.empty_cache()
+        _STEPS[key] = build_step(make_config(batch, True), "bf16", device, compile_model)[0]
+    return _STEPS[key]
+
+
+def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str, compile_model: bool = False,
+             colour: str = "masked", prefetch: int = 0):
     """Real JPEGs, decoded on the CPU in workers (``decode='cpu'``: the ``batched`` pipeline) or read as bytes
     in workers and decoded + cropped on the GPU (``decode='gpu'``: the ``device`` pipeline); colour work on
-    the GPU in both cases."""
+    the GPU in both cases, eager and masked (``colour='masked'``) or dense under torch.compile
+    (``'compiled'``, what ``run.compile`` uses); ``prefetch`` > 0: decode, crop and colour of the next
+    batches in a background thread (``data.prefetch_batches``) while the step runs."""
     from swav.batch_augment import BatchColorAugment, MultiCropCropper, multicrop_collate
     from swav.device_crops import DeviceMultiCrop, encoded_collate, split_encoded
     from swav.multicrop import CropGroup
+    from swav.train_data import prefetched
 
     files = jpeg_files(data)
     groups = [CropGroup(224, 2, 0.14, 1.0), CropGroup(96, 6, 0.05, 0.14)]
@@ -124,34 +141,47 @@ def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str
     loader = torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=workers, collate_fn=collate,
                                          pin_memory=decode == "cpu", drop_last=True, persistent_workers=True,
                                          prefetch_factor=4)
-    augment = BatchColorAugment(channels=3, seed=0)
-    config = make_config(batch, True)
+    augment = BatchColorAugment(channels=3, seed=0, compile=colour == "compiled")
     torch.cuda.reset_peak_memory_stats(device)
-    step, _ = build_step(config, "bf16", device, compile_model)
-    it = iter(loader)
-    data_wait = 0.0
+    step = jpeg_step(batch, device, compile_model)
+    waits = {"loader": 0.0, "queue": 0.0}  # for the workers' batches / for made batches (prefetch)
+
+    def made():
+        items = iter(loader)
+        while True:
+            t = time.perf_counter()
+            item = next(items)
+            waits["loader"] += time.perf_counter() - t
+            if decode == "gpu":
+                buffer, ends, indices, epoch = item
+                crops_u8 = device_crops(split_encoded(buffer, ends), indices, epoch)
+            else:
+                crops_u8 = [c.to(device, non_blocking=True) for c in item[0]]
+            yield augment(crops_u8)
+
+    batches = prefetched(made(), prefetch) if prefetch else made()
 
     def one(i):
-        nonlocal data_wait
         t = time.perf_counter()
-        item = next(it)
-        data_wait += time.perf_counter() - t
-        if decode == "gpu":
-            buffer, ends, indices, epoch = item
-            crops_u8 = device_crops(split_encoded(buffer, ends), indices, epoch)
-        else:
-            crops_u8 = [c.to(device, non_blocking=True) for c in item[0]]
-        step(augment(crops_u8), 5000 + i)
+        crops = next(batches)
+        waits["queue"] += time.perf_counter() - t
+        step(crops, 5000 + i)
 
+    start = time.perf_counter()
     for i in range(warmup):
         one(i)
-    data_wait = 0.0
+    torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - start
+    waits.update(loader=0.0, queue=0.0)
     per = timed(one, steps, 0, device)
-    label = ", torch.compile" if compile_model else ""
+    batches.close()
+    data_wait = waits["queue"] if prefetch else waits["loader"]  # what the step waited for
+    label = (", torch.compile" if compile_model else "") + (", colour compiled" if colour == "compiled" else "") \
+        + (f", prefetch {prefetch}" if prefetch else "")
     return {"input": f"jpeg, {decode} decode{label}", "workers": workers, "batch": batch, "precision": "bf16",
             "channels_last": True, "images_per_s": batch / per, "backbone_only_images_per_s": float("nan"),
             "step_over_backbone": float("nan"), "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-            "data_wait_fraction": data_wait / (per * steps)}
+            "data_wait_fraction": data_wait / (per * steps), "warmup_s": warmup_s}
 
 
 def sync_audit(device, data: Path) -> dict[str, int]:
@@ -168,8 +198,10 @@ def sync_audit(device, data: Path) -> dict[str, int]:
     crops_u8 = [torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device)
                 for s, c in CROPS for _ in range(c)]
     augment = BatchColorAugment(channels=3, seed=0)
+    compiled = BatchColorAugment(channels=3, seed=0, compile=True)
     cropper = DeviceMultiCrop(groups, seed=0, device=device)
-    calls = {"colour augmentation (masked)": lambda i: augment(crops_u8)}
+    calls = {"colour augmentation (masked)": lambda i: augment(crops_u8),
+             "colour augmentation (dense, compiled)": lambda i: compiled(crops_u8)}
     if encoded:
         calls["GPU decode + crop"] = lambda i: cropper(encoded, list(range(len(encoded))), 0)
     for nan_check, check_sync in ((False, "step"), (True, "step"), (True, "deferred")):
@@ -206,33 +238,54 @@ def sync_audit(device, data: Path) -> dict[str, int]:
     return counts
 
 
-def augment_breakdown(device, batch: int, steps: int) -> dict[str, float]:
-    """Milliseconds per batch of the GPU colour stage alone, of the host time to issue it, of the step alone
-    and of both, on GPU-resident uint8 crops; plus the profiler's top operators of the colour stage."""
+def augment_breakdown(device, batch: int, steps: int, data: Path | None = None) -> dict:
+    """Per batch, in milliseconds: the colour stage alone (eager masked, and dense under torch.compile as
+    ``run.compile`` uses it on a GPU), the host time to issue it, the step alone and both together, on
+    GPU-resident uint8 crops; the GPU decode + crop of real JPEGs likewise; the profiler's top operators."""
     from torch.profiler import ProfilerActivity, profile
 
     from swav.batch_augment import BatchColorAugment
+    from swav.device_crops import DeviceMultiCrop
+    from swav.multicrop import CropGroup
+
+    def host_ms(fn) -> float:
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            fn(i)
+        host = 1000 * (time.perf_counter() - start) / steps
+        torch.cuda.synchronize(device)
+        return host
 
     crops_u8 = [torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device)
                 for s, c in CROPS for _ in range(c)]
-    augment = BatchColorAugment(channels=3, seed=0)
     step, _ = build_step(make_config(batch, True), "bf16", device)
     crops = [c.float() for c in crops_u8]
-    result = {"augment_ms": 1000 * timed(lambda i: augment(crops_u8), steps, 2, device),
-              "step_ms": 1000 * timed(lambda i: step(crops, 5000 + i), steps, 2, device),
-              "augment_then_step_ms": 1000 * timed(lambda i: step(augment(crops_u8), 5000 + i), steps, 2, device)}
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
+    result: dict = {"step_ms": 1000 * timed(lambda i: step(crops, 5000 + i), steps, 2, device)}
+    for name, augment in (("masked", BatchColorAugment(channels=3, seed=0)),
+                          ("compiled", BatchColorAugment(channels=3, seed=0, compile=True))):
+        start = time.perf_counter()
         augment(crops_u8)
-    result["augment_host_ms"] = 1000 * (time.perf_counter() - start) / steps
-    torch.cuda.synchronize(device)
-    if device.type == "cuda":
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            augment(crops_u8)
-            torch.cuda.synchronize(device)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), flush=True)
+        torch.cuda.synchronize(device)
+        result[f"{name}_first_call_s"] = time.perf_counter() - start  # includes compiling
+        result[f"{name}_ms"] = 1000 * timed(lambda i: augment(crops_u8), steps, 2, device)
+        result[f"{name}_host_ms"] = host_ms(lambda i: augment(crops_u8))
+        result[f"{name}_then_step_ms"] = 1000 * timed(lambda i: step(augment(crops_u8), 5000 + i), steps, 2, device)
+        if device.type == "cuda":
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                augment(crops_u8)
+                torch.cuda.synchronize(device)
+            print(f"colour stage ({name}), top operators by GPU time:", flush=True)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
+    files = jpeg_files(data) if data is not None and data.is_dir() else []
+    if files:
+        encoded = [torch.frombuffer(bytearray(files[i % len(files)].read_bytes()), dtype=torch.uint8)
+                   for i in range(batch)]
+        cropper = DeviceMultiCrop([CropGroup(224, 2, 0.14, 1.0), CropGroup(96, 6, 0.05, 0.14)], seed=0, device=device)
+        decode_crop = lambda i: cropper(encoded, list(range(batch)), i)  # noqa: E731
+        result["decode_crop_ms"] = 1000 * timed(decode_crop, steps, 2, device)
+        result["decode_crop_host_ms"] = host_ms(decode_crop)
+        result["decode_only_ms"] = 1000 * timed(lambda i: cropper.decode(encoded), steps, 2, device)
     print(f"colour stage breakdown, batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()), flush=True)
     result["per_op_ms"] = per_op_times(device, batch)
     return result
@@ -264,7 +317,7 @@ def per_op_times(device, batch: int) -> dict[str, float]:
 
 
 def run_engine(device, data: Path, batch: int, steps: int, workers: int, out_dir: Path,
-               compile_model: bool = False, check_sync: str = "auto") -> dict:
+               compile_model: bool = False, check_sync: str = "auto", prefetch: int = 0) -> dict:
     """``swav pretrain`` itself (the engine's loop: logging, NaN check, metrics) on the photos with the
     ``device`` pipeline, ResNet-50 2x224 + 6x96, for ``steps`` steps; images/s from its metrics."""
     from swav.train import train
@@ -282,13 +335,14 @@ def run_engine(device, data: Path, batch: int, steps: int, workers: int, out_dir
         "crops.max_scales": [1.0, 0.14], "optim.batch_size_per_device": batch, "optim.epochs": 1,
         "optim.warmup_epochs": 0.0, "run.channels_last": True, "run.output_dir": str(out_dir / "run"),
         "run.max_steps": steps, "run.log_every_steps": 10, "run.device": device.type, "run.compile": compile_model,
-        "run.check_sync": check_sync})
+        "run.check_sync": check_sync, "data.prefetch_batches": prefetch})
     start = time.perf_counter()
     result = train(config, overwrite=True)
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first interval includes start-up
-    label = (", run.compile" if compile_model else "") + ("" if check_sync == "auto" else f", check_sync={check_sync}")
+    label = (", run.compile" if compile_model else "") + ("" if check_sync == "auto" else f", check_sync={check_sync}") \
+        + (f", prefetch {prefetch}" if prefetch else "")
     return {"input": f"swav pretrain, device pipeline{label}", "batch": batch, "steps": result.step, "wall_s": wall,
             "images_per_s": sum(rates) / len(rates) if rates else float("nan")}
 
@@ -356,7 +410,14 @@ def main() -> None:
     parser.add_argument("--skip-diagnostics", action="store_true")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--decodes", nargs="*", default=["cpu", "gpu"], choices=["cpu", "gpu"])
-    parser.add_argument("--compile-jpeg", action="store_true", help="torch.compile the model in the JPEG rows")
+    parser.add_argument("--compile-jpeg", action="store_true",
+                        help="torch.compile the model in the JPEG rows and the engine runs (run.compile)")
+    parser.add_argument("--jpeg-colour", nargs="+", default=["masked"], choices=["masked", "compiled"],
+                        help="colour stage of the JPEG rows: eager masked, or dense under torch.compile")
+    parser.add_argument("--jpeg-prefetch", type=int, nargs="+", default=[0],
+                        help="JPEG rows: batches made ahead in a background thread (one row per value)")
+    parser.add_argument("--engine-prefetch", type=int, nargs="+", default=[0],
+                        help="data.prefetch_batches of the engine runs (one run per value and check mode)")
     parser.add_argument("--only-diagnostics", action="store_true", help="sync audit and colour-stage breakdown only")
     parser.add_argument("--decode-stream-check", action="store_true",
                         help="also time the eager JPEG loop with the decode on its own stream vs the training stream")
@@ -390,7 +451,8 @@ def main() -> None:
     if not args.skip_diagnostics:
         report["sync_audit"] = sync_audit(device, args.data if have_data else Path("/nonexistent"))
         save()
-        report["colour_stage"] = augment_breakdown(device, max(args.batch_sizes), args.steps)
+        report["colour_stage"] = augment_breakdown(device, max(args.batch_sizes), args.steps,
+                                                   args.data if have_data else None)
         save()
     if args.decode_stream_check and have_data:
         report["decode_stream"] = decode_stream_check(max(args.batch_sizes), args.steps * 2, args.warmup, device,
@@ -405,11 +467,15 @@ def main() -> None:
     if have_data:
         for decode in args.decodes:
             for batch in args.batch_sizes:
-                save(run_jpeg(batch, args.steps * 2, args.warmup, device, args.data, args.workers, decode,
-                              args.compile_jpeg))
+                for colour in args.jpeg_colour:
+                    for prefetch in args.jpeg_prefetch:
+                        save(run_jpeg(batch, args.steps * 2, args.warmup, device, args.data, args.workers, decode,
+                                      args.compile_jpeg, colour, prefetch))
+        _STEPS.clear()
         for check_sync in args.engine_check_sync if args.engine_steps else []:
-            save(run_engine(device, args.data, max(args.batch_sizes), args.engine_steps, args.workers, args.work_dir,
-                            args.compile_jpeg, check_sync))
+            for prefetch in args.engine_prefetch:
+                save(run_engine(device, args.data, max(args.batch_sizes), args.engine_steps, args.workers,
+                                args.work_dir, args.compile_jpeg, check_sync, prefetch))
     if args.compile:
         save(run_compiled(max(args.batch_sizes), args.steps, args.warmup, device))
     print(f"\nResNet-50, 2x224 + 6x96, {name}, torch {torch.__version__} (fp32 rows use TF32 matmul/conv)")

@@ -281,6 +281,79 @@ def _blur_matrix(kernel: torch.Tensor, offsets: torch.Tensor, size: int) -> torc
     return matrix.view(n, size, size)
 
 
+def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """:func:`adjust_hue_batch` without in-place updates or cached constants (``shift``: ``(B, 1, 1)``
+    turns), so that ``torch.compile`` fuses it into one element-wise kernel."""
+    maxc = x.amax(dim=1, keepdim=True)
+    minc = x.amin(dim=1, keepdim=True)
+    chroma = maxc - minc
+    is_max = (x - maxc).sign() + 1.0
+    r_max, g_max = is_max[:, 0], is_max[:, 1] * (1.0 - is_max[:, 0])
+    r, g, b = x.unbind(1)
+    c = chroma[:, 0]
+    hue6 = r - g + 4.0 * c
+    hue6 = hue6 + (g - b - hue6) * r_max
+    hue6 = hue6 + (b - r + 2.0 * c - hue6) * g_max
+    hue6 = hue6 / c.clamp_min(1e-30) + 6.0 * shift
+    hue6 = hue6 - torch.floor(hue6 * (1.0 / 6.0)) * 6.0
+    centres = torch.arange(3, device=x.device, dtype=x.dtype).mul(2.0).view(1, 3, 1, 1)
+    ramp = ((hue6.unsqueeze(1) - centres).abs() - 3.0).abs().sub(1.0).clamp(0.0, 1.0)
+    return ramp * chroma + minc
+
+
+def dense_color_stage(crops: torch.Tensor, plan: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      jitter_ops: tuple[str, ...], kernel_size: int) -> torch.Tensor:
+    """Every colour op on every sample, made the identity by its per-sample parameters where the sample
+    does not draw it: no indexing and no shape that depends on the draws, so ``torch.compile`` turns
+    the stage into a handful of fused kernels (the "dense" strategy of :class:`BatchColorAugment`).
+
+    ``plan`` ``(B, 1 + J (J + 1) + 3)`` float, made by :meth:`BatchColorAugment.dense_plan`: flip; per
+    jitter position the op's one-hot over ``jitter_ops`` (zeros without jitter) and its factor;
+    grayscale, blur, sigma. ``mean``/``std`` ``(C,)``. Brightness, contrast and saturation are one
+    blend ``f x + (1 - f) target`` (target 0, the mean gray level or the gray image; ``f = 1`` leaves
+    the sample exactly as it is); hue and grayscale are selected with ``where``; the blur multiplies by
+    identity matrices where it is not drawn, and ``where`` keeps those samples exact.
+    """
+    n, channels = crops.shape[:2]
+    column = plan.view(n, -1, 1, 1).unbind(1)
+    x = crops.float() / 255.0
+    x = torch.where(column[0].unsqueeze(1) > 0.5, x.flip(-1), x)
+    jitters = len(jitter_ops)
+    for position in range(jitters):
+        start = 1 + position * (jitters + 1)
+        selected = {name: column[start + j].unsqueeze(1) for j, name in enumerate(jitter_ops)}
+        factor = column[start + jitters].unsqueeze(1)  # (B, 1, 1, 1)
+        linear = [selected[name] for name in ("brightness", "contrast", "saturation") if name in selected]
+        if linear:
+            gray = _gray(x) if channels == 3 else x
+            target = torch.zeros_like(factor)
+            if "contrast" in selected:
+                target = target + selected["contrast"] * gray.mean(dim=(1, 2, 3), keepdim=True)
+            if "saturation" in selected:
+                target = target + selected["saturation"] * gray
+            blend = torch.where(sum(linear) > 0.5, factor, torch.ones_like(factor))
+            x = (blend * x + (1.0 - blend) * target).clamp(0.0, 1.0)
+        if "hue" in selected:
+            x = torch.where(selected["hue"] > 0.5, _hue_shift(x, factor[:, 0]), x)
+    tail = 1 + jitters * (jitters + 1)
+    grayscale, blur, sigma = column[tail:tail + 3]
+    if channels == 3:
+        x = torch.where(grayscale.unsqueeze(1) > 0.5, _gray(x).expand_as(x), x)
+    h, w = x.shape[-2:]
+    half = kernel_size // 2
+    offsets = torch.arange(-half, half + 1, device=x.device)
+    distance = offsets.to(x.dtype).view(1, -1)
+    gauss = torch.exp(-0.5 * (distance / sigma.view(-1, 1)) ** 2)
+    gauss = gauss / gauss.sum(dim=1, keepdim=True)
+    gauss = gauss.masked_fill(gauss < 1e-12, 0.0)
+    blurred = blur.view(-1, 1) > 0.5
+    kernel = torch.where(blurred, gauss, (offsets == 0).to(x.dtype).view(1, -1))
+    rows = torch.bmm(x.reshape(n, channels * h, w), _blur_matrix(kernel, offsets, w))
+    columns = _blur_matrix(kernel, offsets, h).transpose(1, 2).unsqueeze(1)
+    x = torch.where(blurred.view(-1, 1, 1, 1), torch.matmul(columns, rows.view(n, channels, h, w)), x)
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
 _JITTER_FNS: dict[str, Callable[..., torch.Tensor]] = {
     "brightness": adjust_brightness_batch, "contrast": adjust_contrast_batch,
     "saturation": adjust_saturation_batch, "hue": adjust_hue_batch}
@@ -337,7 +410,11 @@ class BatchColorAugment(nn.Module):
     not depend on the device. Two ways to run the same ops (``strategy``): "grouped" (default on
     CPU) sorts samples into groups that share the op sequence, in cache-sized pieces of at most
     ``chunk_elements`` floats (default 2**18), so every op runs on a whole piece; "masked"
-    (default on other devices) runs each op once on the whole batch's subset that needs it.
+    (default on other devices) runs each op once on the whole batch's subset that needs it;
+    "dense" (:func:`dense_color_stage`) runs every op on every sample with identity parameters
+    where it is not drawn, shapes independent of the draws, made for ``compile=True``
+    (``torch.compile`` fuses the stage into a few kernels: the GPU stage issues ~600 small kernels
+    and spends more host time issuing them than the GPU spends running them).
 
     >>> aug = BatchColorAugment(seed=0)
     >>> out = aug([torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)])
@@ -349,7 +426,7 @@ class BatchColorAugment(nn.Module):
                  std: Sequence[float] | None = None, color_jitter_strength: float = 1.0,
                  jitter_prob: float = 0.8, grayscale_prob: float = 0.2, blur_prob: float = 0.5,
                  flip_prob: float = 0.5, seed: int | None = None,
-                 strategy: str = "auto", chunk_elements: int | None = None) -> None:
+                 strategy: str = "auto", chunk_elements: int | None = None, compile: bool = False) -> None:
         super().__init__()
         self.channels = channels
         self.mean, self.std = resolve_normalization(channels, mean, std)
@@ -362,11 +439,16 @@ class BatchColorAugment(nn.Module):
         self.flip_prob = check_probability("flip_prob", flip_prob)
         if chunk_elements is not None and chunk_elements < 1:
             raise ValueError(f"chunk_elements={chunk_elements!r} is invalid: expected >= 1 or None")
-        if strategy not in ("auto", "grouped", "masked"):
-            raise ValueError(f"strategy={strategy!r} is invalid: expected 'auto', 'grouped' or "
-                             "'masked'")
+        if strategy not in ("auto", "grouped", "masked", "dense"):
+            raise ValueError(f"strategy={strategy!r} is invalid: expected 'auto', 'grouped', 'masked' "
+                             "or 'dense'")
+        if compile and strategy not in ("auto", "dense"):
+            raise ValueError(f"compile=True needs strategy='dense' (got {strategy!r}): only the dense "
+                             "strategy has shapes that do not change with the draws")
         self.chunk_elements = chunk_elements
-        self.strategy = strategy
+        self.strategy = "dense" if compile else strategy
+        self.compile = compile
+        self._dense_fn: Callable[..., torch.Tensor] | None = None
         self.generator = None if seed is None else torch.Generator().manual_seed(mix_seed(seed))
 
     def sample_params(self, num_samples: int) -> ColorParams:
@@ -390,6 +472,8 @@ class BatchColorAugment(nn.Module):
         if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != self.channels:
             raise ValueError(f"crops of dtype {crops.dtype} and shape {tuple(crops.shape)} are "
                              f"invalid: expected uint8 (B, {self.channels}, S, S)")
+        if self.strategy == "dense":
+            return self._apply_dense(crops, params)
         grouped = self.strategy == "grouped" or (self.strategy == "auto"
                                                  and crops.device.type == "cpu")
         if not grouped:
@@ -398,6 +482,32 @@ class BatchColorAugment(nn.Module):
         for piece in self._groups(params, crops[0].numel()):
             self._augment_piece(crops, params, piece, out)
         return out
+
+    def dense_plan(self, params: ColorParams) -> torch.Tensor:
+        """The per-sample parameters of :func:`dense_color_stage`, one float row per sample (CPU)."""
+        jitters = len(self.jitter_ops)
+        columns = [params.flip.float().view(-1, 1)]
+        for position in range(jitters):
+            op = params.order[:, position]
+            one_hot = torch.nn.functional.one_hot(op, jitters).float() * params.jitter.float().view(-1, 1)
+            columns += [one_hot, params.factors.float().gather(1, op.view(-1, 1))]
+        columns += [params.grayscale.float().view(-1, 1), params.blur.float().view(-1, 1),
+                    params.sigma.float().view(-1, 1)]
+        return torch.cat(columns, dim=1)
+
+    def _apply_dense(self, crops: torch.Tensor, params: ColorParams) -> torch.Tensor:
+        """:func:`dense_color_stage` (compiled on first use with ``compile=True``); its parameters reach
+        the device in one copy from pinned memory (no host-device synchronisation)."""
+        device = crops.device
+        plan = self.dense_plan(params)
+        if device.type == "cuda":
+            plan = plan.pin_memory()
+        plan = plan.to(device, non_blocking=True)
+        if self._dense_fn is None:
+            self._dense_fn = torch.compile(dense_color_stage, dynamic=False) if self.compile else dense_color_stage
+        return self._dense_fn(crops, plan, device_constant(self.mean, device, torch.float32),
+                              device_constant(self.std, device, torch.float32), self.jitter_ops,
+                              blur_kernel_size(min(crops.shape[-2:])))
 
     def _apply_masked(self, crops: torch.Tensor, params: ColorParams) -> torch.Tensor:
         """Every op once, on the subset of the whole batch that needs it, in SPEC §7 order.

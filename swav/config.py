@@ -57,7 +57,7 @@ class DataConfig:
     channels: int = 3  # 1 (grey) or 3 (RGB); also the network's input channels
     pipeline: str = "auto"  # auto | pil | batched | tensor (in-memory uint8 data) | device (decode+crop on the GPU)
     workers: int = 10  # DataLoader worker processes per rank
-    prefetch_batches: int = 0  # tensor pipeline: cut this many batches ahead in a background thread (0 = inline)
+    prefetch_batches: int = 0  # make this many batches ahead in a background thread (0 = inline; not for shards)
     limit: int = 0  # use only the first N images (0 = all); for tests and quick checks
     download: bool = False  # allow torchvision to download a named data set
     max_bad_fraction: float = 0.01  # abort when more of the images are unreadable

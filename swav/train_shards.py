@@ -204,7 +204,7 @@ def build_shard_loader(config: Config, dataset: ShardDataset, *, pipeline: str, 
         logger.warning("%d shards for %d ranks x %d workers: some workers have nothing to read; write at least "
                        "%d shards (swav pack-shards --num-shards)", len(counts), world_size, workers,
                        world_size * max(workers, 1))
-    transform, augment = per_image_stages(config, pipeline)
+    transform, augment = per_image_stages(config, pipeline, device)
     stream = ShardCropStream(dataset, transform)
     loader = DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=multicrop_collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,

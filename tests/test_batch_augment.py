@@ -109,7 +109,7 @@ def naive_apply(aug: BatchColorAugment, crops: torch.Tensor, p: ColorParams) -> 
 
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("strategy, chunk_elements", [
-    ("masked", None), ("grouped", None), ("grouped", 1), ("grouped", 3000)])
+    ("masked", None), ("grouped", None), ("grouped", 1), ("grouped", 3000), ("dense", None)])
 def test_apply_matches_naive_per_sample_loop(channels: int, strategy: str,
                                              chunk_elements: int | None) -> None:
     aug = BatchColorAugment(channels=channels, seed=1, strategy=strategy,
@@ -119,6 +119,40 @@ def test_apply_matches_naive_per_sample_loop(channels: int, strategy: str,
     params = aug.sample_params(len(crops))
     assert params.jitter.any() and not params.jitter.all() and params.blur.any()
     assert torch.allclose(aug.apply(crops, params), naive_apply(aug, crops, params), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels, strength", [(3, 1.0), (1, 1.0), (3, 0.0)])
+def test_dense_strategy_equals_masked_exactly(channels: int, strength: float) -> None:
+    """Identity parameters where an op is not drawn leave those samples bit for bit as they are."""
+    kwargs = {"channels": channels, "color_jitter_strength": strength, "seed": 5}
+    masked, dense = BatchColorAugment(strategy="masked", **kwargs), BatchColorAugment(strategy="dense", **kwargs)
+    g = torch.Generator().manual_seed(6)
+    for size in (20, 9):
+        crops = torch.randint(0, 256, (48, channels, size, size), dtype=torch.uint8, generator=g)
+        params = masked.sample_params(len(crops))
+        assert torch.equal(dense.apply(crops, params), masked.apply(crops, params))
+
+
+def test_compiled_dense_stage_in_a_background_thread_matches_eager() -> None:
+    """``compile=True`` (what ``run.compile`` uses on a GPU), compiled in the prefetch thread as the engine does."""
+    from swav.train_data import prefetched
+
+    batches = [torch.randint(0, 256, (6, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(s))
+               for s in (16, 16, 8, 8, 8)]
+
+    def made(aug: BatchColorAugment):
+        for b in range(3):
+            aug.generator = torch.Generator().manual_seed(b)
+            yield aug(batches)
+
+    compiled = list(prefetched(made(BatchColorAugment(compile=True)), depth=1))
+    eager = list(made(BatchColorAugment(strategy="masked")))
+    assert len(compiled) == 3
+    for ours, reference in zip(compiled, eager, strict=True):
+        for a, b in zip(ours, reference, strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="compile=True needs strategy='dense'"):
+        BatchColorAugment(strategy="grouped", compile=True)
 
 
 def test_forward_merges_equal_shapes_but_keeps_each_crops_parameters() -> None:
@@ -307,3 +341,14 @@ def test_augment_rejects_wrong_input() -> None:
         BatchColorAugment(jitter_prob=2.0)
     with pytest.raises(ValueError, match="strategy"):
         BatchColorAugment(strategy="fast")
+
+
+def test_engine_compiles_the_colour_stage_only_on_a_gpu_with_run_compile() -> None:
+    from swav.config import Config, with_values
+    from swav.train_data import colour_stage
+
+    compiled = with_values(Config(), {"run.compile": True})
+    assert colour_stage(compiled, torch.device("cuda")).strategy == "dense"
+    assert colour_stage(compiled, torch.device("cuda")).compile
+    assert not colour_stage(compiled, torch.device("cpu")).compile  # on a CPU the grouped strategy is faster
+    assert not colour_stage(Config(), torch.device("cuda")).compile

@@ -1,4 +1,4 @@
-"""Background batch making for the in-memory pipeline (``data.prefetch_batches``)."""
+"""Background batch making (``data.prefetch_batches``) for the tensor, batched and device pipelines."""
 from __future__ import annotations
 
 import threading
@@ -49,15 +49,25 @@ def test_closing_the_consumer_stops_the_thread() -> None:
     assert len(made) <= 6  # at most the queue depth plus the item in hand ahead of the consumer
 
 
-def test_training_with_prefetch_is_bit_identical(tmp_path) -> None:
-    dataset = InMemoryImages(20)
-    values = {"data.pipeline": "tensor", "optim.epochs": 2}
+@pytest.mark.parametrize("pipeline", ["tensor", "batched", "device"])
+def test_training_with_prefetch_is_bit_identical(tmp_path, pipeline: str) -> None:
+    if pipeline == "tensor":
+        dataset, folder = InMemoryImages(20), None
+    else:  # an image folder of JPEGs (the device pipeline reads files)
+        from PIL import Image
+        dataset, folder = None, tmp_path / "images"
+        folder.mkdir()
+        g = torch.Generator().manual_seed(3)
+        for i in range(20):
+            small = torch.randint(0, 256, (8, 10, 3), dtype=torch.uint8, generator=g).numpy()
+            Image.fromarray(small).resize((30, 24), Image.BICUBIC).save(folder / f"{i}.jpg")
+    values = {"data.pipeline": pipeline, "optim.epochs": 2}
     states = []
     for prefetch in (0, 2):
         out = tmp_path / f"p{prefetch}"
-        result = train(tiny_config(out, None, **values, **{"data.prefetch_batches": prefetch}), dataset=dataset,
+        result = train(tiny_config(out, folder, **values, **{"data.prefetch_batches": prefetch}), dataset=dataset,
                        model_builder=tiny_model)
-        assert result.status == "complete"
+        assert result.status == "complete" and result.step == 10
         states.append(torch.load(out / "model.pt", weights_only=False)["model"])
     assert states[0].keys() == states[1].keys() and len(states[0]) > 5
     for key in states[0]:
