@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
-from swav.batch_augment import FastMultiCrop  # noqa: E402
+from swav.batch_augment import BatchColorAugment, FastMultiCrop  # noqa: E402
 from swav.multicrop import (IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform,  # noqa: E402
                             blur_kernel_size, crop_groups_from_lists)
 
@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="device of the batched stage")
     parser.add_argument("--skip", nargs="*", default=[], help="pipelines to skip (by name)")
+    parser.add_argument("--colour-strategies", nargs="+", default=["auto"],
+                        choices=["auto", "grouped", "masked", "dense", "dense-compiled"],
+                        help="one FastMultiCrop row per colour-stage strategy (dense-compiled: torch.compile)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -108,28 +111,37 @@ def main() -> None:
         with Image.open(path) as image:
             return reference(image.convert("RGB"))
 
-    fast = FastMultiCrop(GROUPS)
+    def fast_pipeline(strategy: str) -> Callable[[int], None]:
+        fast = FastMultiCrop(GROUPS)
+        if strategy == "dense-compiled":
+            fast.augment = BatchColorAugment(compile=True)
+        else:
+            fast.augment.strategy = strategy
 
-    def fast_work(n: int) -> None:
-        for start in range(0, n, args.batch_size):
-            paths = [files[i % len(files)] for i in range(start, min(n, start + args.batch_size))]
-            fast(paths, device=device if device.type != "cpu" else None)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        def fast_work(n: int) -> None:
+            for start in range(0, n, args.batch_size):
+                paths = [files[i % len(files)] for i in range(start, min(n, start + args.batch_size))]
+                fast(paths, device=device if device.type != "cpu" else None)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        if strategy == "dense-compiled":  # compile outside the timed part
+            fast_work(args.batch_size)
+        return fast_work
 
     pipelines = [("torchvision-pil", pil_pipeline(False)),
                  ("torchvision-pil+PILblur", pil_pipeline(True)),
-                 ("MultiCropTransform", lambda n: run_per_image(files, n, reference_one)),
-                 (f"FastMultiCrop ({device.type})", fast_work)]
+                 ("MultiCropTransform", lambda n: run_per_image(files, n, reference_one))]
+    pipelines += [(f"FastMultiCrop ({device.type}" + ("" if s == "auto" else f", {s}") + ")", fast_pipeline(s))
+                  for s in args.colour_strategies]
     results = [measure(name, work, args.images) for name, work in pipelines
                if name.split(" ")[0] not in args.skip]
     base = next((r for r in results if r["pipeline"] == "torchvision-pil"), results[0])
     print(f"{len(files)} photos from {args.data.resolve()}, crops 2x224 + 6x96, "
           f"{args.images} images each, torch threads 1")
-    print(f"{'pipeline':<28} {'images/s/core':>14} {'ratio vs baseline':>18} {'wall s':>8}")
+    print(f"{'pipeline':<36} {'images/s/core':>14} {'ratio vs baseline':>18} {'wall s':>8}")
     for r in results:
         r["ratio_vs_baseline"] = r["images_per_s_per_core"] / base["images_per_s_per_core"]
-        print(f"{r['pipeline']:<28} {r['images_per_s_per_core']:>14.1f} "
+        print(f"{r['pipeline']:<36} {r['images_per_s_per_core']:>14.1f} "
               f"{r['ratio_vs_baseline']:>18.2f} {r['wall_s']:>8.1f}")
     if args.json:
         args.json.write_text(json.dumps({"baseline": base["pipeline"], "results": results},

@@ -118,7 +118,7 @@ def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str
     (``'compiled'``, what ``run.compile`` uses); ``prefetch`` > 0: decode, crop and colour of the next
     batches in a background thread (``data.prefetch_batches``) while the step runs."""
     from swav.batch_augment import BatchColorAugment, MultiCropCropper, multicrop_collate
-    from swav.device_crops import DeviceMultiCrop, encoded_collate, split_encoded
+    from swav.device_crops import DeviceMultiCrop, draw_boxes, encoded_collate, header_size, split_encoded
     from swav.multicrop import CropGroup
     from swav.train_data import prefetched
 
@@ -133,8 +133,11 @@ def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str
 
         def __getitem__(self, i):
             path = files[i % len(files)]
-            if decode == "gpu":
-                return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), i, 0
+            if decode == "gpu":  # as EncodedImageDataset: the bytes, and the crop boxes drawn from the header
+                raw = path.read_bytes()
+                height, width = header_size(raw)
+                return (torch.frombuffer(bytearray(raw), dtype=torch.uint8), i, 0,
+                        draw_boxes(cropper, 0, height, width, i, 0), torch.tensor([height, width]))
             return cropper(str(path), index=i), 0
 
     collate = encoded_collate if decode == "gpu" else multicrop_collate
@@ -153,8 +156,8 @@ def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str
             item = next(items)
             waits["loader"] += time.perf_counter() - t
             if decode == "gpu":
-                buffer, ends, indices, epoch = item
-                crops_u8 = device_crops(split_encoded(buffer, ends), indices, epoch)
+                buffer, ends, indices, epoch, boxes, sizes = item
+                crops_u8 = device_crops(split_encoded(buffer, ends), indices, epoch, boxes=boxes, sizes=sizes)
             else:
                 crops_u8 = [c.to(device, non_blocking=True) for c in item[0]]
             yield augment(crops_u8)
@@ -245,7 +248,7 @@ def augment_breakdown(device, batch: int, steps: int, data: Path | None = None) 
     from torch.profiler import ProfilerActivity, profile
 
     from swav.batch_augment import BatchColorAugment
-    from swav.device_crops import DeviceMultiCrop
+    from swav.device_crops import DeviceMultiCrop, draw_boxes, header_size
     from swav.multicrop import CropGroup
 
     def host_ms(fn) -> float:
@@ -282,7 +285,10 @@ def augment_breakdown(device, batch: int, steps: int, data: Path | None = None) 
         encoded = [torch.frombuffer(bytearray(files[i % len(files)].read_bytes()), dtype=torch.uint8)
                    for i in range(batch)]
         cropper = DeviceMultiCrop([CropGroup(224, 2, 0.14, 1.0), CropGroup(96, 6, 0.05, 0.14)], seed=0, device=device)
-        decode_crop = lambda i: cropper(encoded, list(range(batch)), i)  # noqa: E731
+        sizes = torch.tensor([header_size(bytes(e.numpy())) for e in encoded])
+        boxes = torch.stack([draw_boxes(cropper.cropper, 0, h, w, i, 0) for i, (h, w) in enumerate(sizes.tolist())])
+        # as in the engine: the boxes come from the workers
+        decode_crop = lambda i: cropper(encoded, list(range(batch)), 0, boxes=boxes, sizes=sizes)  # noqa: E731
         result["decode_crop_ms"] = 1000 * timed(decode_crop, steps, 2, device)
         result["decode_crop_host_ms"] = host_ms(decode_crop)
         result["decode_only_ms"] = 1000 * timed(lambda i: cropper.decode(encoded), steps, 2, device)

@@ -2,11 +2,15 @@
 
 The ``device`` pipeline moves everything but file reading off the CPU:
 
-1. DataLoader workers only read the encoded files (:class:`EncodedImageDataset`: bytes, no decoding).
+1. DataLoader workers only read the encoded files (:class:`EncodedImageDataset`: bytes, no decoding) and,
+   given the crop groups, read the image size from the file header and draw the crop boxes with the
+   same seeded distribution as :class:`~swav.batch_augment.MultiCropCropper` (RandomResizedCrop's):
+   about 0.18 ms per image of Python (``benchmarks/device_host_time.py``), 23 ms per batch of 128, that would
+   otherwise hold the main process's GIL.
 2. :class:`DeviceMultiCrop` decodes the whole batch at once with ``torchvision.io.decode_jpeg`` on the
-   device (nvJPEG on CUDA; libjpeg-turbo on CPU), draws the crop boxes on the CPU with the same
-   seeded distribution as :class:`~swav.batch_augment.MultiCropCropper` (RandomResizedCrop's), and cuts
-   every crop of one resolution with a single ``torchvision.ops.roi_align`` call per source-image size.
+   device (nvJPEG on CUDA; libjpeg-turbo on CPU), draws the boxes of images that came without them (or
+   whose decoded size differs from the header's), and cuts every crop of one resolution with a single
+   ``torchvision.ops.roi_align`` call per source-image size.
 3. :class:`~swav.batch_augment.BatchColorAugment` does flip, jitter, grayscale, blur and normalisation
    on the same device.
 
@@ -20,11 +24,13 @@ Legend: B batch, V crops, C channels, S crop size.
 """
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
+from PIL import Image
 from torchvision.ops import roi_align
 
 from swav.batch_augment import MultiCropCropper, decode_image_source
@@ -35,30 +41,54 @@ try:  # deprecated in torchvision 0.29 (moving to torchcodec); everything is dec
 except ImportError:  # pragma: no cover
     decode_jpeg = None
 
-__all__ = ["EncodedImageDataset", "DeviceMultiCrop", "encoded_collate", "split_encoded"]
+__all__ = ["EncodedImageDataset", "DeviceMultiCrop", "draw_boxes", "encoded_collate", "header_size", "split_encoded"]
 
 logger = logging.getLogger(__name__)
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def draw_boxes(cropper: MultiCropCropper, seed: int | None, height: int, width: int, index: int,
+               epoch: int) -> torch.Tensor:
+    """The V crop boxes of image ``index`` in ``epoch`` as float ``(V, 4)`` ``(x1, y1, x2, y2)`` pixels (what
+    roi_align takes), keyed by ``(seed, epoch, rank, index)`` like :class:`~swav.batch_augment.MultiCropCropper`."""
+    boxes = cropper.sample_boxes(height, width, crop_generator(seed, epoch, int(index), 0))
+    return torch.tensor([(b.left, b.top, b.left + b.width, b.top + b.height) for b in boxes], dtype=torch.float32)
+
+
+def header_size(data: bytes | memoryview) -> tuple[int, int]:
+    """``(height, width)`` from an encoded image's header (PIL reads no pixels), ``(-1, -1)`` if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+        return height, width
+    except Exception:  # noqa: BLE001  (corrupt files are reported where they are decoded)
+        return -1, -1
+
+
 class EncodedImageDataset(Dataset):
     """The files of an :class:`~swav.datasets.ImageFolderDataset` as encoded bytes (uint8 1-D tensors).
 
-    Item ``(epoch, index)`` (the :class:`~swav.train_data.ResumableSampler` key) -> ``(bytes, index, epoch)``.
-    A file that cannot be read is reported with its path and the fix.
+    Item ``(epoch, index)`` (the :class:`~swav.train_data.ResumableSampler` key) -> ``(bytes, index, epoch)``;
+    with ``groups`` also the crop boxes drawn from the header's image size (:func:`draw_boxes`, float
+    ``(V, 4)``) and that size (int ``(2,)``; ``(-1, -1)`` and zero boxes if the header is unreadable), so the
+    workers, not the main process, spend the Python time. A file that cannot be read is reported with its
+    path and the fix.
     """
 
-    def __init__(self, folder: Dataset) -> None:
+    def __init__(self, folder: Dataset, groups: Sequence[CropGroup] | None = None, *, seed: int | None = None,
+                 channels: int = 3) -> None:
         samples = getattr(folder, "samples", None)
         if samples is None:
             raise ValueError("data.pipeline='device' needs a folder of image files (ImageFolderDataset); "
                              "use 'batched' for shards and 'tensor' for in-memory data sets")
         self.paths = [path for path, _ in samples]
+        self.seed = seed
+        self.cropper = None if groups is None else MultiCropCropper(groups, channels=channels, seed=seed)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path = self.paths[index]
         try:
@@ -66,16 +96,27 @@ class EncodedImageDataset(Dataset):
                 data = fh.read()
         except OSError as exc:
             raise OSError(f"cannot read image file {path!r} ({exc}); remove it or fix its permissions") from exc
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), index, epoch
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if self.cropper is None:
+            return encoded, index, epoch
+        height, width = header_size(data)
+        views = sum(g.count for g in self.cropper.groups)
+        boxes = (draw_boxes(self.cropper, self.seed, height, width, index, epoch) if height > 0
+                 else torch.zeros(views, 4))
+        return encoded, index, epoch, boxes, torch.tensor([height, width])
 
 
-def encoded_collate(items: Sequence[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, list[int], list[int], int]:
+def encoded_collate(items: Sequence[tuple]) -> tuple:
     """``(buffer, ends, indices, epoch)``: the batch's encoded files end to end in one uint8 tensor (a worker
     hands one shared-memory block to the main process instead of one per file), where each file ends, the
-    sample indices, and the batch's epoch. :func:`split_encoded` gives the files back."""
+    sample indices, and the batch's epoch; items with boxes add ``boxes`` ``(B, V, 4)`` and ``sizes``
+    ``(B, 2)``. :func:`split_encoded` gives the files back."""
     buffer = torch.cat([item[0] for item in items])
     ends = torch.tensor([len(item[0]) for item in items]).cumsum(0).tolist()
-    return buffer, ends, [item[1] for item in items], items[0][2]
+    batch = (buffer, ends, [item[1] for item in items], items[0][2])
+    if len(items[0]) > 3:
+        batch += (torch.stack([item[3] for item in items]), torch.stack([item[4] for item in items]))
+    return batch
 
 
 def split_encoded(buffer: torch.Tensor, ends: Sequence[int]) -> list[torch.Tensor]:
@@ -160,30 +201,35 @@ class DeviceMultiCrop:
         return images  # type: ignore[return-value]
 
     def __call__(self, encoded: Sequence[torch.Tensor], indices: Sequence[int], epoch: int = 0,
-                 names: Sequence[str] | None = None) -> list[torch.Tensor]:
+                 names: Sequence[str] | None = None, boxes: torch.Tensor | None = None,
+                 sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``boxes`` ``(B, V, 4)`` and ``sizes`` ``(B, 2)`` (from :class:`EncodedImageDataset` with groups) are
+        used for every image whose decoded size equals ``sizes``; the others' boxes are drawn here."""
         images = self.decode(encoded, names)
-        sizes = [(g.size, g.count) for g in self.groups]
-        # boxes per crop position v, per image b: (x1, y1, x2, y2) in pixels, as roi_align wants
-        boxes_bV = []
-        for image, index in zip(images, indices):
-            generator = crop_generator(self.seed, epoch, int(index), 0)
-            boxes = self.cropper.sample_boxes(image.shape[-2], image.shape[-1], generator)
-            boxes_bV.append([(b.left, b.top, b.left + b.width, b.top + b.height) for b in boxes])
+        shapes = [tuple(image.shape[-2:]) for image in images]
+        boxes = boxes.clone() if boxes is not None else torch.zeros(len(images), sum(g.count for g in self.groups), 4)
+        given = [tuple(s) for s in sizes.tolist()] if sizes is not None else [None] * len(images)
+        for b, (shape, index) in enumerate(zip(shapes, indices)):
+            if given[b] != shape:  # no boxes from the workers, or EXIF-rotated / unreadable header
+                boxes[b] = draw_boxes(self.cropper, self.seed, shape[0], shape[1], int(index), epoch)
         by_shape: dict[tuple[int, int], list[int]] = {}
-        for b, image in enumerate(images):
-            by_shape.setdefault(tuple(image.shape[-2:]), []).append(b)
+        for b, shape in enumerate(shapes):
+            by_shape.setdefault(shape, []).append(b)
         # one float stack per source size, shared by every crop resolution
         stacks = {shape: torch.stack([images[b] for b in members]).float() for shape, members in by_shape.items()}
         batch = len(images)
         out: list[torch.Tensor] = []
         start = 0
-        for size, count in sizes:
+        for g in self.groups:
+            size, count = g.size, g.count
             crops = torch.empty(count * batch, self.channels, size, size, dtype=torch.uint8, device=self.device)
             for shape, members in by_shape.items():
-                stack = stacks[shape]
-                rows = [(k, v, b) for v in range(start, start + count) for k, b in enumerate(members)]
-                rois = torch.tensor([(k, *boxes_bV[b][v]) for k, v, b in rows], dtype=torch.float32)
-                targets = torch.tensor([(v - start) * batch + b for _, v, b in rows], dtype=torch.long)
+                stack, member = stacks[shape], torch.tensor(members)
+                # rows (crop v, image k of this stack): image index in the stack, box; target row v * B + b
+                picked = boxes[member, start:start + count].transpose(0, 1).reshape(-1, 4)
+                position = torch.arange(len(members), dtype=torch.float32).repeat(count)
+                rois = torch.cat([position.view(-1, 1), picked], dim=1)
+                targets = (torch.arange(count).view(-1, 1) * batch + member.view(1, -1)).reshape(-1)
                 if self.device.type == "cuda":
                     rois = rois.pin_memory().to(self.device, non_blocking=True)
                     targets = targets.pin_memory().to(self.device, non_blocking=True)
@@ -192,4 +238,3 @@ class DeviceMultiCrop:
             out += list(crops.split(batch))
             start += count
         return out
-

@@ -309,15 +309,16 @@ def _device_loader(config: Config, dataset: Dataset, sampler: ResumableSampler, 
     cropper = DeviceMultiCrop(groups, channels=d.channels, seed=seed, device=device)
     augment = colour_stage(config, device)
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    encoded = EncodedImageDataset(base)
+    encoded = EncodedImageDataset(base, groups, seed=seed, channels=d.channels)  # workers draw the crop boxes
     workers = d.workers
     loader = DataLoader(encoded, batch_size=config.optim.batch_size_per_device, sampler=sampler, drop_last=True,
                         num_workers=workers, collate_fn=encoded_collate, persistent_workers=workers > 0,
                         worker_init_fn=worker_init if workers > 0 else None)
 
     def device_batches() -> Iterator[list[torch.Tensor]]:
-        for b, (buffer, ends, indices, epoch) in enumerate(loader):
-            crops = cropper(split_encoded(buffer, ends), indices, epoch, names=[encoded.paths[i] for i in indices])
+        for b, (buffer, ends, indices, epoch, boxes, sizes) in enumerate(loader):
+            crops = cropper(split_encoded(buffer, ends), indices, epoch, names=[encoded.paths[i] for i in indices],
+                            boxes=boxes, sizes=sizes)
             augment.generator = batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
             yield augment(crops)
     return TrainLoader(sampler, device_batches, device, prefetch=d.prefetch_batches)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from swav.batch_augment import MultiCropCropper
-from swav.device_crops import DeviceMultiCrop, EncodedImageDataset, encoded_collate, split_encoded
+from swav.device_crops import (DeviceMultiCrop, EncodedImageDataset, encoded_collate, header_size,
+                               split_encoded)
 from swav.multicrop import CropGroup
 from swav.train import train
 from swav.train_data import resolve_pipeline
@@ -90,6 +91,35 @@ def test_encoded_dataset_reads_bytes_and_collates(tmp_path) -> None:
     assert bytes(data[1].numpy()) == (tmp_path / "1.jpg").read_bytes()
     with pytest.raises(ValueError, match="folder of image files"):
         EncodedImageDataset(InMemoryImages(4))
+
+
+def test_boxes_drawn_in_workers_give_the_same_crops(tmp_path) -> None:
+    """Workers draw the boxes from the header's size; the main process redraws where the decoded size differs."""
+    from swav.datasets import ImageFolderDataset
+    sizes = [(120, 90), (70, 100), (120, 90), (64, 64)]
+    for i, size in enumerate(sizes):
+        smooth_image(i, size).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "4.png").write_bytes(bytes(encode(smooth_image(4, (50, 80)), "PNG").numpy()))
+    dataset = EncodedImageDataset(ImageFolderDataset(tmp_path), GROUPS, seed=7)
+    buffer, ends, indices, epoch, boxes, header = encoded_collate([dataset[(3, i)] for i in range(5)])
+    assert tuple(boxes.shape) == (5, 5, 4) and header.tolist() == [[h, w] for w, h in sizes + [(50, 80)]]
+    encoded = split_encoded(buffer, ends)
+    inline = DeviceMultiCrop(GROUPS, seed=7)(encoded, indices, epoch)
+    from_workers = DeviceMultiCrop(GROUPS, seed=7)(encoded, indices, epoch, boxes=boxes, sizes=header)
+    assert all(torch.equal(a, b) for a, b in zip(inline, from_workers, strict=True))
+    # a header size that does not match the decoded image (EXIF rotation, say): boxes redrawn, same crops
+    wrong = header.clone()
+    wrong[1] = torch.tensor([70, 100])  # the true size is 100 x 70
+    garbage = boxes.clone()
+    garbage[1] = 0.0
+    redrawn = DeviceMultiCrop(GROUPS, seed=7)(encoded, indices, epoch, boxes=garbage, sizes=wrong)
+    assert all(torch.equal(a, b) for a, b in zip(inline, redrawn, strict=True))
+    # the given boxes are the ones used where the sizes match
+    moved = boxes.clone()
+    moved[0, 0] = torch.tensor([0.0, 0.0, 30.0, 30.0])
+    other = DeviceMultiCrop(GROUPS, seed=7)(encoded, indices, epoch, boxes=moved, sizes=header)
+    assert not torch.equal(other[0][0], inline[0][0]) and torch.equal(other[0][1:], inline[0][1:])
+    assert header_size(b"not an image") == (-1, -1)
 
 
 def test_device_pipeline_needs_an_image_folder() -> None:
