@@ -57,7 +57,9 @@ class DataConfig:
     channels: int = 3  # 1 (grey) or 3 (RGB); also the network's input channels
     pipeline: str = "auto"  # auto | pil | batched | tensor (in-memory uint8 data) | device (decode+crop on the GPU)
     workers: int = 10  # DataLoader worker processes per rank
-    prefetch_batches: int = 0  # make this many batches ahead in a background thread (0 = inline; not for shards)
+    # make this many batches ahead in a background thread (0 = inline; not for shards); null = auto: 1 for the
+    # device pipeline on a GPU (torchvision's GPU decoder blocks the calling thread until the batch is decoded)
+    prefetch_batches: int | None = None
     limit: int = 0  # use only the first N images (0 = all); for tests and quick checks
     download: bool = False  # allow torchvision to download a named data set
     max_bad_fraction: float = 0.01  # abort when more of the images are unreadable
@@ -68,7 +70,9 @@ class DataConfig:
         _check(self.channels in (1, 3), "data.channels", self.channels, "1 or 3")
         _check(self.pipeline in PIPELINES, "data.pipeline", self.pipeline, f"one of {PIPELINES}")
         for key in ("workers", "limit", "prefetch_batches"):
-            _check(getattr(self, key) >= 0, f"data.{key}", getattr(self, key), "an integer >= 0")
+            value = getattr(self, key)
+            _check(value is None and key == "prefetch_batches" or value is not None and value >= 0, f"data.{key}",
+                   value, "an integer >= 0" + (" or null (auto)" if key == "prefetch_batches" else ""))
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", self.max_bad_fraction,
                "a fraction in [0, 1]")
         for key in ("mean", "std"):

@@ -40,7 +40,7 @@ from swav.multicrop import crop_groups_from_lists, mix_seed, resolve_normalizati
 from swav.preemption import ignore_stop_signals
 
 __all__ = ["ResumableSampler", "CropDataset", "TrainLoader", "worker_init", "data_sizes", "in_memory_images",
-           "resolve_pipeline", "batch_generator", "colour_stage", "per_image_stages", "build_train_loader"]
+           "resolve_pipeline", "batch_generator", "prefetch_depth", "colour_stage", "per_image_stages", "build_train_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,20 @@ def batch_generator(seed: int, rank: int, epoch: int, batch_index: int) -> torch
     return torch.Generator().manual_seed(mix_seed(seed, rank, epoch, batch_index) >> 1)
 
 
+def prefetch_depth(config: Config, pipeline: str, device: torch.device) -> int:
+    """``data.prefetch_batches``, with null (auto) resolved: 1 for the ``device`` pipeline on a GPU, where
+    torchvision's batched GPU JPEG decoder holds the calling thread until the whole batch is decoded (in a
+    background thread it runs while the main thread issues the step), else 0.
+
+    Example:
+        >>> prefetch_depth(Config(), "device", torch.device("cuda")), prefetch_depth(Config(), "batched", torch.device("cuda"))
+        (1, 0)
+    """
+    if config.data.prefetch_batches is not None:
+        return config.data.prefetch_batches
+    return 1 if pipeline == "device" and device.type == "cuda" else 0
+
+
 def colour_stage(config: Config, device: torch.device | None = None) -> Any:
     """The batched colour stage (:class:`~swav.batch_augment.BatchColorAugment`) of ``config``. With
     ``run.compile`` on a CUDA device it is the dense strategy under ``torch.compile`` (a few fused kernels
@@ -278,7 +292,7 @@ def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank:
             for b in range(len(index) // batch):
                 chunk = images[index[b * batch:(b + 1) * batch].to(device)]
                 yield multicrop(chunk, batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b))
-        return TrainLoader(sampler, tensor_batches, device, prefetch=d.prefetch_batches)
+        return TrainLoader(sampler, tensor_batches, device, prefetch=prefetch_depth(config, pipeline, device))
 
     if pipeline == "device":
         return _device_loader(config, dataset, sampler, rank=rank, device=device)
@@ -296,7 +310,7 @@ def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank:
                 augment.generator = batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
                 crops = augment(crops)
             yield crops
-    return TrainLoader(sampler, file_batches, device, prefetch=d.prefetch_batches)
+    return TrainLoader(sampler, file_batches, device, prefetch=prefetch_depth(config, pipeline, device))
 
 
 def _device_loader(config: Config, dataset: Dataset, sampler: ResumableSampler, *, rank: int,
@@ -321,4 +335,4 @@ def _device_loader(config: Config, dataset: Dataset, sampler: ResumableSampler, 
                             boxes=boxes, sizes=sizes)
             augment.generator = batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
             yield augment(crops)
-    return TrainLoader(sampler, device_batches, device, prefetch=d.prefetch_batches)
+    return TrainLoader(sampler, device_batches, device, prefetch=prefetch_depth(config, "device", device))

@@ -104,3 +104,18 @@ def test_decoding_never_overwrites_memory_that_queued_kernels_still_read(device)
         wrong += sum(int(s) != 3 * 375 * 500 for s in sums)
         assert [c.shape[-1] for c in crops] == [32, 32, 16, 16]
     assert wrong == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_made_in_a_background_thread_train_like_inline_ones(tmp_path, jpeg_folder, device):
+    """``data.prefetch_batches`` (auto: 1 on a GPU): decode, crops and colour in a thread, same training."""
+    states = []
+    for prefetch in (0, 2):
+        out = tmp_path / f"p{prefetch}"
+        result = train(_config(out, jpeg_folder, device, "bf16", **{"run.max_steps": 5,
+                                                                    "data.prefetch_batches": prefetch}),
+                       model_builder=tiny_model)
+        assert result.step == 5
+        states.append(final_state(out)["model"])
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key

@@ -72,3 +72,19 @@ def test_training_with_prefetch_is_bit_identical(tmp_path, pipeline: str) -> Non
     assert states[0].keys() == states[1].keys() and len(states[0]) > 5
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_prefetch_default_is_auto_one_for_the_gpu_device_pipeline_only() -> None:
+    from swav.config import Config, with_values
+    from swav.train_data import prefetch_depth
+
+    auto = Config()
+    assert auto.data.prefetch_batches is None
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert prefetch_depth(auto, "device", cuda) == 1  # the GPU decoder blocks its thread: decode beside the step
+    assert [prefetch_depth(auto, p, d) for p, d in (("device", cpu), ("batched", cuda), ("tensor", cuda))] == [0, 0, 0]
+    assert prefetch_depth(with_values(auto, {"data.prefetch_batches": 0}), "device", cuda) == 0
+    assert prefetch_depth(with_values(auto, {"data.prefetch_batches": "3"}), "tensor", cpu) == 3
+    assert with_values(auto, {"data.prefetch_batches": "null"}).data.prefetch_batches is None
+    with pytest.raises(ValueError, match=r"data.prefetch_batches=-1 is invalid: expected an integer >= 0 or null"):
+        with_values(auto, {"data.prefetch_batches": -1})
