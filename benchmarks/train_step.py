@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swav.backbones import PointwiseConv2d
+from swav.backbones import SmallMapConv2d
 from swav.config import Config, with_values
 from swav.lars import LARS
 from swav.model import build_model
@@ -50,10 +50,11 @@ def preset_config(name: str, batch: int | None) -> Config:
     return with_values(config, {"run.log_every_steps": 10**9})
 
 
-# precision, channels-last, torch.compile, 1x1 convolutions on small maps as matrix products (PointwiseConv2d)
-VARIANTS = {"fp32": ("fp32", False, False, True), "bf16": ("bf16", False, False, True),
-            "bf16-cl-conv1x1": ("bf16", True, False, False), "bf16-cl": ("bf16", True, False, True),
-            "bf16-cl-compile": ("bf16", True, True, True)}
+# precision, channels-last, torch.compile, which convolutions on small maps run as matrix products
+# (SmallMapConv2d: "all", "1x1" only, or "none" = every convolution through oneDNN)
+VARIANTS = {"fp32": ("fp32", False, False, "all"), "bf16": ("bf16", False, False, "all"),
+            "bf16-cl-onednn": ("bf16", True, False, "none"), "bf16-cl-1x1": ("bf16", True, False, "1x1"),
+            "bf16-cl": ("bf16", True, False, "all"), "bf16-cl-compile": ("bf16", True, True, "all")}
 
 
 def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
@@ -64,13 +65,13 @@ def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
 
 
 def make_step(config: Config, model, precision: str, channels_last: bool, compile_model: bool,
-              pointwise_matmul: bool = True) -> SwAVStep:
+              small_map_matmul: str = "all") -> SwAVStep:
     config = with_values(config, {"run.channels_last": channels_last})
     model = copy.deepcopy(model)
-    if not pointwise_matmul:  # every 1x1 convolution through oneDNN's convolution
-        for module in model.modules():
-            if isinstance(module, PointwiseConv2d):
-                module.MATMUL_MAX_PIXELS = 0
+    for module in model.modules():  # the others through oneDNN's convolution
+        if isinstance(module, SmallMapConv2d) and not (small_map_matmul == "all" or small_map_matmul == "1x1"
+                                                       and module.kernel_size == (1, 1)):
+            module.MATMUL_MAX_PIXELS = 0
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     wrapped = torch.compile(model) if compile_model else model
@@ -123,7 +124,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["fp32", "bf16", "bf16-cl-conv1x1", "bf16-cl"],
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["fp32", "bf16", "bf16-cl-onednn", "bf16-cl"],
                         help="configurations to time (the first is the reference of 'vs fp32'); fewer "
                              "configurations leave time for more rounds")
     parser.add_argument("--json", type=Path)
@@ -137,8 +138,8 @@ def main() -> None:
         variants.append(VARIANTS["bf16-cl-compile"])
     reference = None
     rows, steps = [], []
-    for precision, channels_last, compile_model, pointwise_matmul in variants:
-        step = make_step(config, model, precision, channels_last, compile_model, pointwise_matmul)
+    for precision, channels_last, compile_model, small_map_matmul in variants:
+        step = make_step(config, model, precision, channels_last, compile_model, small_map_matmul)
         first = step(crops, 10**6)  # past prototype freezing; same weights and crops for every variant
         loss, codes = float(first.loss), first.codes_ABK.float()
         if reference is None:
@@ -148,7 +149,7 @@ def main() -> None:
             backbone_only(step, crops)
         steps.append(step)
         rows.append({"precision": precision, "channels_last": channels_last, "compile": compile_model,
-                     "pointwise_matmul": pointwise_matmul,
+                     "small_map_matmul": small_map_matmul,
                      "loss": loss, "loss_diff_vs_fp32": abs(loss - reference[0]),
                      "codes_max_diff_vs_fp32": float((codes - reference[1]).abs().max()),
                      "step_times_s": [], "backbone_only_times_s": [], "optimizer_times_s": []})
@@ -181,10 +182,10 @@ def main() -> None:
           f"{config.optim.batch_size_per_device}, backbone {config.model.backbone}, {torch.get_num_threads()} threads, "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
     print(f"medians of {args.repeats} interleaved rounds (min: fastest round)")
-    print(f"{'precision':<10}{'ch-last':>8}{'1x1 mm':>7}{'compile':>8}{'s/step':>9}{'min':>8}{'img/s':>9}{'vs fp32':>9}"
+    print(f"{'precision':<10}{'ch-last':>8}{'matmul':>7}{'compile':>8}{'s/step':>9}{'min':>8}{'img/s':>9}{'vs fp32':>9}"
           f"{'min vs':>8}{'step/bb':>9}{'paired':>8}{'opt ms':>8}{'|dloss|':>10}{'|dcodes|':>10}")
     for r in rows:
-        print(f"{r['precision']:<10}{str(r['channels_last']):>8}{str(r['pointwise_matmul']):>7}{str(r['compile']):>8}{r['step_s']:>9.3f}"
+        print(f"{r['precision']:<10}{str(r['channels_last']):>8}{r['small_map_matmul']:>7}{str(r['compile']):>8}{r['step_s']:>9.3f}"
               f"{r['step_min_s']:>8.3f}{r['images_per_s']:>9.2f}{r['images_per_s'] / base:>9.2f}"
               f"{rows[0]['step_min_s'] / r['step_min_s']:>8.2f}{r['step_over_backbone']:>9.3f}"
               f"{r['step_over_backbone_paired']:>8.3f}"
@@ -193,12 +194,12 @@ def main() -> None:
     for r in rows[1:]:
         speedups = [a / b for a, b in zip(rows[0]["step_times_s"], r["step_times_s"])]
         r["speedup_paired"], r["speedup_paired_ci95"] = median(speedups), bootstrap_ci(speedups)
-        print(f"{r['precision']} channels-last={r['channels_last']} 1x1-matmul={r['pointwise_matmul']}: step {r['speedup_paired']:.2f}x faster than "
+        print(f"{r['precision']} channels-last={r['channels_last']} small-map-matmul={r['small_map_matmul']}: step {r['speedup_paired']:.2f}x faster than "
               f"{rows[0]['precision']} (median of per-round ratios; 95% interval {r['speedup_paired_ci95'][0]:.2f}-"
               f"{r['speedup_paired_ci95'][1]:.2f})")
     for r in rows:
         low, high = r["step_over_backbone_paired_ci95"]
-        print(f"{r['precision']} channels-last={r['channels_last']} 1x1-matmul={r['pointwise_matmul']}: paired step/backbone {r['step_over_backbone_paired']:.3f},"
+        print(f"{r['precision']} channels-last={r['channels_last']} small-map-matmul={r['small_map_matmul']}: paired step/backbone {r['step_over_backbone_paired']:.3f},"
               f" 95% bootstrap interval {low:.3f}-{high:.3f} over {args.repeats} rounds")
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "batch": config.optim.batch_size_per_device, "threads": torch.get_num_threads(), "rows": rows}, indent=2))

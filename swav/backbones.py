@@ -51,39 +51,57 @@ _TORCHVISION_EXTRA_KWARGS: dict[str, dict[str, object]] = {
 _PROBE_CLASSES = 4099
 
 
-class PointwiseConv2d(nn.Conv2d):
-    """A 1x1 convolution (any stride, no padding) that, on a CPU with bf16 autocast and a channels-last input
-    whose output maps have at most ``MATMUL_MAX_PIXELS`` pixels, runs as one matrix product over the output
-    pixels (``F.linear`` on the (B*H*W, C) view of channels-last memory, after taking every s-th pixel for
-    stride s; the same arithmetic). oneDNN's bf16 convolution kernels are slow on such small maps: ResNet-50's
-    last stage and its downsampling at 224 and 96 px take 2-4x longer, forward + backward, than the matrix
-    product. Anywhere else it is an ordinary ``nn.Conv2d`` with the same parameters and state-dict keys."""
+class SmallMapConv2d(nn.Conv2d):
+    """A convolution (any kernel, stride and zero padding; no dilation or groups) that, on a CPU with bf16
+    autocast and a channels-last input whose output maps have at most ``MATMUL_MAX_PIXELS`` pixels, runs as
+    one matrix product over the output pixels (for k x k kernels, k > 1, input maps of at most that many
+    pixels too): the k x k shifted (strided) views of the padded channels-last input side by side along the
+    channels, then ``F.linear`` with the weight in the matching (kh, kw, C) order; the same arithmetic as the
+    convolution. oneDNN's bf16 convolution kernels are slow on such small maps: on ResNet-50's last stage
+    (7x7 at 224 px, 3x3 at 96 px) and its downsampling, forward + backward take 1.1-1.4x longer for the 3x3
+    convolutions on 7x7 maps, 1.9-2.8x on 3x3 maps, and 1.2-3.9x for the 1x1 ones than the matrix product
+    (``benchmarks/small_map_conv.py``).
+    Anywhere else it is an ordinary ``nn.Conv2d`` with the same parameters and state-dict keys."""
 
     MATMUL_MAX_PIXELS = 49
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sh, sw = self.stride
-        if (x.device.type == "cpu" and x.dim() == 4
-                and -(-x.shape[-2] // sh) * -(-x.shape[-1] // sw) <= self.MATMUL_MAX_PIXELS
+    def _fast(self, x: torch.Tensor) -> bool:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        out_h, out_w = (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
+        # k x k kernels: the input map too (the backward of k^2 shifted views writes k^2 input-sized gradients;
+        # on 14x14 -> 7x7 stride 2 that is slower than oneDNN)
+        small = out_h * out_w <= self.MATMUL_MAX_PIXELS and (
+            (kh, kw) == (1, 1) or x.shape[-2] * x.shape[-1] <= self.MATMUL_MAX_PIXELS)
+        return (x.device.type == "cpu" and x.dim() == 4 and small
                 and (x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                                    and torch.get_autocast_dtype("cpu") == torch.bfloat16))
-                and x.is_contiguous(memory_format=torch.channels_last)):
-            if (sh, sw) != (1, 1):
-                x = x[:, :, ::sh, ::sw]
-            b, c, h, w = x.shape
-            y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, c), self.weight.view(self.out_channels, c),
-                                     self.bias)
-            return y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)  # channels-last, like the input
-        return super().forward(x)
+                and x.is_contiguous(memory_format=torch.channels_last))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fast(x):
+            return super().forward(x)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if ph or pw:
+            x = nn.functional.pad(x, (pw, pw, ph, ph))
+        b, c, h, w = x.shape
+        out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
+        pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view of channels-last memory
+        views = [pixels[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw] for i in range(kh)
+                 for j in range(kw)]
+        columns = views[0] if len(views) == 1 else torch.cat(views, dim=-1)  # (B, out_h, out_w, kh kw C)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, kh * kw * c)
+        y = nn.functional.linear(columns.reshape(-1, kh * kw * c), weight, self.bias)
+        return y.view(b, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)  # channels-last, like the input
 
 
-def _pointwise_convolutions(module: nn.Module) -> None:
-    """Make every 1x1 convolution without padding a :class:`PointwiseConv2d` (same parameters and state-dict
-    keys; the class is swapped in place, so initialisation and random streams are untouched)."""
+def _small_map_convolutions(module: nn.Module) -> None:
+    """Make every plain convolution (zero padding, no dilation or groups) a :class:`SmallMapConv2d` (same
+    parameters and state-dict keys; the class is swapped in place, so initialisation and random streams are
+    untouched). The stem's 7x7 convolution never meets a map small enough to take the matrix path."""
     for child in module.modules():
-        if (type(child) is nn.Conv2d and child.kernel_size == (1, 1) and child.padding == (0, 0)
-                and child.dilation == (1, 1) and child.groups == 1 and child.padding_mode == "zeros"):
-            child.__class__ = PointwiseConv2d
+        if (type(child) is nn.Conv2d and child.dilation == (1, 1) and child.groups == 1
+                and child.padding_mode == "zeros" and isinstance(child.padding, tuple)):
+            child.__class__ = SmallMapConv2d
 
 
 class ResNetTrunk(nn.Module):
@@ -135,7 +153,7 @@ class ResNetTrunk(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.feature_dim = 8 * stem_width * block.expansion
         self._init_weights(zero_init_residual)
-        _pointwise_convolutions(self)
+        _small_map_convolutions(self)
 
     def _make_stage(
         self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int

@@ -277,33 +277,36 @@ def test_invalid_options_raise() -> None:
         build_backbone("vit_b_16", zero_init_residual=True)
 
 
-@pytest.mark.parametrize("pixels,stride,fast", [(7, 1, True), (3, 1, True), (8, 1, False), (14, 2, True),
-                                                (13, 2, True), (15, 2, False)])
-def test_pointwise_convolution_as_a_matrix_product_on_small_maps(monkeypatch, pixels: int, stride: int,
-                                                                  fast: bool) -> None:
-    """ResNet's 1x1 convolutions run as one matrix product on small channels-last maps in CPU bf16 autocast
+@pytest.mark.parametrize("kernel,pixels,stride,fast", [
+    (1, 7, 1, True), (1, 3, 1, True), (1, 8, 1, False), (1, 14, 2, True), (1, 13, 2, True), (1, 15, 2, False),
+    (3, 7, 1, True), (3, 3, 1, True), (3, 8, 1, False), (3, 6, 2, True), (3, 7, 2, True), (3, 14, 2, False)])
+def test_small_map_convolution_as_a_matrix_product(monkeypatch, kernel: int, pixels: int, stride: int,
+                                                   fast: bool) -> None:
+    """ResNet's convolutions run as one matrix product on small channels-last maps in CPU bf16 autocast
     (faster there than oneDNN's convolution), with the values and gradients of the convolution."""
-    from swav.backbones import PointwiseConv2d
+    from swav.backbones import SmallMapConv2d
 
     trunk, _ = build_backbone("resnet50")
-    assert sum(isinstance(m, PointwiseConv2d) for m in trunk.modules()) == 36  # conv1 + conv3 per block, downsample
+    # 1x1: conv1 + conv3 per block and the downsampling ones (36); 3x3: conv2 per block (16); the 7x7 stem
+    assert sum(isinstance(m, SmallMapConv2d) for m in trunk.modules()) == 36 + 16 + 1
     calls = []
     linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or linear(*a))
     torch.manual_seed(0)
-    conv = PointwiseConv2d(64, 48, 1, stride=stride, bias=False)
+    padding = kernel // 2
+    conv = SmallMapConv2d(64, 48, kernel, stride=stride, padding=padding, bias=False)
     x = torch.randn(5, 64, pixels, pixels).contiguous(memory_format=torch.channels_last).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv(x)
     assert bool(calls) == fast
-    out = -(-pixels // stride)
+    out = (pixels + 2 * padding - kernel) // stride + 1
     assert y.shape == (5, 48, out, out) and y.is_contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn(y.shape)
     y.float().backward(grad_out)
     ref_x = x.detach().clone().requires_grad_()
     ref_w = conv.weight.detach().clone().requires_grad_()
-    torch.nn.functional.conv2d(ref_x, ref_w, stride=stride).backward(grad_out)
-    reference = torch.nn.functional.conv2d(x.detach(), conv.weight.detach(), stride=stride)
+    torch.nn.functional.conv2d(ref_x, ref_w, stride=stride, padding=padding).backward(grad_out)
+    reference = torch.nn.functional.conv2d(x.detach(), conv.weight.detach(), stride=stride, padding=padding)
     for got, want in ((y.float(), reference), (x.grad, ref_x.grad), (conv.weight.grad, ref_w.grad)):
         torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.02 * float(want.abs().max()))
     calls.clear()
