@@ -20,9 +20,11 @@ import torch
 from swav.backbones import SmallMapConv2d
 
 # (crops, in channels, out channels, kernel, input map, stride): where ResNet-50 meets maps of <= 49 output pixels
+# (the last stage at 224 and 96 px, the third stage at 96 px)
 SHAPES = [(24, 512, 512, 3, 3, 1), (24, 512, 512, 3, 6, 2), (8, 512, 512, 3, 7, 1), (8, 512, 512, 3, 14, 2),
           (24, 2048, 512, 1, 3, 1), (24, 512, 2048, 1, 3, 1), (24, 1024, 2048, 1, 6, 2), (8, 2048, 512, 1, 7, 1),
-          (8, 1024, 2048, 1, 14, 2)]
+          (8, 1024, 2048, 1, 14, 2), (24, 256, 256, 3, 6, 1), (24, 1024, 256, 1, 6, 1), (24, 256, 1024, 1, 6, 1),
+          (24, 512, 1024, 1, 12, 2)]
 
 
 def main() -> None:
