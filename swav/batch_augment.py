@@ -22,6 +22,7 @@ Legend: B batch, V crops, C channels, S crop size.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass, fields
 from functools import partial
@@ -42,6 +43,8 @@ except ImportError:  # pragma: no cover
 from swav.multicrop import (BLUR_SIGMA_RANGE, CropBox, CropGroup, blur_kernel_size, check_groups,
                             check_probability, crop_generator, jitter_ranges, mix_seed,
                             resolve_normalization, sample_crop_box, to_uint8_image)
+
+logger = logging.getLogger(__name__)
 
 ImageSource = Image.Image | torch.Tensor | bytes | str | os.PathLike
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
@@ -449,6 +452,7 @@ class BatchColorAugment(nn.Module):
         self.strategy = "dense" if compile else strategy
         self.compile = compile
         self._dense_fn: Callable[..., torch.Tensor] | None = None
+        self._compiled_shapes: set[tuple] = set()
         self.generator = None if seed is None else torch.Generator().manual_seed(mix_seed(seed))
 
     def sample_params(self, num_samples: int) -> ColorParams:
@@ -503,11 +507,25 @@ class BatchColorAugment(nn.Module):
         if device.type == "cuda":
             plan = plan.pin_memory()
         plan = plan.to(device, non_blocking=True)
+        args = (crops, plan, device_constant(self.mean, device, torch.float32),
+                device_constant(self.std, device, torch.float32), self.jitter_ops,
+                blur_kernel_size(min(crops.shape[-2:])))
+        if not self.compile:
+            return dense_color_stage(*args)
         if self._dense_fn is None:
-            self._dense_fn = torch.compile(dense_color_stage, dynamic=False) if self.compile else dense_color_stage
-        return self._dense_fn(crops, plan, device_constant(self.mean, device, torch.float32),
-                              device_constant(self.std, device, torch.float32), self.jitter_ops,
-                              blur_kernel_size(min(crops.shape[-2:])))
+            self._dense_fn = torch.compile(dense_color_stage, dynamic=False)
+        key = (tuple(crops.shape), crops.device.type)
+        if key in self._compiled_shapes:
+            return self._dense_fn(*args)
+        try:  # compiles for this shape; an optimisation, so a compiler failure falls back to the same values
+            out = self._dense_fn(*args)
+        except Exception as exc:  # noqa: BLE001  (inductor/triton raise many types)
+            logger.warning("compiling the colour stage failed (%s: %s); it runs eagerly instead (same values, "
+                           "slower on a GPU)", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.compile, self.strategy = False, "masked"
+            return self._apply_masked(crops, params)
+        self._compiled_shapes.add(key)
+        return out
 
     def _apply_masked(self, crops: torch.Tensor, params: ColorParams) -> torch.Tensor:
         """Every op once, on the subset of the whole batch that needs it, in SPEC §7 order.

@@ -18,6 +18,7 @@ from swav.batch_augment import (BatchColorAugment, ColorParams, FastMultiCrop, M
                                 grayscale_batch, multicrop_collate)
 from swav.multicrop import (IMAGENET_MEAN, IMAGENET_STD, CropGroup, MultiCropTransform,
                             blur_kernel_size)
+from tests.train_helpers import DEVICES
 
 GROUPS = [CropGroup(32, 2, 0.14, 1.0), CropGroup(16, 3, 0.05, 0.14)]
 
@@ -133,12 +134,13 @@ def test_dense_strategy_equals_masked_exactly(channels: int, strength: float) ->
         assert torch.equal(dense.apply(crops, params), masked.apply(crops, params))
 
 
-def test_compiled_dense_stage_in_a_background_thread_matches_eager() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_dense_stage_in_a_background_thread_matches_eager(device: str) -> None:
     """``compile=True`` (what ``run.compile`` uses on a GPU), compiled in the prefetch thread as the engine does."""
     from swav.train_data import prefetched
 
     batches = [torch.randint(0, 256, (6, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(s))
-               for s in (16, 16, 8, 8, 8)]
+               .to(device) for s in (16, 16, 8, 8, 8)]
 
     def made(aug: BatchColorAugment):
         for b in range(3):
@@ -153,6 +155,22 @@ def test_compiled_dense_stage_in_a_background_thread_matches_eager() -> None:
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
     with pytest.raises(ValueError, match="compile=True needs strategy='dense'"):
         BatchColorAugment(strategy="grouped", compile=True)
+
+
+def test_a_colour_stage_that_fails_to_compile_runs_eagerly_with_the_same_values(monkeypatch, caplog) -> None:
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("backend compiler failed\ndetails")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    crops = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    compiled, eager = BatchColorAugment(compile=True, seed=3), BatchColorAugment(strategy="masked", seed=3)
+    params = eager.sample_params(8)
+    with caplog.at_level("WARNING", logger="swav.batch_augment"):
+        out = compiled.apply(crops, params)
+    assert "compiling the colour stage failed (RuntimeError: backend compiler failed)" in caplog.text
+    assert torch.equal(out, eager.apply(crops, params)) and not compiled.compile
 
 
 def test_forward_merges_equal_shapes_but_keeps_each_crops_parameters() -> None:
