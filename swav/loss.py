@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from swav.sinkhorn import sinkhorn_knopp
 
