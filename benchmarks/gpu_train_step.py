@@ -299,14 +299,15 @@ def augment_breakdown(device, batch: int, steps: int, data: Path | None = None) 
 
 def per_op_times(device, batch: int) -> dict[str, float]:
     """Milliseconds of each colour op on a whole resolution batch (V x B crops), synchronised."""
-    import swav.batch_augment as ba
+    import swav.color_ops as co
+    from swav.multicrop import blur_kernel_size
 
-    ops = {"flip": lambda x, f: ba._flip(x, inplace=True),
-           "brightness": lambda x, f: ba.adjust_brightness_batch(x, f, inplace=True),
-           "contrast": lambda x, f: ba.adjust_contrast_batch(x, f, inplace=True),
-           "saturation": lambda x, f: ba.adjust_saturation_batch(x, f, inplace=True),
-           "hue": lambda x, f: ba.adjust_hue_batch(x, f - 1.0, inplace=True),
-           "grayscale": lambda x, f: ba.grayscale_batch(x, inplace=True),
+    ops = {"flip": lambda x, f: co.flip_batch(x, inplace=True),
+           "brightness": lambda x, f: co.adjust_brightness_batch(x, f, inplace=True),
+           "contrast": lambda x, f: co.adjust_contrast_batch(x, f, inplace=True),
+           "saturation": lambda x, f: co.adjust_saturation_batch(x, f, inplace=True),
+           "hue": lambda x, f: co.adjust_hue_batch(x, f - 1.0, inplace=True),
+           "grayscale": lambda x, f: co.grayscale_batch(x, inplace=True),
            "index select+copy (half)": lambda x, f: x.index_copy_(0, f.argsort()[: len(f) // 2],
                                                                    x.index_select(0, f.argsort()[: len(f) // 2]))}
     times = {}
@@ -315,7 +316,7 @@ def per_op_times(device, batch: int) -> dict[str, float]:
         x = torch.rand(n, 3, size, size, device=device)
         f = torch.rand(n, device=device) + 0.5
         table = dict(ops)
-        table["blur"] = lambda x, f, k=ba.blur_kernel_size(size): ba.gaussian_blur_batch(x, f, k, inplace=True)
+        table["blur"] = lambda x, f, k=blur_kernel_size(size): co.gaussian_blur_batch(x, f, k, inplace=True)
         for name, fn in table.items():
             times[f"{name} {count}x{size}"] = 1000 * timed(lambda i: fn(x, f), 3, 1, device)
     print("colour ops, ms per whole batch: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()), flush=True)
