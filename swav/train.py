@@ -270,9 +270,11 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
             truncate_metrics(out, progress.step)
     loader = build_train_loader(config, dataset, pipeline=pipeline, rank=ctx.rank, world_size=ctx.world_size,
                                 device=ctx.device)
-    logger.info("training %s: %d images, %d steps per epoch, %d steps in total, global batch %d, %s, %s pipeline",
+    ahead = getattr(loader, "prefetch", 0)
+    logger.info("training %s: %d images, %d steps per epoch, %d steps in total, global batch %d, %s, %s pipeline%s",
                 spec.backbone, derived.dataset_size, derived.steps_per_epoch, derived.total_steps,
-                derived.global_batch_size, precision, pipeline)
+                derived.global_batch_size, precision, pipeline,
+                f" (batches made {ahead} ahead in a background thread)" if ahead else "")
     return _loop(config, derived, step_fn, loader, progress, out, ctx, stop)
 
 
