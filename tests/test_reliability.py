@@ -60,7 +60,10 @@ def reference(idx_data, tmp_path_factory):
 def test_kill9_between_checkpoints_then_the_same_command_resumes_by_itself(tmp_path, idx_data, reference, capsys):
     out = tmp_path / "run"
     proc = launch(argv(idx_data, out), tmp_path / "killed.log", {PAUSE_HOOK_ENV: "step_00000005.pt:after"})
-    wait_until(step_checkpoint_path(out, 5).is_file, proc, tmp_path / "killed.log", "checkpoint 5")
+    # paused: checkpoint 5 is on disk and the hook has logged its pause (the log line follows the rename, so
+    # a snapshot taken between the two would see train.log grow)
+    wait_until(lambda: step_checkpoint_path(out, 5).is_file() and "pausing" in (out / "train.log").read_text(),
+               proc, tmp_path / "killed.log", "the pause after checkpoint 5")
     before = snapshot(out)
     code, text = run_cli(capsys, argv(idx_data, out))  # started twice by mistake while it still runs
     assert code == 1 and f"another process (pid {proc.pid} on " in text and "is training in" in text
