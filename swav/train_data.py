@@ -149,10 +149,15 @@ class _Failure:
         self.error = error
 
 
-def prefetched(batches: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+def prefetched(batches: Iterator[Any], depth: int = 1, device: torch.device | None = None) -> Iterator[Any]:
     """``batches`` made by a background thread, up to ``depth`` ahead (torch ops release the GIL, so the
     next batch is cut while the step runs). Errors re-raise in the consumer; closing the consumer stops
-    the thread. The batches and their order are those of ``batches`` (randomness is keyed by batch index).
+    the thread, closes ``batches`` (in the thread that iterates it) and waits for the thread to end. The
+    batches and their order are those of ``batches`` (randomness is keyed by batch index).
+
+    On a CUDA ``device`` the thread works on that GPU and on the consumer's current stream (both are per host
+    thread, and a new thread starts on GPU 0 and its default stream): otherwise every rank but rank 0 would
+    open a context on GPU 0, and batches would cross streams unordered.
 
     Example:
         >>> list(prefetched(iter(range(5))))
@@ -161,6 +166,8 @@ def prefetched(batches: Iterator[Any], depth: int = 1) -> Iterator[Any]:
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     end = object()
+    cuda = device is not None and torch.device(device).type == "cuda"
+    stream = torch.cuda.current_stream(device) if cuda else None
 
     def put(item: Any) -> bool:
         while not stop.is_set():
@@ -173,12 +180,19 @@ def prefetched(batches: Iterator[Any], depth: int = 1) -> Iterator[Any]:
 
     def produce() -> None:
         try:
+            if cuda:
+                torch.cuda.set_device(device)
+                torch.cuda.set_stream(stream)
             for item in batches:
                 if not put(item):
                     return
             put(end)
         except BaseException as error:  # noqa: BLE001  (handed to the consumer)
             put(_Failure(error))
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:  # a generator: its clean-up (DataLoader workers) runs here, not at exit
+                close()
 
     thread = threading.Thread(target=produce, name="swav-prefetch", daemon=True)
     thread.start()
@@ -192,6 +206,14 @@ def prefetched(batches: Iterator[Any], depth: int = 1) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
+        # the thread finishes the batch it is making (at most one batch's time), then sees the stop
+        thread.join(timeout=_PREFETCH_JOIN_S)
+        if thread.is_alive():
+            logger.warning("the batch thread did not stop within %.0f s (a data-loader worker hung?); "
+                           "leaving it behind", _PREFETCH_JOIN_S)
+
+
+_PREFETCH_JOIN_S = 120.0
 
 
 class TrainLoader:
@@ -212,7 +234,7 @@ class TrainLoader:
         return len(self.sampler) // self.sampler.batch_size
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        return prefetched(self._batches(), self.prefetch) if self.prefetch > 0 else self._batches()
+        return prefetched(self._batches(), self.prefetch, self.device) if self.prefetch > 0 else self._batches()
 
 
 def batch_generator(seed: int, rank: int, epoch: int, batch_index: int) -> torch.Generator:
