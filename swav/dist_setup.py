@@ -110,11 +110,18 @@ def detect_environment(env: Mapping[str, str] | None = None, *, world_size: int 
     """Read the launcher's variables (``env`` defaults to ``os.environ``); flags are the last resort."""
     env = os.environ if env is None else env
     if dist.is_available() and dist.is_initialized():
-        return DistEnvironment("existing", dist.get_rank(), dist.get_world_size(),
-                               _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else max(local_rank, 0))
+        if "LOCAL_RANK" in env:
+            local = _int(env, "LOCAL_RANK")
+        elif local_rank >= 0:
+            local = local_rank
+        elif torch.cuda.is_available() and torch.cuda.is_initialized():
+            local = torch.cuda.current_device()  # the caller picked this rank's GPU already
+        else:
+            local = dist.get_rank()  # -> rank % GPUs per node, as the original code
+        return DistEnvironment("existing", dist.get_rank(), dist.get_world_size(), local)
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnvironment("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
-                               _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+                               _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else _int(env, "RANK"),
                                env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")))
     slurm_tasks = _int(env, "SLURM_NTASKS") if "SLURM_NTASKS" in env else 1
     if "SLURM_PROCID" in env and slurm_tasks > 1:
@@ -123,12 +130,14 @@ def detect_environment(env: Mapping[str, str] | None = None, *, world_size: int 
             raise ValueError("SLURM job with several tasks but no SLURM_JOB_NODELIST: cannot find the master node")
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
         return DistEnvironment("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
-                               _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+                               _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else _int(env, "SLURM_PROCID"),
                                env.get("MASTER_ADDR") or first_slurm_host(nodelist), port)
     if world_size > 1:
         if rank < 0:
             raise ValueError(f"run.world_size={world_size} but run.rank={rank}: pass --rank for every process")
-        return DistEnvironment("flags", rank, world_size, max(local_rank, 0), init_method=dist_url)
+        # without --local_rank: rank % GPUs per node picks the GPU (select_device), as the original code did
+        return DistEnvironment("flags", rank, world_size, local_rank if local_rank >= 0 else rank,
+                               init_method=dist_url)
     return DistEnvironment("none")
 
 

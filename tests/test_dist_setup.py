@@ -40,6 +40,16 @@ def test_single_process_cases():
     assert (context.rank, context.world_size, context.backend, context.device) == (0, 1, None, torch.device("cpu"))
 
 
+def test_local_rank_defaults_to_the_rank_so_that_each_process_gets_its_own_gpu():
+    """Without a local rank (official flags with no --local_rank, a launcher that sets RANK but not LOCAL_RANK,
+    SLURM without SLURM_LOCALID) the device is rank % GPUs per node (select_device), as the original code did:
+    not GPU 0 for every process."""
+    assert detect_environment({}, world_size=16, rank=11, dist_url="tcp://h:1").local_rank == 11
+    assert detect_environment({}, world_size=16, rank=11, local_rank=3, dist_url="tcp://h:1").local_rank == 3
+    assert detect_environment({"RANK": "5", "WORLD_SIZE": "8"}).local_rank == 5
+    assert detect_environment({"SLURM_PROCID": "6", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "n1"}).local_rank == 6
+
+
 def test_resumable_sampler_skips_consumed_batches_and_splits_ranks():
     samplers = [ResumableSampler(23, num_replicas=2, rank=r, seed=31, batch_size=3) for r in range(2)]
     for s in samplers:
