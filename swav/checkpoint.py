@@ -81,7 +81,9 @@ def capture_rng_state() -> dict[str, Any]:
     """torch, CUDA, numpy and python RNG states as tensors/lists (``weights_only``-loadable)."""
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    # this process's own GPU only: a resume may see another number of GPUs (one per task under SLURM, a
+    # smaller node), and rank r's device need not be GPU r
+    cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return {
         "torch": torch.get_rng_state(),
         "cuda": list(cuda),
@@ -95,7 +97,11 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state` (CUDA states only when CUDA is in use)."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        states, current = state["cuda"], torch.cuda.current_device()
+        # one state: this process's GPU (this format); several: one per visible GPU (earlier checkpoints)
+        own = states[0] if len(states) == 1 else states[current] if current < len(states) else None
+        if own is not None:
+            torch.cuda.set_rng_state(own)
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
