@@ -79,7 +79,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     from swav.recipes import load_recipe
 
     flags = official_values(args)
-    demo = bool(getattr(args, "demo", False)) or ("data.path" not in flags and not args.recipe and not args.config)
+    # `--output-dir RUN --resume` with nothing else continues RUN with its own config.yaml: not the demo
+    explicit_dir = flags.get("run.output_dir")
+    resumed_run = bool(args.resume and explicit_dir and (Path(explicit_dir) / "config.yaml").is_file())
+    demo = bool(getattr(args, "demo", False)) or ("data.path" not in flags and not args.recipe and not args.config
+                                                  and not resumed_run)
     output_dir = flags.get("run.output_dir") or (DEMO_OUTPUT_DIR if demo else None)
     own_config = Path(output_dir) / "config.yaml" if output_dir else None
     data = flags.get("data.path")
