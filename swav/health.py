@@ -91,7 +91,8 @@ class NonFiniteError(RuntimeError):
             detail = f"; loss terms {listed}{more}{detail}"
         super().__init__(
             f"training stopped in step {step}: loss = {loss} ({where}){detail}. The optimiser step was not "
-            f"taken and nothing was saved; the last checkpoint (at most step {step - 1}) is the resume point. "
+            f"taken and nothing was saved; the newest checkpoint (if any was written: it is from step {step - 1} or earlier) is the resume "
+            "point. "
             "Common causes: "
             "learning rate too high, fp16 overflow (try run.precision=bf16 or fp32), a smaller swav.epsilon "
             "without swav.log_domain (SPEC §3, §13)")

@@ -39,7 +39,8 @@ def _split_images(config: Config, split: str, limit: int) -> tuple[torch.Tensor,
     targets = getattr(dataset, "targets", None)
     if images is None or targets is None:
         raise ValueError(f"the k-NN summary needs a labelled data set held in memory (Fashion-MNIST, MNIST, "
-                         f"CIFAR); {config.data.path!r} is not one: use `swav evaluate` instead")
+                         f"CIFAR); {config.data.path!r} is not one: evaluate with `swav eval-knn --checkpoint MODEL --train-data DIR --val-data DIR` "
+                         "(and pass --no-summary to `swav pretrain`)")
     labels = torch.as_tensor(targets, dtype=torch.long)
     if limit:
         images, labels = images[:limit], labels[:limit]

@@ -82,7 +82,7 @@ def embedding_map(vectors: np.ndarray, *, method: str = "tsne", seed: int = 0) -
             import umap
         except ImportError as exc:
             raise ImportError("method='umap' needs the optional package umap-learn "
-                              "(pip install umap-learn); use method='tsne'") from exc
+                              "(pip install umap-learn); use the t-SNE map instead (--map tsne; Python: method='tsne')") from exc
         return np.asarray(umap.UMAP(n_components=2, random_state=seed).fit_transform(x))
     from sklearn.manifold import TSNE
 

@@ -226,7 +226,7 @@ def resume_refusal(ckpt: dict[str, Any], config: Config, spec: dict[str, Any], p
         return ""
     return (f"checkpoint {path} was trained with a different model or crops; refusing to resume. Differences:\n  "
             + "\n  ".join(fatal) + "\nUse the original settings, start a new run (another --output-dir or "
-            "--overwrite), or load what fits with a partial resume (train(..., partial=True))")
+            "--overwrite), or load what fits with a partial resume (--resume --partial; Python: train(..., partial=True))")
 
 
 def partial_resume_checkpoint(ckpt: dict[str, Any], config: Config, model: nn.Module,

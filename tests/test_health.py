@@ -39,4 +39,4 @@ def test_nonfinite_gradients_are_named():
     assert not bool(gradients_finite(net.parameters()))
     assert nonfinite_parameter_names(net.named_parameters()) == ["1.weight"]
     error = NonFiniteError(12, float("nan"), ["1.weight"])
-    assert "in step 12" in str(error) and "1.weight" in str(error) and "at most step 11" in str(error)
+    assert "in step 12" in str(error) and "1.weight" in str(error) and "step 11 or earlier" in str(error)
