@@ -316,20 +316,23 @@ def extract_job(
 ) -> Path:
     """What ``swav extract`` does: load any file :func:`swav.load_pretrained` reads, build the
     data set (``--data`` forms of :func:`swav.datasets.build_dataset`) with the evaluation
-    transform of the model's spec (SPEC §11 test transform), and run :func:`extract_to_dir`.
+    transform of the model's spec (SPEC §11 test transform, normalised and sized as the checkpoint's
+    pretraining config says: :func:`swav.eval.transforms.transforms_for_checkpoint`), and run
+    :func:`extract_to_dir`.
 
     Example:
         >>> extract_job("run/checkpoint.pt", "fashion-mnist", "feats/", split="test")  # doctest: +SKIP
     """
     from swav.datasets import build_dataset
-    from swav.eval.transforms import transforms_for_spec
+    from swav.eval.transforms import transforms_for_checkpoint
     from swav.pretrained import load_pretrained
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_pretrained(checkpoint, strict=strict).to(device)
     spec = model.spec
-    _, test_transform = transforms_for_spec(spec)
+    # normalised and sized as in pretraining (its stored config), like the evaluation commands
+    _, test_transform = transforms_for_checkpoint(checkpoint, spec)
     dataset = build_dataset(data, split=split, transform=test_transform, channels=spec.in_channels)
     metadata = {"checkpoint": str(checkpoint), "data": os.fspath(data), "split": split,
                 "channels": spec.in_channels, "model_spec": spec.to_dict(), "limit": limit}

@@ -125,6 +125,10 @@ def _add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: st
         nargs="+",
         help="normalisation std; must match pretraining (default: ImageNet for RGB, 0.5 for grey)",
     )
+    parser.add_argument("--crop-size", type=int, help="test images: centre crop (default: the pretraining's "
+                        "large-crop size, else 224)")
+    parser.add_argument("--resize-size", type=int, help="test images: resize the shorter side first (default: "
+                        "8/7 of the crop for crops of 224 px and more, else the crop size)")
     parser.add_argument("--partial", action="store_true", help="accept a checkpoint that only partly fits the model")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -303,7 +307,9 @@ class _Setup:
     def __init__(self, args: argparse.Namespace):
         import torch
 
-        from swav.eval.transforms import pretraining_normalization, transforms_for_spec
+        from torchvision.transforms import v2
+
+        from swav.eval.transforms import transforms_for_checkpoint
         from swav.pretrained import load_pretrained
 
         if args.batch_size < 1:
@@ -320,11 +326,14 @@ class _Setup:
         self.model = load_pretrained(args.checkpoint, strict=not args.partial)
         self.spec = self.model.spec
         self.backbone = self.model.backbone.to(self.device)
-        mean, std = args.mean, args.std
-        if mean is None and std is None:
-            mean, std = pretraining_normalization(args.checkpoint)
-        self.normalization = {"mean": mean, "std": std}
-        self.transforms = transforms_for_spec(self.spec, mean=mean, std=std)
+        self.transforms = transforms_for_checkpoint(args.checkpoint, self.spec, mean=args.mean, std=args.std,
+                                                    crop_size=args.crop_size, resize_size=args.resize_size)
+        normalize = next(t for t in self.transforms[1].transforms if isinstance(t, v2.Normalize))
+        self.normalization = {"mean": list(normalize.mean), "std": list(normalize.std)}
+        test_steps = self.transforms[1].transforms
+        self.image_sizes = {  # None for small-image models (images taken as they are)
+            "resize": next((t.size[0] for t in test_steps if isinstance(t, v2.Resize)), None),
+            "crop": next((t.size[0] for t in test_steps if isinstance(t, v2.CenterCrop)), None)}
         self.feature_kwargs = {"device": self.device, "amp_dtype": self.amp_dtype, "progress": self.progress}
         logger.info(
             "evaluating %s (%s, feature dim %d) on %s",
@@ -398,6 +407,7 @@ class _Setup:
             "amp": args.amp,
             "batch_size": args.batch_size,
             "normalization": self.normalization,
+            "test_image_sizes": self.image_sizes,
             "seed": args.seed,
             "seconds": round(seconds, 2),
             **fields,

@@ -39,6 +39,8 @@ _EXPORTS = {
     "eval_transforms": "swav.eval.transforms",
     "transforms_for_spec": "swav.eval.transforms",
     "pretraining_normalization": "swav.eval.transforms",
+    "transforms_for_checkpoint": "swav.eval.transforms",
+    "eval_sizes": "swav.eval.transforms",
 }
 
 __all__ = [
@@ -57,7 +59,9 @@ __all__ = [
     "scaled_milestones",
     "stratified_fraction",
     "topk_accuracy",
+    "transforms_for_checkpoint",
     "transforms_for_spec",
+    "eval_sizes",
 ]
 
 

@@ -20,7 +20,8 @@ from torchvision.transforms import v2
 
 from swav.multicrop import resolve_normalization
 
-__all__ = ["PRESETS", "PadRandomCrop", "eval_transforms", "pretraining_normalization", "transforms_for_spec"]
+__all__ = ["PRESETS", "PadRandomCrop", "eval_sizes", "eval_transforms", "pretraining_config", "pretraining_normalization",
+           "transforms_for_checkpoint", "transforms_for_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,26 @@ def transforms_for_spec(
     )
 
 
+def pretraining_config(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The training config stored in our checkpoints (a nested dict), else None (official and safetensors
+    files carry none). Memory-mapped: only the small config is actually read."""
+    import pickle
+
+    from swav.pretrained import resolve_pretrained
+    from swav.safe_load import is_safetensors_file
+
+    path = resolve_pretrained(checkpoint)
+    if is_safetensors_file(path):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as error:
+        logger.debug("no training config readable from %s (%s)", path, error)
+        return None
+    config = obj.get("config") if isinstance(obj, dict) else None
+    return config if isinstance(config, dict) else None
+
+
 def pretraining_normalization(checkpoint: str | os.PathLike) -> tuple[list[float] | None, list[float] | None]:
     """``data.mean`` / ``data.std`` of the training config stored in our checkpoints, else None.
 
@@ -146,23 +167,54 @@ def pretraining_normalization(checkpoint: str | os.PathLike) -> tuple[list[float
         >>> pretraining_normalization(f)
         ([0.3], [0.4])
     """
-    import pickle
+    return _normalization_of(pretraining_config(checkpoint))
 
-    from swav.pretrained import resolve_pretrained
-    from swav.safe_load import is_safetensors_file
 
-    path = resolve_pretrained(checkpoint)
-    if is_safetensors_file(path):
-        return None, None
-    try:  # memory-mapped: only the small config is actually read
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as error:
-        logger.debug("no training config readable from %s (%s)", path, error)
-        return None, None
-    config = obj.get("config") if isinstance(obj, dict) else None
+def _normalization_of(config: dict[str, Any] | None) -> tuple[list[float] | None, list[float] | None]:
     data = config.get("data") if isinstance(config, dict) else None
     data = data if isinstance(data, dict) else {}
     mean, std = data.get("mean"), data.get("std")
     if mean is not None or std is not None:
         logger.info("normalising with the pretraining config's mean %s std %s", mean, std)
     return mean, std
+
+
+def eval_sizes(large_crop: int | None) -> tuple[int, int]:
+    """``(crop_size, resize_size)`` of the test transform for a model pretrained with large crops of
+    ``large_crop`` pixels: crops of 224 px and more follow the ImageNet protocol (resize to 8/7 of the crop,
+    then centre-crop); smaller crops (28 px Fashion-MNIST, 32 px CIFAR, 96 px STL-10) mean small images, which
+    are evaluated whole at that size, as pretraining saw them (blowing 28 px images up to 224 px is slower and
+    less accurate). Unknown (official and safetensors files): 224 / 256.
+
+    Example:
+        >>> eval_sizes(224), eval_sizes(28), eval_sizes(None)
+        ((224, 256), (28, 28), (224, 256))
+    """
+    crop = int(large_crop) if large_crop else 224
+    return crop, (round(crop * 8 / 7) if crop >= 224 else crop)
+
+
+def transforms_for_checkpoint(
+    checkpoint: str | os.PathLike,
+    spec: Any,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_size: int | None = None,
+    resize_size: int | None = None,
+) -> tuple[Transform, Transform]:
+    """:func:`transforms_for_spec` with what the checkpoint's training config says: its normalisation
+    (unless ``mean``/``std`` are given) and its large-crop size (:func:`eval_sizes`, unless ``crop_size`` /
+    ``resize_size`` are given). The choice is logged."""
+    config = pretraining_config(checkpoint)
+    if mean is None and std is None:
+        mean, std = _normalization_of(config)
+    crops = config.get("crops") if isinstance(config, dict) else None
+    sizes = crops.get("sizes") if isinstance(crops, dict) else None
+    default_crop, _ = eval_sizes(sizes[0] if isinstance(sizes, list) and sizes else None)
+    crop = crop_size or default_crop
+    resize = resize_size or eval_sizes(crop)[1]
+    if not spec.small_images:
+        logger.info("evaluation images: resize to %d, centre crop %d%s", resize, crop,
+                    " (the pretraining's large-crop size)" if crop_size is None and sizes else "")
+    return transforms_for_spec(spec, mean=mean, std=std, crop_size=crop, resize_size=resize)

@@ -193,3 +193,27 @@ def test_normalisation_comes_from_the_training_config(idx_data, tmp_path):
     argv = ["eval-knn", *_common(checkpoint, tmp_path, "--data", str(idx_data), "--mean", "0.5", "--std", "0.5")]
     assert _main(argv) == 0
     assert json.loads((tmp_path / "eval-knn.json").read_text())["normalization"] == {"mean": [0.5], "std": [0.5]}
+
+
+def test_test_images_are_sized_like_pretraining(idx_data, tmp_path):
+    """A model pretrained on small crops (28 px Fashion-MNIST, here 8 px) is evaluated on whole images at that
+    size, not blown up to 224 px; --crop-size/--resize-size override; without a training config: 224 / 256."""
+    from swav.checkpoint import save_model_file
+    from swav.eval.transforms import transforms_for_checkpoint
+
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet-compact-s2-8", in_channels=1, hidden_dim=0, output_dim=8, num_prototypes=(5,))
+    model = build_model(spec)
+    trained = save_model_file(tmp_path / "trained.pt", model, spec.to_dict(),
+                              config={"crops": {"sizes": [8, 4]}, "data": {"mean": [0.3], "std": [0.4]}})
+    assert _main(["eval-knn", *_common(trained, tmp_path, "--data", str(idx_data), "--k", "3")]) == 0
+    result = json.loads((tmp_path / "eval-knn.json").read_text())
+    assert result["test_image_sizes"] == {"resize": 8, "crop": 8}
+    assert _main(["eval-knn", *_common(trained, tmp_path, "--data", str(idx_data), "--k", "3", "--crop-size", "6")]) == 0
+    assert json.loads((tmp_path / "eval-knn.json").read_text())["test_image_sizes"] == {"resize": 6, "crop": 6}
+    image = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    _, test = transforms_for_checkpoint(trained, spec)
+    expected = (torch.arange(64, dtype=torch.float32).reshape(1, 8, 8) / 255 - 0.3) / 0.4
+    torch.testing.assert_close(test(image), expected)  # the image as it is, normalised as in pretraining
+    _, test = transforms_for_checkpoint(export_full(model, tmp_path / "no-config.pt"), spec)
+    assert test(image).shape == (1, 224, 224)
