@@ -111,18 +111,29 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
                         ckpt["epoch"], found[0])
             return TrainResult("already_complete", out, int(ckpt["step"]), int(ckpt["epoch"]), found[0])
         _barrier()
+        replace = overwrite and holds_run(out)
+
+        def prepare_folder() -> None:
+            """Clear a run being replaced and open the log file. With --overwrite this waits until the data
+            set, model and derived values are known to be good: a bad path or config loses nothing saved."""
+            nonlocal log_handler
+            if ctx.is_main:
+                if replace:
+                    logger.warning("--overwrite: removed %s from %s", ", ".join(clear_run(out)), out)
+                out.mkdir(parents=True, exist_ok=True)
+                clean_temp_files(out)
+                log_handler = _attach_log_file(out / "train.log")
+            _barrier()
+
         if ctx.is_main:
             lock.acquire()  # no second process may train into this folder (issue 8)
-            if overwrite and holds_run(out):
-                logger.warning("--overwrite: removed %s from %s", ", ".join(clear_run(out)), out)
-            out.mkdir(parents=True, exist_ok=True)
-            clean_temp_files(out)
-            log_handler = _attach_log_file(out / "train.log")
-        _barrier()
+        if not replace:
+            prepare_folder()
         if resume and found is None:
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", out)
         with StopSignals() as stop:
-            return _fit(config, ctx, out, found, dataset, model_builder, stop, partial)
+            return _fit(config, ctx, out, found, dataset, model_builder, stop, partial,
+                        prepare_folder if replace else None)
     except Exception as exc:
         if ctx.world_size > 1 and not isinstance(exc, (NonFiniteError, CheckpointError)):  # those: all ranks agree
             logger.error("rank %d of %d stopped: %s: %s. The other ranks stop at their next collective operation "
@@ -229,7 +240,8 @@ def _optimizer(raw: SwAVModel, config: Config) -> torch.optim.Optimizer:
 
 
 def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] | None, dataset: Dataset | None,
-         model_builder: Callable[[ModelSpec], SwAVModel], stop: StopSignals, partial: bool = False) -> TrainResult:
+         model_builder: Callable[[ModelSpec], SwAVModel], stop: StopSignals, partial: bool = False,
+         prepare_folder: Callable[[], None] | None = None) -> TrainResult:
     seed = config.run.seed
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -250,6 +262,8 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
                             samples_per_rank=samples_per_rank, device=str(ctx.device), precision=precision,
                             pipeline=pipeline)
     logger.info("derived values: %s", json.dumps(derived.to_dict()))
+    if prepare_folder is not None:  # --overwrite: the old run goes only now that data, model and config are good
+        prepare_folder()
     if ctx.is_main:
         save_config(config, out / "config.yaml")
         (out / "derived.json").write_text(json.dumps(derived.to_dict(), indent=1) + "\n", encoding="utf-8")

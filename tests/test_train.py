@@ -147,6 +147,18 @@ def test_run_folder_lifecycle(tmp_path, image_folder):
     again = train(cfg, model_builder=tiny_model, resume=True)
     assert again.status == "already_complete" and again.exit_code == 0
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+    # --overwrite with a bad data path, a batch larger than the data or an unknown backbone: the error comes
+    # before the old run is removed, so nothing saved is lost
+    def saved() -> dict:  # the run's files (the lock file is touched by every attempt)
+        return {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != ".swav.lock"}
+
+    for bad in ({"data.path": str(tmp_path / "no-such-folder")}, {"optim.batch_size_per_device": 1000}):
+        with pytest.raises((FileNotFoundError, ValueError)):
+            train(with_values(cfg, bad), model_builder=tiny_model, overwrite=True)
+        assert saved() == {p: t for p, t in before.items() if p.name != ".swav.lock"}
+    with pytest.raises(ValueError, match="backbone"):
+        train(with_values(cfg, {"model.backbone": "resnet5O"}), overwrite=True)
+    assert saved() == {p: t for p, t in before.items() if p.name != ".swav.lock"}
     assert train(cfg, model_builder=tiny_model, overwrite=True).status == "complete"
 
 
