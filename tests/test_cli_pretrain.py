@@ -107,3 +107,17 @@ def test_usage_errors_and_module_entry_point(capsys):
     proc = subprocess.run([sys.executable, "-m", "swav", "pretrain", "--list-recipes"], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "swav_800ep" in proc.stdout and "fashion_mnist_cpu" in proc.stdout
+
+
+def test_set_is_applied_with_the_flags_before_validation(capsys):
+    """Precedence defaults < recipe < --config < flags < --set, validated once: a --set fixes what a flag alone
+    makes inconsistent (2 epochs with the defaults' 10 warm-up epochs)."""
+    code, stdout, err = run_cli(capsys, "pretrain", "--data", "/some/folder", "--epochs", "2", "--set",
+                                "optim.warmup_epochs=0", "--print-config")
+    assert code == 0 and "warmup_epochs: 0.0" in stdout and "epochs: 2" in stdout
+    code, stdout, _ = run_cli(capsys, "pretrain", "--data", "/some/folder", "--nmb_crops", "2", "2", "--set",
+                              "crops.sizes=[32,16]", "--set", "crops.min_scales=[0.3,0.1]", "--set",
+                              "crops.max_scales=[1,0.3]", "--print-config")
+    assert code == 0 and "- 32" in stdout
+    code, _, err = run_cli(capsys, "pretrain", "--data", "/some/folder", "--epochs", "2", "--print-config")
+    assert code == 1 and "optim.warmup_epochs" in err  # still validated

@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from swav.config import Config, apply_overrides, config_to_dict, load_config_file, with_values
+from swav.config import Config, config_to_dict, load_config_file, parse_override, with_values
 from swav.official_flags import add_official_flags, official_values
 
 __all__ = ["register", "run", "resolve_config", "DEMO_RECIPE", "DEMO_OUTPUT_DIR"]
@@ -101,8 +101,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
         flags["run.output_dir"] = DEMO_OUTPUT_DIR
     if args.device:
         flags["run.device"] = args.device
-    config = with_values(config, flags) if flags else config
-    return apply_overrides(config, args.overrides), demo
+    # flags and --set in one step, validated together: a --set may fix what a flag alone makes inconsistent
+    # (--epochs 2 with the recipe's 10 warm-up epochs, --set optim.warmup_epochs=0)
+    values = dict(flags)
+    for text in args.overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return (with_values(config, values) if values else config), demo
 
 
 def _summary_wanted(args: argparse.Namespace, config: Config, demo: bool) -> bool:
