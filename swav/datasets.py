@@ -17,6 +17,7 @@ are *all* unreadable aborts at once.
 from __future__ import annotations
 
 import gzip
+import zlib
 import io
 import logging
 import operator
@@ -220,7 +221,11 @@ def read_idx(path: str | os.PathLike) -> Any:
     with open(path, "rb") as fh:
         raw = fh.read()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as error:
+            raise ValueError(f"read_idx: {path} is a damaged gzip file ({error}; truncated download?): "
+                             "download it again or delete it") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"read_idx: {path} is not an IDX file (bad magic {raw[:4]!r})")
     ndim = raw[3]

@@ -183,6 +183,10 @@ def test_idx_rejects_bad_files(tmp_path):
     (tmp_path / "y").write_bytes(b"GIF89a....")
     with pytest.raises(ValueError, match="not an IDX file"):
         read_idx(tmp_path / "y")
+    whole = gzip.compress(b"\x00\x00\x08\x01" + (4000).to_bytes(4, "big") + os.urandom(4000))
+    (tmp_path / "z.gz").write_bytes(whole[: len(whole) // 2])  # a download cut in half
+    with pytest.raises(ValueError, match="damaged gzip file .*truncated download"):
+        read_idx(tmp_path / "z.gz")
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason="Fashion-MNIST not installed")
