@@ -377,8 +377,16 @@ class ShardDataset(IterableDataset):
                            self.world_size, workers)
             return
         rng = random.Random(f"swav-buffer-{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        samples = tarfile_samples([{"url": url} for url in mine])
+        samples = tarfile_samples([{"url": url} for url in mine], handler=_damaged_shard)
         for sample in self._shuffled(samples, rng):
             item = self._decode(sample)
             if item is not None:
                 yield item
+
+
+def _damaged_shard(error: Exception) -> bool:
+    """webdataset's error handler: a shard that cannot be read as a tar file stops the run with its name."""
+    url = error.args[-1] if error.args and isinstance(error.args[-1], str) else "a shard"
+    reason = error.args[0] if error.args else type(error).__name__
+    raise ValueError(f"shard {url} is truncated or not a tar file ({reason}): write it again with "
+                     "`swav pack-shards` (or remove it), then continue with --resume") from None

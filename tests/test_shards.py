@@ -157,6 +157,12 @@ def test_patterns_specs_and_errors(shard_dir, tmp_path):
         ShardDataset(shard_dir, rank=1)
     with pytest.raises(ValueError, match="num_shards"):
         write_shards(shard_dir, tmp_path / "o", num_shards=2, max_bytes=10)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    whole = (shard_dir / "shard-000002.tar").read_bytes()
+    (cut / "shard-000000.tar").write_bytes(whole[:700])  # a copy that stopped in the first member's header
+    with pytest.raises(ValueError, match=r"shard .*shard-000000.tar is truncated or not a tar file.*pack-shards"):
+        list(build_dataset(str(cut / "shard-000000.tar")))
 
 
 def test_max_bytes_starts_new_shards(photo_dir, tmp_path):
