@@ -263,7 +263,11 @@ def build_report(
     if color_by not in ("auto", "label", "cluster"):
         raise ValueError(f"color_by must be 'auto', 'label' or 'cluster', got {color_by!r}")
     if cluster_dir is None and run_dir is None and extract_dir is None:
-        raise ValueError("build_report: give at least one of cluster_dir, run_dir, extract_dir")
+        raise ValueError("nothing to report: give at least one of --cluster-dir, --run-dir, --features-dir "
+                         "(Python: cluster_dir, run_dir, extract_dir)")
+    from swav.output_paths import check_output_file
+
+    check_output_file(output, "--output")
     for name, value in (("top_clusters", top_clusters), ("images_per_cluster", images_per_cluster),
                         ("thumb_size", thumb_size), ("map_points", map_points)):
         if value < 1:
@@ -271,6 +275,9 @@ def build_report(
     sections = []
     metrics, table = None, None
     if cluster_dir is not None:
+        if not (Path(cluster_dir) / "cluster_metrics.json").is_file():
+            raise FileNotFoundError(f"--cluster-dir {os.fspath(cluster_dir)!r} is not the output of `swav cluster` "
+                                    "(no cluster_metrics.json): run `swav cluster` first or fix the path")
         with open(Path(cluster_dir) / "cluster_metrics.json", encoding="utf-8") as fh:
             metrics = json.load(fh)
         table = _read_table(Path(cluster_dir) / "clusters.csv")

@@ -41,6 +41,7 @@ from swav.health import CollapseMonitor, NonFiniteError, prototypes_in_use
 from swav.lars import LARS
 from swav.metrics import MetricsWriter, RateMeter, format_duration, truncate_metrics
 from swav.model import ModelSpec, SwAVModel, build_model
+from swav.output_paths import check_output_folder
 from swav.preemption import StopSignals, exit_code_for_signal
 from swav.pretrain_summary import KnnMonitor
 from swav.run_folder import (RunLock, check_run_folder, clear_run, count_bad_images, holds_run,
@@ -96,7 +97,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
     ctx = init_distributed(run.device, world_size=run.world_size, rank=run.rank, local_rank=run.local_rank,
                            dist_url=run.dist_url, timeout_minutes=run.dist_timeout_minutes)
     configure_rank_logging(ctx.rank)
-    out = Path(run.output_dir).expanduser()
+    out = check_output_folder(run.output_dir, "--output-dir (run.output_dir)")
     log_handler, lock = None, RunLock(out)
     try:
         resume = check_run_folder(out, resume=resume, overwrite=overwrite, config=config)

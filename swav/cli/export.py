@@ -66,7 +66,14 @@ def run_export(args: argparse.Namespace) -> int:
     from swav import export
     from swav.pretrained import load_pretrained
 
+    from swav.output_paths import check_output_file
+
     output = Path(args.output)
+    try:
+        check_output_file(output, "--output")
+    except ValueError as error:
+        print(f"swav export: error: {error}", file=sys.stderr)
+        return 1
     if output.exists() and not args.overwrite:
         print(f"swav export: error: --output {str(output)!r} exists; pass --overwrite to replace it", file=sys.stderr)
         return 1

@@ -45,6 +45,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"swav scan: --max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}",
               file=sys.stderr)
         return 2
+    if args.json_out:
+        from swav.output_paths import check_output_file
+        try:
+            check_output_file(args.json_out, "--json")
+        except ValueError as error:
+            print(f"swav scan: {error}", file=sys.stderr)
+            return 2
     try:
         report = scan_folder(args.path, channels=args.channels, workers=args.workers)
     except (FileNotFoundError, NotADirectoryError) as exc:
