@@ -208,7 +208,9 @@ def write_shards(
     if writer is not None:
         close()
     if not shards:
-        raise ValueError(f"write_shards: nothing to write, every sample of {source!r} was skipped")
+        where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "root", None)
+        raise ValueError(f"nothing to write: every image of {where or 'the source'} was unreadable "
+                         "(check it with `swav scan`)")
     index = {"format": "swav-shards", "version": 1, "num_samples": sum(s["num_samples"] for s in
                                                                         shards),
              "classes": list(getattr(source, "classes", [])), "shards": shards}

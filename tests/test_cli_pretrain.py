@@ -94,6 +94,7 @@ def test_fashion_mnist_slice_with_knn_summary(tmp_path, capsys):
     (["--nmb_crops", "2", "6", "--size_crops", "224"], "crops.sizes=[224] has 1 entries but crops.counts=[2, 6]"),
     (["--recipe", "swav_100epochs"], "Did you mean swav_100ep"),
     (["--data", "/no/such/folder", "--epochs", "10"], "/no/such/folder"),
+    (["--resume"], "holds no run (no config.yaml or checkpoints): check the path"),
 ])
 def test_user_errors_are_one_clear_line(tmp_path, capsys, argv, message):
     code, _, err = run_cli(capsys, "pretrain", "--output-dir", str(tmp_path / "o"), *argv)
