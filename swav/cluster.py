@@ -303,13 +303,25 @@ def cluster_extracted(
     ``kmeans="raw"``, k-means on the raw pixels of ``dataset`` with as many clusters as remain
     after merging). Returns the metrics dict.
 
+    ``dataset`` is the data set the extraction was made from (item i = source row i); rows of
+    unreadable images, which the extraction left out, are skipped (and listed in the metrics:
+    ``num_unreadable``, ``unreadable_list``). A damaged extraction folder raises
+    :class:`swav.extract.DamagedExtractionError` naming the file; an ``output_dir`` that is a
+    file raises ValueError before any work.
+
     Example:
         >>> cluster_extracted("feats/", "clusters/", method="equipartition")  # doctest: +SKIP
     """
-    from swav.extract import load_extracted, open_source_dataset
+    from swav.extract import (
+        align_to_extraction,
+        check_output_dir,
+        load_extracted,
+        open_source_dataset,
+    )
 
     if kmeans not in (None, "none", "raw"):
         raise ValueError(f"kmeans must be None, 'none' or 'raw', got {kmeans!r}")
+    out = check_output_dir(output_dir)
     data = load_extracted(extract_dir)
     if data.embeddings is None or not data.prototypes:
         raise ValueError(f"extract_dir {extract_dir}: holds no embeddings/prototypes; extract with "
@@ -322,7 +334,6 @@ def cluster_extracted(
     sizes = np.bincount(result.clusters, minlength=len(prototypes))
     merge = merge_prototypes(prototypes, sizes, threshold=merge_threshold)
     merged = merge.groups[result.clusters]
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = ["row", "path", "label", "cluster", "merged_cluster", "score"]
     columns = [np.arange(len(result.clusters)), data.paths, data.labels,
@@ -342,9 +353,13 @@ def cluster_extracted(
         "largest_cluster_fraction": float(sizes.max() / sizes.sum()),
         "prototypes": clustering_metrics(data.labels, result.clusters),
         "merged": clustering_metrics(data.labels, merged),
+        "num_unreadable": len(data.meta.get("unreadable_rows") or []),
+        "unreadable_list": (str(Path(extract_dir).resolve() / data.meta["unreadable_list"])
+                            if data.meta.get("unreadable_list") else None),
     }
     if kmeans == "raw":
-        dataset = dataset if dataset is not None else open_source_dataset(data.meta)
+        # row i of the extraction = item i of the aligned data set (unreadable images left out)
+        dataset = align_to_extraction(dataset, data.meta) if dataset is not None else open_source_dataset(data.meta)
         if dataset is None:
             raise ValueError("kmeans='raw' needs the data set (built without a transform) for its pixels; "
                              "pass dataset=... (the extraction does not record where its images came from)")

@@ -9,6 +9,15 @@ is replaced atomically after each complete chunk; a re-run with the same model, 
 options continues after the last complete chunk. At the end the chunks are assembled into
 ``features.npy`` / ``embeddings.npy`` / ``labels.npy`` / ``index.csv`` (row, path, label)
 (optionally one ``extracted.safetensors``) and removed.
+
+Unreadable images: :class:`swav.datasets.ImageFolderDataset` hands out another (readable) image
+for an unreadable file. Extraction detects that substitution and leaves the row out, so row i of
+every array is always the image named in row i of ``index.csv``; the unreadable files are listed
+in ``bad_images.txt`` and their source rows in ``meta.json`` (``unreadable_rows``).
+
+Before anything in ``output_dir`` is written or removed, one image is read and passed through the
+model, so a data set that cannot be read (or a model that cannot process it) leaves an earlier
+extraction there untouched, even with ``overwrite=True``.
 Legend: N images, C backbone feature dim, D embedding dim, K prototypes.
 """
 from __future__ import annotations
@@ -18,7 +27,9 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +44,16 @@ from swav.features import split_batch
 from swav.model import SwAVModel
 
 __all__ = [
+    "BAD_IMAGES_FILE",
     "EXTRACT_WHATS",
+    "DamagedExtractionError",
     "ExtractedData",
+    "align_to_extraction",
+    "check_output_dir",
     "dataset_paths",
     "extract_job",
     "extract_to_dir",
+    "extraction_source_rows",
     "load_extracted",
     "open_source_dataset",
 ]
@@ -46,7 +62,17 @@ logger = logging.getLogger(__name__)
 
 EXTRACT_WHATS = ("features", "embeddings", "both")
 _MARKER = "progress.json"
-_FORMAT_VERSION = 1
+#: 2: chunks hold only readable rows plus their source rows (``rows_*``) and the unreadable ones (``bad_*``)
+_FORMAT_VERSION = 2
+#: list of the files that could not be read (one path a line), written when there are any
+BAD_IMAGES_FILE = "bad_images.txt"
+#: files an extraction writes in its folder (``overwrite=True`` removes these and nothing else)
+_OUTPUT_FILES = ("meta.json", "features.npy", "embeddings.npy", "labels.npy", "index.csv",
+                 "extracted.safetensors", BAD_IMAGES_FILE)
+
+
+class DamagedExtractionError(ValueError):
+    """A finished extraction folder whose files are missing, truncated or inconsistent."""
 
 
 @dataclass
@@ -59,6 +85,8 @@ class ExtractedData:
     embeddings: np.ndarray | None
     prototypes: list[np.ndarray] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: row of the source data set of each extracted row (unreadable images are left out)
+    source_rows: np.ndarray | None = None
 
 
 def _names(what: str) -> tuple[str, ...]:
@@ -105,16 +133,108 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _start_chunk(out: Path, fingerprint: dict[str, Any], chunk_rows: int, overwrite: bool) -> tuple[int, int, bool]:
-    """Read the marker: ``(chunk_rows, completed_chunks, complete)``; refuse foreign work."""
+def check_output_dir(path: str | os.PathLike, option: str = "output_dir") -> Path:
+    """``path`` as a :class:`~pathlib.Path` if it can be (or already is) a writable folder; ValueError naming
+    ``option`` otherwise (:func:`swav.output_paths.check_output_folder`). Creates nothing."""
+    from swav.output_paths import check_output_folder
+
+    return check_output_folder(path, option)
+
+
+class _SourceRows(Dataset):
+    """Items ``start..stop-1`` of ``dataset`` as ``(row, readable, item)``.
+
+    ``row`` is the source row the item was asked for; ``readable`` is False when the data set
+    handed out another image because the file of ``row`` cannot be read (what
+    :class:`swav.datasets.ImageFolderDataset` does, recording the file in ``tracker.bad``), so
+    that the caller can leave the row out instead of storing another image's features under its
+    name. The check runs in the process that loaded the item (data-loader workers included).
+    Items read ahead (the validation probe) are kept in ``read`` and served from there, so every
+    row is loaded once.
+    """
+
+    def __init__(self, dataset: Dataset, start: int, stop: int) -> None:
+        self.dataset, self.start, self.stop = dataset, start, stop
+        self.read: dict[int, tuple[bool, Any]] = {}
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, j: int) -> tuple[int, bool, Any]:
+        row = self.start + j
+        if row in self.read:
+            readable, item = self.read.pop(row)
+            return row, readable, item
+        item = self.dataset[row]
+        return row, _readable(self.dataset, row), item
+
+    def read_ahead(self, j: int) -> tuple[int, bool, Any]:
+        """Item ``j`` now; the next ``self[j]`` returns it without loading it again."""
+        row, readable, item = self[j]
+        self.read[row] = (readable, item)
+        return row, readable, item
+
+
+def _readable(dataset: Dataset, row: int) -> bool:
+    """False when ``dataset`` recorded the file of ``row`` as unreadable (so item ``row`` is a stand-in)."""
+    bad = getattr(getattr(dataset, "tracker", None), "bad", None)
+    samples = getattr(dataset, "samples", None)
+    if not bad or not isinstance(bad, Mapping) or not isinstance(samples, (list, tuple)):
+        return True
+    return samples[row][0] not in bad
+
+
+def _forward(model: SwAVModel, images: torch.Tensor, names: tuple[str, ...], device: torch.device,
+             amp_dtype: torch.dtype | None) -> dict[str, np.ndarray]:
+    """Features / unit embeddings (float32 numpy) of a batch, in the model's current mode."""
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    with autocast:
+        features_BC = model.forward_features(images.to(device, non_blocking=True))
+        outputs = {"features": features_BC}
+        if "embeddings" in names:
+            outputs["embeddings"] = F.normalize(model.projection_head(features_BC).float(), dim=1)
+    return {name: outputs[name].float().cpu().numpy() for name in names}
+
+
+def _probe(model: SwAVModel, rows: _SourceRows, names: tuple[str, ...], device: torch.device,
+           amp_dtype: torch.dtype | None) -> None:
+    """Read the first readable image of ``rows`` and pass it through the model; raise (touching
+    no file) when the data cannot be read or the model cannot process it."""
+    start, stop = rows.start, rows.stop
+    for j in range(len(rows)):
+        row, readable, item = rows.read_ahead(j)
+        if readable:
+            break
+    else:
+        raise ValueError(f"dataset: none of the images of rows {start}..{stop - 1} can be read; "
+                         "run `swav scan` on the data to see why")
+    images, _ = split_batch(torch.utils.data.default_collate([item]))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _forward(model, images, names, device, amp_dtype)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"the model cannot process the data set's images (row {row}: image of shape "
+                         f"{tuple(images.shape[1:])}): {exc}") from exc
+    finally:
+        if was_training:
+            model.train()
+
+
+def _read_marker(out: Path, fingerprint: dict[str, Any], chunk_rows: int) -> tuple[int, int, bool]:
+    """Read the marker: ``(chunk_rows, completed_chunks, complete)``; refuse foreign work. Writes nothing."""
     marker_path = out / _MARKER
-    if overwrite and marker_path.exists():
-        shutil.rmtree(out / "chunks", ignore_errors=True)
-        marker_path.unlink()
     if not marker_path.exists():
         return chunk_rows, 0, False
-    with open(marker_path, encoding="utf-8") as fh:
-        marker = json.load(fh)
+    fix = "use overwrite=True (--overwrite) to start the extraction again"
+    try:
+        with open(marker_path, encoding="utf-8") as fh:
+            marker = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{marker_path} is damaged ({exc}); {fix}") from exc
+    if not isinstance(marker, dict) or not {"chunk_rows", "completed_chunks"} <= set(marker):
+        raise ValueError(f"{marker_path} is damaged (not a progress record); {fix}")
     if marker.get("fingerprint") != fingerprint:
         changed = sorted(k for k in set(fingerprint) | set(marker.get("fingerprint", {}))
                          if fingerprint.get(k) != marker.get("fingerprint", {}).get(k))
@@ -124,6 +244,15 @@ def _start_chunk(out: Path, fingerprint: dict[str, Any], chunk_rows: int, overwr
     if marker["chunk_rows"] != chunk_rows:
         logger.info("resuming with the chunk size of the first run (%d rows)", marker["chunk_rows"])
     return int(marker["chunk_rows"]), int(marker["completed_chunks"]), bool(marker.get("complete"))
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove what an extraction wrote in ``out`` (meta.json first: the folder never looks finished)."""
+    for name in (*_OUTPUT_FILES, *(p.name for p in out.glob("prototypes_head*.npy")),
+                 *(p.name for p in out.glob("*.tmp.npy")), *(p.name for p in out.glob("*.json.tmp")), _MARKER):
+        if (out / name).is_file():
+            (out / name).unlink()
+    shutil.rmtree(out / "chunks", ignore_errors=True)
 
 
 def extract_to_dir(
@@ -139,7 +268,9 @@ def extract_to_dir(
     ``dataset`` yields ``(image_tensor, label)`` (label -1 when unlabelled), already transformed
     for evaluation; ``model`` must already be on ``device``. It runs in eval mode (BatchNorm
     running statistics), without gradients, under autocast when ``amp_dtype`` is given.
-    ``metadata`` (e.g. checkpoint and data spec) is stored in ``meta.json``.
+    ``metadata`` (e.g. checkpoint and data spec) is stored in ``meta.json``. Unreadable images
+    are left out (listed in ``bad_images.txt``); nothing in ``output_dir`` is touched before one
+    image has been read and passed through the model.
 
     Example:
         >>> import tempfile, torch.nn as nn
@@ -157,57 +288,64 @@ def extract_to_dir(
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (or None for all images), got {limit}")
+    out = check_output_dir(output_dir)
     num_rows = len(dataset) if limit is None else min(limit, len(dataset))
     if num_rows == 0:
         raise ValueError("dataset: is empty; nothing to extract")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
     fingerprint = {"format": _FORMAT_VERSION, "num_rows": num_rows, "what": what,
                    "source": source or type(dataset).__name__, "model_sha256": _model_digest(model)}
-    chunk_rows, done, complete = _start_chunk(out, fingerprint, chunk_rows or 16 * batch_size, overwrite)
+    if overwrite:
+        chunk_rows, done, complete = chunk_rows or 16 * batch_size, 0, False
+    else:  # read only: refuses another job's folder before anything is written
+        chunk_rows, done, complete = _read_marker(out, fingerprint, chunk_rows or 16 * batch_size)
     num_chunks = -(-num_rows // chunk_rows)
     if complete and (out / "meta.json").exists():
         logger.info("%s already holds the complete extraction; nothing to do", out)
         return out
-    (out / "chunks").mkdir(exist_ok=True)
+    # validate first: a data set or model that cannot work must not cost an earlier extraction
+    rows = _SourceRows(dataset, done * chunk_rows, num_rows)
+    _probe(model, rows, names, device, amp_dtype)
+    if overwrite and out.is_dir():
+        _clear_outputs(out)
+    (out / "chunks").mkdir(parents=True, exist_ok=True)
     marker = {"fingerprint": fingerprint, "chunk_rows": chunk_rows, "num_chunks": num_chunks,
               "completed_chunks": done, "complete": False}
     _atomic_json(out / _MARKER, marker)
     if done < num_chunks:
         logger.info("extracting rows %d..%d of %d (%d-row chunks)", done * chunk_rows, num_rows, num_rows, chunk_rows)
-        _run_chunks(model, Subset(dataset, range(done * chunk_rows, num_rows)), out, names, marker,
-                    batch_size=batch_size, device=torch.device(device), workers=workers,
+        _run_chunks(model, rows, out, names, marker,
+                    batch_size=batch_size, device=device, workers=workers,
                     amp_dtype=amp_dtype, progress=progress)
     _assemble(out, model, dataset, names, marker, num_rows, source, metadata or {}, write_safetensors)
     return out
 
 
-def _run_chunks(model: SwAVModel, subset: Subset, out: Path, names: tuple[str, ...],
+def _run_chunks(model: SwAVModel, rows: _SourceRows, out: Path, names: tuple[str, ...],
                 marker: dict[str, Any], *, batch_size: int, device: torch.device, workers: int,
                 amp_dtype: torch.dtype | None, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
     chunk_rows = marker["chunk_rows"]
-    buffers: dict[str, list[np.ndarray]] = {name: [] for name in (*names, "labels")}
-    buffered = 0
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    # names and "labels": readable rows only; "rows"/"readable": every source row, in order
+    buffers: dict[str, list[np.ndarray]] = {name: [] for name in (*names, "labels", "rows", "readable")}
+    buffered = 0  # source rows buffered, readable or not: chunk i always covers the same source rows
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=subset.indices[-1] + 1, initial=subset.indices[0],
-                  unit="img", desc="extract", disable=not progress) as bar, torch.no_grad():
-            for batch in loader:
+        with tqdm(total=rows.stop, initial=rows.start, unit="img", desc="extract",
+                  disable=not progress) as bar, torch.no_grad():
+            for source_rows, readable, batch in loader:
                 images, labels = split_batch(batch)
-                with autocast:
-                    features_BC = model.forward_features(images.to(device, non_blocking=True))
-                    outputs = {"features": features_BC}
-                    if "embeddings" in names:
-                        outputs["embeddings"] = F.normalize(model.projection_head(features_BC).float(), dim=1)
-                for name in names:
-                    buffers[name].append(outputs[name].float().cpu().numpy())
-                buffers["labels"].append(labels.to(torch.int64).numpy())
+                keep = readable.to(torch.bool)
+                if bool(keep.any()):
+                    for name, array in _forward(model, images[keep], names, device, amp_dtype).items():
+                        buffers[name].append(array)
+                    buffers["labels"].append(labels[keep].to(torch.int64).numpy())
+                buffers["rows"].append(source_rows.to(torch.int64).numpy())
+                buffers["readable"].append(keep.numpy())
                 buffered += images.shape[0]
                 bar.update(images.shape[0])
                 while buffered >= chunk_rows:
@@ -219,46 +357,71 @@ def _run_chunks(model: SwAVModel, subset: Subset, out: Path, names: tuple[str, .
             model.train()
 
 
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
 def _flush(out: Path, buffers: dict[str, list[np.ndarray]], marker: dict[str, Any], rows: int) -> int:
-    """Write the first ``rows`` buffered rows as the next chunk, then advance the marker."""
+    """Write the first ``rows`` buffered source rows as the next chunk (their readable rows, the
+    source row of each, and the unreadable source rows), then advance the marker."""
     index = marker["completed_chunks"]
-    for name, parts in buffers.items():
-        array = np.concatenate(parts)
-        _save_npy(out / "chunks" / f"{name}_{index:06d}.npy", array[:rows])
-        buffers[name] = [array[rows:]] if len(array) > rows else []
+    source, readable = _concat(buffers["rows"]), _concat(buffers["readable"]).astype(bool)
+    kept = int(readable[:rows].sum())
+    for name in buffers.keys() - {"rows", "readable"}:
+        array = _concat(buffers[name])
+        _save_npy(out / "chunks" / f"{name}_{index:06d}.npy", array[:kept])
+        buffers[name] = [array[kept:]] if len(array) > kept else []
+    _save_npy(out / "chunks" / f"rows_{index:06d}.npy", source[:rows][readable[:rows]])
+    _save_npy(out / "chunks" / f"bad_{index:06d}.npy", source[:rows][~readable[:rows]])
+    buffers["rows"], buffers["readable"] = [source[rows:]], [readable[rows:]]
     marker["completed_chunks"] = index + 1
     _atomic_json(out / _MARKER, marker)  # only now is the chunk counted as done
-    return sum(len(p) for p in buffers["labels"])
+    return len(source) - rows
 
 
 def _assemble(out: Path, model: SwAVModel, dataset: Dataset, names: tuple[str, ...],
               marker: dict[str, Any], num_rows: int, source: str | None,
               metadata: dict[str, Any], write_safetensors: bool) -> None:
     """Concatenate the chunks into the final files (memory-mapped: no full copy in memory)."""
-    chunks = [out / "chunks" / f"labels_{i:06d}.npy" for i in range(marker["num_chunks"])]
-    labels = np.concatenate([np.load(p) for p in chunks])
-    if len(labels) != num_rows:
-        raise RuntimeError(f"{out}: chunks hold {len(labels)} rows, expected {num_rows}; rerun with overwrite=True")
+    num_chunks = marker["num_chunks"]
+
+    def parts(name: str, mmap: bool = False) -> list[np.ndarray]:
+        return [np.load(out / "chunks" / f"{name}_{i:06d}.npy", mmap_mode="r" if mmap else None)
+                for i in range(num_chunks)]
+
+    kept_rows, bad_rows = np.concatenate(parts("rows")), np.concatenate(parts("bad"))
+    labels = np.concatenate(parts("labels")).astype(np.int64)
+    if len(kept_rows) + len(bad_rows) != num_rows or len(labels) != len(kept_rows):
+        raise RuntimeError(f"{out}: chunks hold {len(kept_rows) + len(bad_rows)} rows, expected {num_rows}; "
+                           "rerun with overwrite=True")
+    if len(kept_rows) == 0:
+        raise ValueError(f"dataset: none of the {num_rows} images could be read; nothing extracted")
+    num_kept = len(kept_rows)
     dims: dict[str, int] = {}
     for name in names:
-        first = np.load(out / "chunks" / f"{name}_000000.npy", mmap_mode="r")
-        dims[name] = int(first.shape[1])
+        chunks = [part for part in parts(name, mmap=True) if len(part)]
+        dims[name] = int(chunks[0].shape[1])
         target = np.lib.format.open_memmap(out / f"{name}.tmp.npy", mode="w+", dtype=np.float32,
-                                           shape=(num_rows, dims[name]))
+                                           shape=(num_kept, dims[name]))
         row = 0
-        for i in range(marker["num_chunks"]):
-            part = np.load(out / "chunks" / f"{name}_{i:06d}.npy", mmap_mode="r")
+        for part in chunks:
             target[row: row + len(part)] = part
             row += len(part)
         target.flush()
         del target
         os.replace(out / f"{name}.tmp.npy", out / f"{name}.npy")
     _save_npy(out / "labels.npy", labels)
-    paths = dataset_paths(dataset, num_rows, source)
+    all_paths = dataset_paths(dataset, num_rows, source)
     with open(out / "index.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["row", "path", "label"])
-        writer.writerows(zip(range(num_rows), paths, labels.tolist()))
+        writer.writerows(zip(range(num_kept), (all_paths[r] for r in kept_rows.tolist()), labels.tolist()))
+    if len(bad_rows):
+        with open(out / BAD_IMAGES_FILE, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.writelines(all_paths[r].replace("\n", "\\n") + "\n" for r in bad_rows.tolist())
+        logger.info("%d unreadable images not extracted, listed in %s", len(bad_rows), out / BAD_IMAGES_FILE)
+    elif (out / BAD_IMAGES_FILE).exists():
+        (out / BAD_IMAGES_FILE).unlink()
     prototype_files = []
     if "embeddings" in names:
         for h, weight in enumerate(model.prototypes.weights()):
@@ -269,9 +432,10 @@ def _assemble(out: Path, model: SwAVModel, dataset: Dataset, names: tuple[str, .
 
         tensors = {name: np.ascontiguousarray(np.load(out / f"{name}.npy")) for name in names}
         save_file({**tensors, "labels": labels}, str(out / "extracted.safetensors"))
-    meta = {"num_rows": num_rows, "what": marker["fingerprint"]["what"], "dims": dims,
-            "source": marker["fingerprint"]["source"], "prototype_files": prototype_files,
-            "safetensors": write_safetensors, **metadata}
+    meta = {"num_rows": num_kept, "num_source_rows": num_rows, "what": marker["fingerprint"]["what"],
+            "dims": dims, "source": marker["fingerprint"]["source"], "prototype_files": prototype_files,
+            "safetensors": write_safetensors, "unreadable_rows": bad_rows.tolist(),
+            "unreadable_list": BAD_IMAGES_FILE if len(bad_rows) else None, **metadata}
     classes = getattr(dataset, "classes", None)
     if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
         meta.setdefault("classes", list(classes))
@@ -279,11 +443,82 @@ def _assemble(out: Path, model: SwAVModel, dataset: Dataset, names: tuple[str, .
     marker["complete"] = True
     _atomic_json(out / _MARKER, marker)
     shutil.rmtree(out / "chunks", ignore_errors=True)
-    logger.info("wrote %s for %d images to %s", ", ".join(names), num_rows, out)
+    logger.info("wrote %s for %d images to %s", ", ".join(names), num_kept, out)
+
+
+def extraction_source_rows(meta: Mapping[str, Any]) -> np.ndarray | None:
+    """Source row of each extracted row (unreadable images left out), or None when row i of the
+    extraction is item i of its data set.
+
+    Example:
+        >>> extraction_source_rows({"num_rows": 3, "num_source_rows": 5, "unreadable_rows": [1, 3]}).tolist()
+        [0, 2, 4]
+    """
+    bad = meta.get("unreadable_rows") or []
+    if not bad:
+        return None
+    total = int(meta.get("num_source_rows", int(meta.get("num_rows", 0)) + len(bad)))
+    return np.setdiff1d(np.arange(total, dtype=np.int64), np.asarray(bad, dtype=np.int64))
+
+
+def align_to_extraction(dataset: Dataset, meta: Mapping[str, Any]) -> Dataset:
+    """``dataset`` (the one extracted from) seen row for row like the extraction: item i is the
+    image of extracted row i, i.e. the rows of unreadable images are left out as there.
+
+    Example:
+        >>> list(align_to_extraction(["a", "b", "c"], {"num_rows": 2, "unreadable_rows": [1]}))
+        ['a', 'c']
+    """
+    rows = extraction_source_rows(meta)
+    return dataset if rows is None else Subset(dataset, rows.tolist())
+
+
+def _fix_command(out: Path, meta: Mapping[str, Any] | None) -> str:
+    """The ``swav extract ... --overwrite`` command that rewrites the extraction in ``out``."""
+    meta = meta if isinstance(meta, Mapping) else {}
+    if not (meta.get("checkpoint") and meta.get("data")):
+        return f"swav extract ... --output-dir {shlex.quote(os.fspath(out))} --overwrite"
+    words = ["swav", "extract", "--checkpoint", str(meta["checkpoint"]), "--data", str(meta["data"])]
+    if meta.get("split") and meta["split"] != "train":
+        words += ["--split", str(meta["split"])]
+    if meta.get("what") in EXTRACT_WHATS and meta["what"] != "both":
+        words += ["--what", meta["what"]]
+    if meta.get("limit"):
+        words += ["--limit", str(meta["limit"])]
+    words += ["--output-dir", os.fspath(out), "--overwrite"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _damaged(out: Path, name: str, detail: str, meta: Mapping[str, Any] | None) -> DamagedExtractionError:
+    detail = " ".join(str(detail).split())  # one line
+    return DamagedExtractionError(f"extraction file {out / name} is damaged ({detail}); "
+                                  f"re-run `{_fix_command(out, meta)}` to write it again")
+
+
+def _load_array(out: Path, name: str, meta: Mapping[str, Any] | None, *, mmap: bool, ndim: int,
+                rows: int | None = None, cols: int | None = None) -> np.ndarray:
+    """One ``.npy`` file of the extraction, checked; a clear error naming it if it is damaged."""
+    path = out / name
+    if not path.is_file():
+        raise _damaged(out, name, "missing", meta)
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise _damaged(out, name, f"unreadable: {exc}", meta) from exc
+    if array.ndim != ndim:
+        raise _damaged(out, name, f"has shape {array.shape}, expected {ndim} dimensions", meta)
+    if rows is not None and array.shape[0] != rows:
+        raise _damaged(out, name, f"has {array.shape[0]} rows, meta.json says {rows}", meta)
+    if cols is not None and array.shape[1] != cols:
+        raise _damaged(out, name, f"has {array.shape[1]} columns, expected {cols}", meta)
+    return array
 
 
 def load_extracted(path: str | os.PathLike) -> ExtractedData:
     """Read a finished extraction folder back (arrays memory-mapped, read-only).
+
+    A missing, truncated or inconsistent file raises :class:`DamagedExtractionError` (a
+    ``ValueError``) naming the file and the command that writes the extraction again.
 
     Example:
         >>> data = load_extracted("feats/")  # doctest: +SKIP
@@ -291,20 +526,56 @@ def load_extracted(path: str | os.PathLike) -> ExtractedData:
         ((2000, 128), 2000, (3000, 128))
     """
     out = Path(path)
+    if not out.exists():
+        raise FileNotFoundError(f"{out}: no such folder; expected a `swav extract` output folder")
+    if not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a `swav extract` output folder")
     if not (out / "meta.json").is_file():
-        state = "unfinished (run the extraction again to resume it)" if (out / _MARKER).exists() else "not an extraction"
-        raise FileNotFoundError(f"{out}: no meta.json; the folder is {state}")
-    with open(out / "meta.json", encoding="utf-8") as fh:
-        meta = json.load(fh)
-    with open(out / "index.csv", newline="", encoding="utf-8") as fh:
-        paths = [row["path"] for row in csv.DictReader(fh)]
-
-    def array(name: str) -> np.ndarray | None:
-        return np.load(out / f"{name}.npy", mmap_mode="r") if (out / f"{name}.npy").exists() else None
-
-    return ExtractedData(labels=np.load(out / "labels.npy"), paths=paths, features=array("features"),
-                         embeddings=array("embeddings"),
-                         prototypes=[np.load(out / f) for f in meta.get("prototype_files", [])], meta=meta)
+        if not (out / _MARKER).exists():
+            raise FileNotFoundError(f"{out}: no meta.json; the folder is not an extraction")
+        try:
+            complete = json.loads((out / _MARKER).read_text(encoding="utf-8")).get("complete")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            complete = False
+        if complete:
+            raise _damaged(out, "meta.json", "missing", None)
+        raise FileNotFoundError(f"{out}: no meta.json; the folder is unfinished (run the extraction again to resume it)")
+    try:
+        with open(out / "meta.json", encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _damaged(out, "meta.json", f"not valid JSON: {exc}", None) from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("num_rows"), int):
+        raise _damaged(out, "meta.json", "no num_rows", meta if isinstance(meta, dict) else None)
+    num_rows = meta["num_rows"]
+    if not (out / "index.csv").is_file():
+        raise _damaged(out, "index.csv", "missing", meta)
+    try:
+        with open(out / "index.csv", newline="", encoding="utf-8") as fh:
+            paths = [row["path"] for row in csv.DictReader(fh)]
+    except (KeyError, ValueError, csv.Error) as exc:
+        raise _damaged(out, "index.csv", f"not valid: {exc}", meta) from exc
+    if len(paths) != num_rows or any(p is None for p in paths):
+        raise _damaged(out, "index.csv", f"has {len(paths)} rows, meta.json says {num_rows}", meta)
+    labels = _load_array(out, "labels.npy", meta, mmap=False, ndim=1, rows=num_rows)
+    try:
+        source_rows = extraction_source_rows(meta)
+    except (ValueError, TypeError) as exc:
+        raise _damaged(out, "meta.json", f"not valid unreadable_rows: {exc}", meta) from exc
+    source_rows = np.arange(num_rows, dtype=np.int64) if source_rows is None else source_rows
+    if len(source_rows) != num_rows:
+        raise _damaged(out, "meta.json", f"lists {len(source_rows)} readable source rows for {num_rows} rows", meta)
+    expected = _names(meta["what"]) if meta.get("what") in EXTRACT_WHATS else \
+        tuple(n for n in ("features", "embeddings") if (out / f"{n}.npy").exists())
+    dims = meta.get("dims") if isinstance(meta.get("dims"), dict) else {}
+    arrays = {name: _load_array(out, f"{name}.npy", meta, mmap=True, ndim=2, rows=num_rows, cols=dims.get(name))
+              for name in expected}
+    embeddings = arrays.get("embeddings")
+    prototypes = [_load_array(out, f, meta, mmap=False, ndim=2,
+                              cols=embeddings.shape[1] if embeddings is not None else None)
+                  for f in meta.get("prototype_files", [])]
+    return ExtractedData(labels=labels, paths=paths, features=arrays.get("features"), embeddings=embeddings,
+                         prototypes=prototypes, meta=meta, source_rows=source_rows)
 
 
 def extract_job(
@@ -327,6 +598,7 @@ def extract_job(
     from swav.eval.transforms import transforms_for_checkpoint
     from swav.pretrained import load_pretrained
 
+    check_output_dir(output_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_pretrained(checkpoint, strict=strict).to(device)
@@ -343,7 +615,8 @@ def extract_job(
 
 
 def open_source_dataset(meta: dict[str, Any]) -> Dataset | None:
-    """The extraction's data set rebuilt without a transform (PIL images, row i = item i), from
+    """The extraction's data set rebuilt without a transform (PIL images, row i of the extraction
+    = item i, unreadable images left out as in the extraction: :func:`align_to_extraction`), from
     the ``data``/``split``/``channels`` that :func:`extract_job` stored; None if not recorded.
 
     Example:
@@ -354,4 +627,5 @@ def open_source_dataset(meta: dict[str, Any]) -> Dataset | None:
         return None
     from swav.datasets import build_dataset
 
-    return build_dataset(meta["data"], split=meta.get("split", "train"), channels=meta.get("channels"))
+    dataset = build_dataset(meta["data"], split=meta.get("split", "train"), channels=meta.get("channels"))
+    return align_to_extraction(dataset, meta)

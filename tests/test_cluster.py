@@ -212,3 +212,108 @@ def test_trained_model_clusters_fashion_mnist_far_better_than_untrained(tmp_path
     assert sum(s for _, s in sizes) == 2000 and [s for _, s in sizes] == sorted((s for _, s in sizes), reverse=True)
     assert dict(sizes) == {k: int((clusters == k).sum()) for k in range(30)}
     assert best["num_used"] == int((np.bincount(clusters, minlength=30) > 0).sum())
+
+
+# --- damaged extraction folders, --output-dir a file, extractions that left unreadable images out --
+
+def _small_extraction(tmp_path):
+    """A real extraction of 26 random PNGs (two of them unreadable) with a tiny model, written as
+    `swav extract` does (the checkpoint and data are recorded in meta.json)."""
+    from PIL import Image
+
+    from swav.export import export_full
+    from swav.extract import extract_job
+    from swav.model import ModelSpec, build_model
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(13):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "cat" / "3.png").write_bytes((tmp_path / "imgs" / "cat" / "3.png").read_bytes()[:40])
+    (tmp_path / "imgs" / "dog" / "9.png").write_bytes(b"not an image")
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet-compact-8", small_images=True, hidden_dim=16, output_dim=8, num_prototypes=6)
+    checkpoint = export_full(build_model(spec), tmp_path / "model.pt")
+    folder = extract_job(checkpoint, tmp_path / "imgs", tmp_path / "feats", batch_size=8, device="cpu", progress=False)
+    return checkpoint, folder
+
+
+def _damage(folder, how: str) -> str:
+    """Damage one file of an extraction folder the way a full disk / killed copy does; its name."""
+    if how == "truncated header":
+        (folder / "embeddings.npy").write_bytes((folder / "embeddings.npy").read_bytes()[:90])
+        return "embeddings.npy"
+    if how == "truncated data":
+        (folder / "embeddings.npy").write_bytes((folder / "embeddings.npy").read_bytes()[:300])
+        return "embeddings.npy"
+    if how == "corrupt meta":
+        (folder / "meta.json").write_text('{"num_rows": 2')
+        return "meta.json"
+    if how == "missing prototypes":
+        (folder / "prototypes_head0.npy").unlink()
+        return "prototypes_head0.npy"
+    if how == "missing index":
+        (folder / "index.csv").unlink()
+        return "index.csv"
+    if how == "short labels":
+        np.save(folder / "labels.npy", np.zeros(5, dtype=np.int64))
+        return "labels.npy"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated header", "truncated data", "corrupt meta", "missing prototypes",
+                                 "missing index", "short labels"])
+def test_cli_cluster_names_the_damaged_extraction_file_and_the_fix(tmp_path, capsys, how):
+    checkpoint, folder = _small_extraction(tmp_path)
+    name = _damage(folder, how)
+    assert _run_cli(["cluster", "--features-dir", str(folder), "--output-dir", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err  # one line
+    assert err.startswith(f"swav cluster: error: extraction file {folder / name} is damaged (")
+    if how == "corrupt meta":  # the command is unknown: meta.json holds it
+        assert err.endswith(f"re-run `swav extract ... --output-dir {folder} --overwrite` to write it again")
+    else:
+        assert err.endswith(f"re-run `swav extract --checkpoint {checkpoint} --data {tmp_path / 'imgs'} "
+                            f"--output-dir {folder} --overwrite` to write it again")
+    assert not (tmp_path / "c" / "clusters.csv").exists()
+
+
+def test_cli_cluster_output_dir_that_is_a_file(tmp_path, capsys):
+    checkpoint, folder = _small_extraction(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    message = f"swav cluster: error: --output-dir {str(afile)!r} is an existing file: choose a folder"
+    assert _run_cli(["cluster", "--features-dir", str(folder), "--output-dir", str(afile)]) == 1
+    assert capsys.readouterr().err.strip() == message
+    assert _run_cli(["cluster", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "imgs"), "--workers", "0",
+                     "--device", "cpu", "--no-progress", "--output-dir", str(afile)]) == 1
+    assert capsys.readouterr().err.strip() == message
+    assert afile.read_text() == "keep me"
+
+
+def test_cluster_of_extraction_that_left_out_unreadable_images_stays_aligned(tmp_path, capsys):
+    from swav.images import load_image
+
+    _, folder = _small_extraction(tmp_path)
+    assert _run_cli(["cluster", "--features-dir", str(folder), "--output-dir", str(tmp_path / "c"),
+                     "--kmeans-baseline", "raw"]) == 0
+    captured = capsys.readouterr()
+    assert f"2 unreadable images not extracted nor clustered, listed in {folder.resolve() / 'bad_images.txt'}" in captured.err
+    metrics = json.loads((tmp_path / "c" / "cluster_metrics.json").read_text())
+    assert metrics["num_images"] == 24 and metrics["num_unreadable"] == 2 and metrics["kmeans_raw"]["num_clusters"] >= 1
+    with open(tmp_path / "c" / "clusters.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    paths = [r["path"] for r in rows]
+    assert len(paths) == 24 and not {os.path.join("cat", "3.png"), os.path.join("dog", "9.png")} & \
+        {os.path.relpath(p, tmp_path / "imgs") for p in paths}
+    assert all(int(r["label"]) == (0 if os.path.relpath(r["path"], tmp_path / "imgs").startswith("cat") else 1)
+               for r in rows)
+    # the k-means baseline read the pixels of the same images as the rows (not of stand-ins)
+    from swav.cluster import raw_pixels
+    from swav.extract import load_extracted, open_source_dataset
+
+    data = load_extracted(folder)
+    pixels = raw_pixels(open_source_dataset(data.meta), 24)
+    np.testing.assert_array_equal(pixels, np.stack([np.asarray(load_image(p), np.float32).reshape(-1) / 255
+                                                    for p in paths]))

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+from swav.datasets import ImageFolderDataset
 from swav.extract import extract_to_dir, load_extracted
 from swav.model import SwAVModel
 
@@ -120,8 +121,6 @@ def test_features_only_limit_and_bad_arguments(tmp_path):
 def test_image_folder_paths_labels_and_safetensors(tmp_path):
     from safetensors.numpy import load_file
 
-    from swav.datasets import ImageFolderDataset
-
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
@@ -174,3 +173,161 @@ def test_cli_extract_fashion_mnist_equals_model(tmp_path, capsys):
         np.testing.assert_allclose(got.embeddings, model.forward_embeddings(x).numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got.labels, test.targets[:40].numpy())
     assert _run_cli(argv[:-3] + ["--output-dir", str(tmp_path / "bad"), "--batch-size", "0"]) == 1
+
+
+# --- unreadable images, validation before overwrite, damaged folders, --output-dir a file ---------
+
+_BAD = (os.path.join("cat", "3.png"), os.path.join("dog", "9.png"))  # dog/9.png is the last file: wraps to row 0
+
+
+def _image_folder(root, size: int = 6, bad=_BAD):
+    """26 random PNGs in cat/ and dog/; the files in ``bad`` are unreadable (truncated, not an image)."""
+    rng = np.random.default_rng(3)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(13):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    for k, rel in enumerate(bad):
+        whole = (root / rel).read_bytes()
+        (root / rel).write_bytes(whole[:40] if k % 2 == 0 else b"not an image")
+    return root
+
+
+def _to_tensor(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def _folder_digest(folder) -> dict:
+    import hashlib
+
+    return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_images_are_left_out_and_rows_stay_aligned(tmp_path, workers):
+    from swav.extract import open_source_dataset
+    from swav.images import load_image
+
+    root = _image_folder(tmp_path / "imgs")
+    model = _model()
+    out = extract_to_dir(model, ImageFolderDataset(root, transform=_to_tensor), tmp_path / "x", batch_size=4,
+                         chunk_rows=8, workers=workers, progress=False)
+    got = load_extracted(out)
+    good = [os.path.join(c, f"{i}.png") for c in ("cat", "dog") for i in sorted(range(13), key=str)
+            if os.path.join(c, f"{i}.png") not in _BAD]
+    assert [os.path.relpath(p, root) for p in got.paths] == good
+    assert got.features.shape == (24, 8) and got.embeddings.shape == (24, 5) and got.labels.shape == (24,)
+    # row i holds the features and label of the file named in index.csv row i, not of a stand-in
+    model.eval()
+    with torch.no_grad():
+        x = torch.stack([_to_tensor(load_image(p)) for p in got.paths])
+        np.testing.assert_allclose(got.features, model.forward_features(x).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.embeddings, model.forward_embeddings(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert got.labels.tolist() == [0 if p.startswith("cat") else 1 for p in good]
+    with open(out / "index.csv", newline="") as fh:
+        assert [r["path"] for r in csv.DictReader(fh)] == got.paths
+    listed = (out / "bad_images.txt").read_text().splitlines()
+    assert sorted(os.path.relpath(p, root) for p in listed) == sorted(_BAD)
+    source = {os.path.relpath(p, root): i for i, (p, _) in enumerate(ImageFolderDataset(root).samples)}
+    assert got.meta["unreadable_rows"] == sorted(source[b] for b in _BAD) and got.meta["num_source_rows"] == 26
+    assert [os.path.relpath(ImageFolderDataset(root).samples[r][0], root) for r in got.source_rows] == good
+    # the source data set reopened for the report / k-means baseline is aligned with the rows too
+    reopened = open_source_dataset({**got.meta, "data": str(root), "split": "train", "channels": 3})
+    assert len(reopened) == 24
+    assert all(np.array_equal(np.asarray(reopened[i][0]), np.asarray(load_image(got.paths[i]))) for i in (0, 5, 23))
+
+
+class _CrashingFolder(ImageFolderDataset):
+    """An image folder data set (real files) that crashes at one row: an interrupted run."""
+
+    def __init__(self, root, fail_at: int) -> None:
+        super().__init__(root, transform=_to_tensor)
+        self.fail_at = fail_at
+
+    def __getitem__(self, index):
+        if index == self.fail_at:
+            raise RuntimeError(f"simulated crash at {index}")
+        return super().__getitem__(index)
+
+
+def test_resume_with_unreadable_images_equals_uninterrupted_run(tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    model = _model()
+    options = {"batch_size": 4, "chunk_rows": 8, "source": "imgs", "progress": False}
+    with pytest.raises(RuntimeError, match="simulated crash"):  # chunks 0-1 (rows 0-15, cat/3.png among them) done
+        extract_to_dir(model, _CrashingFolder(root, 18), tmp_path / "r", **options)
+    assert json.loads((tmp_path / "r" / "progress.json").read_text())["completed_chunks"] == 2
+    extract_to_dir(model, ImageFolderDataset(root, transform=_to_tensor), tmp_path / "r", **options)
+    extract_to_dir(model, ImageFolderDataset(root, transform=_to_tensor), tmp_path / "fresh", **options)
+    a, b = load_extracted(tmp_path / "r"), load_extracted(tmp_path / "fresh")
+    assert a.paths == b.paths and len(a.paths) == 24
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert (tmp_path / "r" / "bad_images.txt").read_text() == (tmp_path / "fresh" / "bad_images.txt").read_text()
+
+
+def test_unusable_data_or_model_leaves_an_earlier_extraction_untouched(tmp_path):
+    from swav.images import TooManyBadImagesError
+
+    model = _model()
+    out = extract_to_dir(model, ImageFolderDataset(_image_folder(tmp_path / "imgs"), transform=_to_tensor),
+                         tmp_path / "x", batch_size=4, progress=False)
+    before = _folder_digest(out)
+    all_bad = _image_folder(tmp_path / "bad", bad=[os.path.join(c, f"{i}.png") for c in ("cat", "dog") for i in range(13)])
+    with pytest.raises(TooManyBadImagesError):
+        extract_to_dir(model, ImageFolderDataset(all_bad, transform=_to_tensor), out, overwrite=True, progress=False)
+    assert _folder_digest(out) == before
+    grey = lambda im: _to_tensor(im)[:1]  # 1-channel images for a 3-channel model
+    with pytest.raises(ValueError, match="model cannot process"):
+        extract_to_dir(model, ImageFolderDataset(tmp_path / "imgs", transform=grey), out, overwrite=True, progress=False)
+    assert _folder_digest(out) == before
+    assert load_extracted(out).features.shape == (24, 8)
+
+
+def _checkpoint(tmp_path):
+    from swav.export import export_full
+    from swav.model import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet-compact-8", small_images=True, hidden_dim=16, output_dim=8, num_prototypes=6)
+    return export_full(build_model(spec), tmp_path / "model.pt")
+
+
+def test_cli_extract_unreadable_images_overwrite_validation_and_file_output_dir(tmp_path, capsys):
+    from swav.eval.transforms import transforms_for_checkpoint
+    from swav.images import load_image
+    from swav.pretrained import load_pretrained
+
+    checkpoint = _checkpoint(tmp_path)
+    root = _image_folder(tmp_path / "imgs", size=12)
+    out = tmp_path / "feats"
+    common = ["--checkpoint", str(checkpoint), "--workers", "0", "--device", "cpu", "--batch-size", "5",
+              "--chunk-rows", "10", "--no-progress"]
+    assert _run_cli(["extract", *common, "--data", str(root), "--output-dir", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "for 24 images" in captured.out
+    assert f"2 unreadable images not extracted, listed in {out / 'bad_images.txt'}" in captured.err
+    got = load_extracted(out)
+    assert sorted(os.path.relpath(p, root) for p in (out / "bad_images.txt").read_text().splitlines()) == sorted(_BAD)
+    model = load_pretrained(checkpoint).eval()
+    transform = transforms_for_checkpoint(checkpoint, model.spec)[1]
+    with torch.no_grad():
+        x = torch.stack([transform(load_image(p)) for p in got.paths])
+        np.testing.assert_allclose(got.embeddings, model.forward_embeddings(x).numpy(), rtol=1e-4, atol=1e-5)
+
+    # a data set that cannot be read must not cost the complete extraction, even with --overwrite
+    before = _folder_digest(out)
+    all_bad = _image_folder(tmp_path / "allbad", size=12,
+                            bad=[os.path.join(c, f"{i}.png") for c in ("cat", "dog") for i in range(13)])
+    assert _run_cli(["extract", *common, "--data", str(all_bad), "--output-dir", str(out), "--overwrite"]) == 1
+    assert "unreadable images out of" in capsys.readouterr().err
+    assert _folder_digest(out) == before and load_extracted(out).embeddings.shape == (24, 8)
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert _run_cli(["extract", *common, "--data", str(root), "--output-dir", str(afile)]) == 1
+    assert capsys.readouterr().err.strip() == \
+        f"swav extract: error: --output-dir {str(afile)!r} is an existing file: choose a folder"
+    assert afile.read_text() == "keep me"

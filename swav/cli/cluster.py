@@ -80,9 +80,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_cluster(args: argparse.Namespace) -> int:
     """Extract if needed, cluster, print the summary; 0 on success, 1 on a user error."""
     from swav.cluster import cluster_extracted
-    from swav.extract import extract_job
+    from swav.extract import check_output_dir, extract_job
+    from swav.images import TooManyBadImagesError
 
     try:
+        check_output_dir(args.output_dir, "--output-dir")
         if args.features_dir:
             features_dir = args.features_dir
         elif args.checkpoint and args.data:
@@ -94,9 +96,13 @@ def run_cluster(args: argparse.Namespace) -> int:
                                     iterations=args.sinkhorn_iterations, head=args.head,
                                     merge_threshold=args.merge_threshold, kmeans=args.kmeans_baseline,
                                     kmeans_size=args.kmeans_size, seed=args.seed)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError) as error:
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError,
+            TooManyBadImagesError) as error:
         print(f"swav cluster: error: {error}", file=sys.stderr)
         return 1
+    if metrics.get("num_unreadable"):
+        print(f"swav cluster: warning: {metrics['num_unreadable']} unreadable images not extracted nor clustered, "
+              f"listed in {metrics['unreadable_list']}", file=sys.stderr)
     print(f"{metrics['num_images']} images: {metrics['num_used']} of {metrics['num_prototypes']} prototypes used, "
           f"{metrics['num_effective_clusters']} effective clusters ({metrics['num_merged_duplicates']} duplicates merged)")
     for key, name in (("prototypes", "prototypes"), ("merged", "merged"), ("kmeans_raw", "k-means raw")):
@@ -115,9 +121,11 @@ def run_report(args: argparse.Namespace) -> int:
         dataset = None
         if args.data:
             from swav.datasets import build_dataset
+            from swav.extract import align_to_extraction
 
-            channels = _recorded_channels(args)
-            dataset = build_dataset(args.data, split=args.split or "train", channels=channels)
+            meta = _recorded_meta(args)
+            dataset = build_dataset(args.data, split=args.split or "train", channels=meta.get("channels"))
+            dataset = align_to_extraction(dataset, meta)  # rows of unreadable images were left out
         out = build_report(args.output, cluster_dir=args.cluster_dir, run_dir=args.run_dir,
                            extract_dir=args.features_dir, dataset=dataset, top_clusters=args.top_clusters,
                            images_per_cluster=args.images_per_cluster, thumb_size=args.thumb_size,
@@ -130,8 +138,8 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recorded_channels(args: argparse.Namespace) -> int | None:
-    """Channels recorded by the extraction behind ``--cluster-dir``/``--features-dir`` (None: the data's own)."""
+def _recorded_meta(args: argparse.Namespace) -> dict:
+    """``meta.json`` of the extraction behind ``--cluster-dir``/``--features-dir`` ({} if none)."""
     folder = args.features_dir
     if folder is None and args.cluster_dir:
         metrics_file = Path(args.cluster_dir) / "cluster_metrics.json"
@@ -139,5 +147,9 @@ def _recorded_channels(args: argparse.Namespace) -> int | None:
             folder = json.loads(metrics_file.read_text(encoding="utf-8")).get("extract_dir")
     meta_file = Path(folder) / "meta.json" if folder else None
     if meta_file is not None and meta_file.is_file():
-        return json.loads(meta_file.read_text(encoding="utf-8")).get("channels")
-    return None
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return {}  # a damaged extraction is reported when build_report reads it
+        return meta if isinstance(meta, dict) else {}
+    return {}

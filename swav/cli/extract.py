@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["AMP_DTYPES", "add_extract_arguments", "register", "run"]
+__all__ = ["AMP_DTYPES", "add_extract_arguments", "register", "run", "unreadable_note"]
 
 AMP_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -75,18 +75,41 @@ def job_kwargs(args: argparse.Namespace) -> dict:
             "overwrite": args.overwrite, "strict": not args.partial, "progress": not args.no_progress}
 
 
+def unreadable_note(meta: dict, folder) -> str | None:
+    """``"N unreadable images not extracted, listed in FOLDER/bad_images.txt"`` for the
+    ``meta.json`` of an extraction that left images out, else None.
+
+    Example:
+        >>> unreadable_note({"unreadable_rows": [3, 7], "unreadable_list": "bad_images.txt"}, "feats")
+        '2 unreadable images not extracted, listed in feats/bad_images.txt'
+    """
+    import os
+
+    bad = meta.get("unreadable_rows") or []
+    if not bad:
+        return None
+    listed = meta.get("unreadable_list")
+    where = f", listed in {os.path.join(os.fspath(folder), listed)}" if listed else ""
+    return f"{len(bad)} unreadable image{'s' if len(bad) != 1 else ''} not extracted{where}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the extraction; 0 on success, 1 on a user error (message on stderr)."""
-    from swav.extract import extract_job, load_extracted
+    from swav.extract import check_output_dir, extract_job, load_extracted
+    from swav.images import TooManyBadImagesError
 
     try:
+        check_output_dir(args.output_dir, "--output-dir")
         out = extract_job(args.checkpoint, args.data, args.output_dir, what=args.what,
                           write_safetensors=args.safetensors, **job_kwargs(args))
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        data = load_extracted(out)
+    except (ValueError, FileNotFoundError, NotADirectoryError, TooManyBadImagesError) as error:
         print(f"swav extract: error: {error}", file=sys.stderr)
         return 1
-    data = load_extracted(out)
     shapes = ", ".join(f"{name} {tuple(a.shape)}" for name, a in (("features", data.features),
                        ("embeddings", data.embeddings)) if a is not None)
     print(f"wrote {shapes} for {len(data.labels)} images to {out}")
+    note = unreadable_note(data.meta, out)
+    if note:
+        print(f"swav extract: warning: {note}", file=sys.stderr)
     return 0
