@@ -44,7 +44,8 @@ from swav.safe_load import (
     read_safetensors_metadata,
 )
 
-__all__ = ["OFFICIAL_RELEASES", "LoadedCheckpoint", "load_pretrained", "model_dirs", "read_checkpoint", "resolve_pretrained"]
+__all__ = ["OFFICIAL_RELEASES", "LoadedCheckpoint", "NotAStateDictError", "load_pretrained", "model_dirs",
+           "read_checkpoint", "resolve_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ OFFICIAL_RELEASES: dict[str, str] = {
 _SUFFIXES = ("", ".safetensors", ".pt", ".pth", ".pth.tar", "_pretrain.pth.tar")
 SPEC_METADATA_KEY = "swav_model_spec"
 CONTENT_METADATA_KEY = "swav_content"  # "full" or "backbone"
+
+
+class NotAStateDictError(TypeError):
+    """A readable torch file that holds something other than a dict (a bare tensor, a list, ...)."""
 
 
 @dataclass
@@ -95,12 +100,16 @@ def resolve_pretrained(path_or_name: str | os.PathLike) -> Path:
     name = str(path_or_name)
     looks_like_path = os.sep in name or "/" in name or path.suffix in (".pt", ".pth", ".tar", ".safetensors", ".bin")
     if looks_like_path:
+        if path.is_dir():
+            raise _folder_error(name, path)
         raise FileNotFoundError(f"pretrained model file {name!r} does not exist")
     for directory in model_dirs():
         for suffix in _SUFFIXES:
             candidate = directory / f"{name}{suffix}"
             if candidate.is_file():
                 return candidate
+    if path.is_dir():
+        raise _folder_error(name, path)
     dirs = " or ".join(str(d) for d in model_dirs())
     if name in OFFICIAL_RELEASES:
         file_name = OFFICIAL_RELEASES[name]
@@ -112,6 +121,22 @@ def resolve_pretrained(path_or_name: str | os.PathLike) -> Path:
         f"{name!r} is neither an existing file nor found in {dirs} (tried suffixes {list(_SUFFIXES)}). "
         f"{how} (or set SWAV_HOME to the folder that holds it)."
     )
+
+
+def _folder_error(name: str, path: Path) -> IsADirectoryError:
+    """A folder was given where a file is needed: point at the run's model.pt or newest checkpoint."""
+    model = path / "model.pt"
+    if model.is_file():
+        return IsADirectoryError(f"{name!r} is a run folder: pass {os.path.join(name, 'model.pt')}")
+    folder = path / "checkpoints"
+    found = [p for p in folder.glob("*.pt") if p.is_file() and not p.name.startswith(".")] if folder.is_dir() else []
+    checkpoints = sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+    if checkpoints:
+        newest = os.path.join(name, "checkpoints", checkpoints[-1].name)
+        return IsADirectoryError(f"{name!r} is a run folder without model.pt (unfinished run?): pass one of its "
+                                 f"checkpoints, e.g. the newest, {newest}")
+    return IsADirectoryError(f"{name!r} is a folder, not a checkpoint file: pass a model file such as a "
+                             "run's model.pt, an export, an official *_pretrain.pth.tar or a .safetensors file")
 
 
 def _ours_flat(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -171,7 +196,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Loade
         return _from_safetensors(path, map_location)
     obj = load_state_file(path, map_location=map_location)
     if not isinstance(obj, Mapping):
-        raise TypeError(f"{str(path)!r} holds a {type(obj).__name__}, expected a dict (state dict or checkpoint)")
+        raise NotAStateDictError(
+            f"{str(path)!r} holds a {type(obj).__name__}, expected a dict (state dict or checkpoint)")
     if isinstance(obj.get("model"), Mapping) and "model_spec" in obj:
         spec = ModelSpec.from_dict(dict(obj["model_spec"]))
         return LoadedCheckpoint(_ours_flat(obj["model"]), "full", "swav", spec)

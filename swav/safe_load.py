@@ -10,12 +10,16 @@ A file that needs anything else is refused *before* any of its code runs, with a
 
 Damaged files (zero bytes, truncated, not a checkpoint) raise :class:`CorruptCheckpointError`
 naming the path, so that callers such as checkpoint resumption can fall back to an older file.
+A file that is plainly something else (a run's ``config.yaml``, a JSON or text file, an image)
+raises its subclass :class:`NotACheckpointError`, which says so instead of suspecting a pickle.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
+import pickletools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,8 +28,10 @@ import torch
 
 __all__ = [
     "CorruptCheckpointError",
+    "NotACheckpointError",
     "UnsafeCheckpointError",
     "convert_trusted_checkpoint",
+    "describe_non_checkpoint",
     "is_safetensors_file",
     "load_state_file",
     "read_safetensors_metadata",
@@ -43,6 +49,100 @@ class CorruptCheckpointError(ValueError):
 
 class UnsafeCheckpointError(ValueError):
     """The file holds pickled objects other than tensors and plain containers (could run code)."""
+
+
+class NotACheckpointError(CorruptCheckpointError):
+    """The file is no torch, zip, pickle or safetensors file at all (YAML, JSON, text, an image...)."""
+
+
+# leading bytes of file kinds that are never checkpoints
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG image file"),
+    (b"\xff\xd8\xff", "JPEG image file"),
+    (b"GIF87a", "GIF image file"),
+    (b"GIF89a", "GIF image file"),
+    (b"II*\x00", "TIFF image file"),
+    (b"MM\x00*", "TIFF image file"),
+    (b"\x1f\x8b", "gzip file"),
+    (b"%PDF-", "PDF file"),
+)
+_TEXT_KINDS = {".yaml": "YAML file", ".yml": "YAML file", ".json": "JSON file", ".jsonl": "JSON lines file",
+               ".csv": "CSV text file", ".html": "HTML file", ".py": "Python source file"}
+_SNIFF_BYTES = 1 << 20
+
+
+def _is_pickle_stream(data: bytes) -> bool:
+    """True when ``data`` parses as pickle opcodes up to a STOP (parsed only, nothing is executed)."""
+    try:
+        for opcode, _, _ in pickletools.genops(io.BytesIO(data)):
+            if opcode.name == "STOP":
+                return True
+    except Exception:  # noqa: BLE001 - any parse failure means "not a pickle"
+        return False
+    return False
+
+
+def _looks_like_text(data: bytes) -> bool:
+    if not data or b"\x00" in data:
+        return False
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(data) - 3:  # not just a character cut at the end of what was read
+            return False
+        text = data[: error.start].decode("utf-8")
+    return all(ch.isprintable() or ch in "\t\n\r\f\v" for ch in text)
+
+
+def describe_non_checkpoint(path: str | os.PathLike) -> str | None:
+    """What the file is when it is plainly not a checkpoint ("YAML file", "PNG image file", ...), else None.
+
+    Only file kinds that no torch, zip, pickle or safetensors file can be are named: images and a few
+    other formats by their leading bytes, and text that does not parse as a (protocol 0) pickle.
+
+    Example:
+        >>> import tempfile, pathlib, torch
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "config.yaml").write_text("model:\\n  backbone: resnet50\\n")
+        >>> describe_non_checkpoint(d / "config.yaml")
+        'YAML file'
+        >>> torch.save({"w": torch.ones(1)}, d / "m.pt")
+        >>> describe_non_checkpoint(d / "m.pt") is None
+        True
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_SNIFF_BYTES)
+    except OSError:
+        return None
+    for magic, kind in _MAGIC:
+        if data.startswith(magic):
+            return kind
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WebP image file"
+    if data.startswith(b"BM") and len(data) >= 14 and int.from_bytes(data[2:6], "little") == path.stat().st_size:
+        return "BMP image file"
+    if not _looks_like_text(data) or _is_pickle_stream(data):
+        return None
+    kind = _TEXT_KINDS.get(path.suffix.lower())
+    if kind is None and data.lstrip()[:1] in (b"{", b"["):
+        kind = "JSON file" if data.rstrip()[-1:] in (b"}", b"]") else None
+    return kind or "text file"
+
+
+def _not_a_checkpoint(path: Path) -> NotACheckpointError | None:
+    """The error for a file that is plainly no checkpoint, with a hint towards the run's model.pt."""
+    kind = describe_non_checkpoint(path)
+    if kind is None:
+        return None
+    model = path.parent / "model.pt"
+    if model.is_file() and model.resolve() != path.resolve():
+        hint = f"pass the run's model.pt ({str(model)!r})"
+    else:
+        hint = ("pass the run's model.pt (or another checkpoint: a training checkpoint, an export, "
+                "an official *_pretrain.pth.tar or a .safetensors file)")
+    return NotACheckpointError(f"{str(path)!r} is not a checkpoint ({kind}); {hint}")
 
 
 def _check_readable(path: Path) -> None:
@@ -93,6 +193,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device | 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        not_checkpoint = _not_a_checkpoint(path)
+        if not_checkpoint is not None:
+            raise not_checkpoint from None
         message = str(error)
         if "Weights only load failed" in message or "WeightsUnpickler" in message:
             raise UnsafeCheckpointError(_unsafe_message(path, _unsafe_detail(message))) from None
@@ -100,6 +203,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device | 
     except (PermissionError, MemoryError):
         raise
     except Exception as error:  # damaged files surface as RuntimeError, EOFError, KeyError, IndexError, OSError...
+        not_checkpoint = _not_a_checkpoint(path)
+        if not_checkpoint is not None:
+            raise not_checkpoint from error
         raise CorruptCheckpointError(
             f"checkpoint file {str(path)!r} is damaged, truncated or not a torch checkpoint "
             f"({type(error).__name__}: {str(error)[:300]})"
@@ -125,6 +231,9 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except Exception as error:  # safetensors raises its own SafetensorError (a Rust exception type)
+        not_checkpoint = _not_a_checkpoint(path)
+        if not_checkpoint is not None:
+            raise not_checkpoint from error
         raise CorruptCheckpointError(f"safetensors file {str(path)!r} is damaged or not a safetensors file: {error}") from error
 
 
@@ -173,6 +282,9 @@ def load_state_file(path: str | os.PathLike, map_location: str | torch.device | 
     try:
         return load_file(str(path), device=device)
     except Exception as error:  # SafetensorError is not a subclass of a standard exception
+        not_checkpoint = _not_a_checkpoint(path)
+        if not_checkpoint is not None:
+            raise not_checkpoint from error
         raise CorruptCheckpointError(f"safetensors file {str(path)!r} is damaged, truncated or not a safetensors file: {error}") from error
 
 

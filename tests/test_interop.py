@@ -252,3 +252,47 @@ def test_names_resolve_only_to_local_files(tmp_path, monkeypatch, official_resne
     assert resolve_pretrained("swav_800ep") == tmp_path / "swav_800ep_pretrain.pth.tar"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pretrained(str(tmp_path / "missing" / "model.pt"))
+
+
+def test_run_folder_given_as_checkpoint_points_at_its_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SWAV_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run1"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match="'run1' is a folder, not a checkpoint file"):
+        load_pretrained("run1")
+    torch.save({"w": torch.zeros(1)}, run / "checkpoints" / "step_00000010.pt")
+    torch.save({"w": torch.zeros(1)}, run / "checkpoints" / "step_00000020.pt")
+    with pytest.raises(IsADirectoryError, match="without model.pt.*run1/checkpoints/step_000000[12]0.pt"):
+        load_pretrained("run1")
+    model = build_model(ModelSpec("resnet-compact-8", small_images=True, hidden_dim=0, output_dim=4,
+                                  num_prototypes=3))
+    from swav.export import export_full
+
+    export_full(model, run / "model.pt")
+    for given in ("run1", "run1/", str(run)):
+        with pytest.raises(IsADirectoryError) as info:
+            load_pretrained(given)
+        assert str(info.value) == f"{given!r} is a run folder: pass {Path(given) / 'model.pt'}"
+    assert load_pretrained("run1/model.pt").spec == model.spec
+
+
+def test_file_holding_no_dict_is_a_type_error_of_swav(tmp_path):
+    from swav.pretrained import NotAStateDictError
+
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(NotAStateDictError, match="holds a Tensor, expected a dict") as info:
+        read_checkpoint(path)
+    assert isinstance(info.value, TypeError)
+
+
+def test_config_yaml_given_as_checkpoint_is_named(tmp_path):
+    run = tmp_path / "run1"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  backbone: resnet50\n")
+    (run / "model.pt").write_bytes(b"")  # its presence is enough for the hint
+    with pytest.raises(ValueError) as info:
+        load_pretrained(run / "config.yaml")
+    assert str(info.value) == (f"{str(run / 'config.yaml')!r} is not a checkpoint (YAML file); "
+                               f"pass the run's model.pt ({str(run / 'model.pt')!r})")

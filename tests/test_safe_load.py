@@ -147,3 +147,59 @@ def test_every_torch_load_in_the_package_passes_weights_only_explicitly():
             if not (explicit_true or trusted_conversion):
                 offenders.append(f"{path.relative_to(REPO)}:{line}")
     assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+def _not_a_checkpoint_error():
+    from swav.safe_load import NotACheckpointError
+
+    return NotACheckpointError
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("config.yaml", "YAML file"), ("summary.json", "JSON file"), ("notes.pt", "text file"),
+    ("picture.png", "PNG image file"), ("photo.pth.tar", "JPEG image file"), ("weights.safetensors", "text file"),
+])
+def test_files_that_are_plainly_no_checkpoint_say_what_they_are(tmp_path, name, kind):
+    from PIL import Image
+
+    run = tmp_path / "run1"
+    run.mkdir()
+    path = run / name
+    if kind == "PNG image file":
+        Image.new("RGB", (4, 4)).save(path, format="PNG")
+    elif kind == "JPEG image file":
+        Image.new("RGB", (4, 4)).save(path, format="JPEG")
+    elif kind == "JSON file":
+        path.write_text('{"top1": 71.2, "epochs": 100}\n')
+    elif kind == "text file":
+        path.write_text("this is not a checkpoint\n" * 10)
+    else:
+        path.write_text("model:\n  backbone: resnet50\ncrops:\n  sizes: [224, 96]\n")
+    error = _not_a_checkpoint_error()
+    with pytest.raises(error) as info:
+        load_state_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{str(path)!r} is not a checkpoint ({kind}); pass the run's model.pt")
+    assert "arbitrary code" not in message
+    assert isinstance(info.value, CorruptCheckpointError)  # callers falling back on damaged files still do
+    torch.save({"w": torch.ones(1)}, run / "model.pt")  # with the run's model next to it, it is named
+    with pytest.raises(error, match=f"pass the run's model.pt \\({str(run / 'model.pt')!r}\\)"):
+        load_state_file(path)
+
+
+def test_real_checkpoints_and_pickles_are_not_mistaken_for_other_files(tmp_path):
+    from swav.safe_load import describe_non_checkpoint
+
+    for i, zip_format in enumerate((True, False)):
+        torch.save({"w": torch.ones(2)}, tmp_path / f"ok{i}.pt", _use_new_zipfile_serialization=zip_format)
+        assert describe_non_checkpoint(tmp_path / f"ok{i}.pt") is None
+    save_file({"w": torch.ones(2)}, str(tmp_path / "ok.safetensors"))
+    assert describe_non_checkpoint(tmp_path / "ok.safetensors") is None
+    # a protocol-0 pickle is plain ASCII text, but still a pickle: refused as unsafe, code not run
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "old.pkl"
+    path.write_bytes(pickle.dumps({"trap": _CreatesMarker(marker)}, protocol=0))
+    assert path.read_bytes().isascii() and describe_non_checkpoint(path) is None
+    with pytest.raises(UnsafeCheckpointError):
+        safe_torch_load(path)
+    assert not marker.exists()

@@ -163,6 +163,11 @@ def test_patterns_specs_and_errors(shard_dir, tmp_path):
     (cut / "shard-000000.tar").write_bytes(whole[:700])  # a copy that stopped in the first member's header
     with pytest.raises(ValueError, match=r"shard .*shard-000000.tar is truncated or not a tar file.*pack-shards"):
         list(build_dataset(str(cut / "shard-000000.tar")))
+    # read by a data-loader worker, the command line still prints the one line, not the worker's traceback
+    from swav.cli import user_message
+    with pytest.raises(ValueError) as info:
+        list(DataLoader(build_dataset(str(cut / "shard-000000.tar")), batch_size=None, num_workers=1))
+    assert user_message(info.value).startswith("shard ") and "\n" not in user_message(info.value)
 
 
 def test_max_bytes_starts_new_shards(photo_dir, tmp_path):

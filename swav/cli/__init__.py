@@ -5,7 +5,8 @@ parser and sets ``func`` (``func(args) -> int`` exit status). A subcommand modul
 is skipped; one that fails to import (a missing optional dependency) still appears and explains why.
 Errors raised by swav itself (``ValueError``, ``OSError``, and swav's own exception classes) are
 printed on stderr without a traceback, with exit status 1; anything else is a bug and keeps its
-traceback. Usage errors exit with 2, Ctrl-C with 130.
+traceback. Usage errors exit with 2, Ctrl-C with 130. The commands that run a model on a
+``--device`` (evaluation, extract, cluster) have it checked before any work (:func:`check_device`).
 
 Example:
     >>> main(["pretrain", "--list-recipes"])  # doctest: +SKIP
@@ -19,9 +20,41 @@ import logging
 import sys
 from collections.abc import Sequence
 
-__all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
+__all__ = ["SUBCOMMAND_MODULES", "build_parser", "check_device", "is_user_error", "main"]
 
 SUBCOMMAND_MODULES = ("pretrain", "evaluate", "scan", "shards", "export", "extract", "cluster")
+#: subcommands whose ``--device`` is checked before they run (with a ``--checkpoint``: the model runs there)
+DEVICE_COMMANDS = ("eval-knn", "eval-linear", "finetune", "extract", "cluster")
+
+
+def check_device(value: str) -> str:
+    """``--device`` as given (lower case): ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that exists here.
+
+    Raises ``ValueError`` with a one-line message for anything else, or for CUDA on a machine without it.
+
+    Example:
+        >>> check_device("CPU")
+        'cpu'
+        >>> check_device("gpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: --device 'gpu' is invalid: use auto, cpu, cuda or cuda:N
+    """
+    device = str(value).strip().lower()
+    if device in ("auto", "cpu"):
+        return device
+    kind, sep, index = device.partition(":")
+    if kind != "cuda" or (sep and not (index.isdigit() and index.isascii())):
+        raise ValueError(f"--device {value!r} is invalid: use auto, cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but CUDA is not available here; use --device cpu")
+    count = torch.cuda.device_count()
+    if sep and int(index) >= count:
+        raise ValueError(f"--device {device} but this machine has {count} CUDA device(s) "
+                         f"(cuda:0 to cuda:{count - 1}); use one of those or --device cuda")
+    return device
 
 
 def _register_broken(subparsers: argparse._SubParsersAction, name: str, error: Exception) -> None:
@@ -62,11 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_user_error(exc: BaseException) -> bool:
-    """Expected failures that deserve a message, not a traceback."""
+def is_user_error(exc: BaseException) -> bool:
+    """Expected failures that deserve a message, not a traceback: ``ValueError``, ``OSError`` and
+    exceptions of swav's own classes (such as :class:`swav.pretrained.NotAStateDictError`)."""
     if isinstance(exc, (ValueError, OSError)):
         return True
     return any(cls.__module__.startswith("swav.") for cls in type(exc).__mro__)
+
+
+def user_message(exc: BaseException) -> str:
+    """The error's message; for one re-raised from a data-loader worker (whose text is the worker's whole
+    traceback) only its last line, the original error.
+
+    Example:
+        >>> user_message(ValueError("Caught ValueError in DataLoader worker process 0.\\nOriginal Traceback "
+        ...                         "(most recent call last):\\n  File ...\\nValueError: shard x.tar is truncated\\n"))
+        'shard x.tar is truncated'
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name, sep, rest = last.partition(": ")
+        return rest if sep and name.isidentifier() else last
+    return text
 
 
 def _attach_stderr_logging(args: argparse.Namespace) -> logging.Handler:
@@ -91,14 +142,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     handler = _attach_stderr_logging(args)
     try:
+        if args.command in DEVICE_COMMANDS and getattr(args, "checkpoint", None) and \
+                isinstance(getattr(args, "device", None), str):
+            args.device = check_device(args.device)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("swav: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - user errors get a message, bugs keep their traceback
-        if not _is_user_error(exc):
+        if not is_user_error(exc):
             raise
-        print(f"swav {args.command}: error: {exc}", file=sys.stderr)
+        print(f"swav {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 1
     finally:
         logging.getLogger("swav").removeHandler(handler)

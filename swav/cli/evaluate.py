@@ -2,7 +2,9 @@
 
 Each command loads a trained model (anything :func:`swav.load_pretrained` reads), builds the
 train/test data sets, runs the protocol on the backbone's pooled features, prints a summary and
-writes ``<output-dir>/<command>.json``.
+writes ``<output-dir>/<command>.json``. Arguments and the output folder are checked before anything
+is loaded. With image folders, val class folders are matched to train class folders by name (val
+may hold a subset of train's classes, not a class that train lacks).
 
 Examples::
 
@@ -150,15 +152,91 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _guarded(command: str, body: Any, args: argparse.Namespace) -> int:
-    """Run ``body``; turn user errors into a one-line message and exit code 1."""
+    """Check the arguments, run ``body``; turn user errors into a one-line message and exit code 1.
+
+    User errors are those :func:`swav.cli.is_user_error` names (``ValueError``, ``OSError``, swav's
+    own exception classes); anything else is a bug and keeps its traceback.
+    """
+    from swav.cli import is_user_error
+
     try:
+        _check_args(command, args)  # before the model and the data are loaded
         result = body(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        path = _write_json(Path(args.output_dir).expanduser(), command, result)
+    except Exception as error:  # re-raised unless it is a user error
+        if not is_user_error(error):
+            raise
         print(f"swav {command}: error: {error}", file=sys.stderr)
         return 1
-    path = _write_json(Path(args.output_dir), command, result)
     print(f"wrote {path}")
     return 0
+
+
+def _check_args(command: str, args: argparse.Namespace) -> None:
+    """Every check that needs no model and no data, so that a typo fails in a second, not after the work."""
+    from swav.cli import check_device
+
+    def at_least(name: str, value: Any, low: float, *, strict: bool = False) -> None:
+        if value is not None and (value <= low if strict else value < low):
+            raise ValueError(f"--{name}: must be {'>' if strict else '>='} {low:g}, got {value:g}")
+
+    if not args.data and not (args.train_data and args.val_data):
+        raise ValueError("--data: required unless both --train-data and --val-data are given")
+    at_least("batch-size", args.batch_size, 1)
+    at_least("workers", args.workers, 0)
+    at_least("crop-size", args.crop_size, 1)
+    at_least("resize-size", args.resize_size, 1)
+    for value in args.std or []:
+        at_least("std", value, 0, strict=True)
+    args.device = check_device(args.device)
+    if command == "eval-knn":
+        for k in args.k:
+            at_least("k", k, 1)
+        at_least("temperature", args.temperature, 0, strict=True)
+    elif command == "eval-linear":
+        at_least("epochs", args.epochs, 1)
+        at_least("lr", args.lr, 0, strict=True)
+        at_least("final-lr", args.final_lr, 0)
+        at_least("weight-decay", args.weight_decay, 0)
+        if args.standardize and args.mode != "fast":
+            raise ValueError("--standardize: applies to --mode fast only")
+    elif command == "finetune":
+        at_least("epochs", args.epochs, 1)
+        at_least("trunk-lr", args.trunk_lr, 0)
+        at_least("head-lr", args.head_lr, 0)
+        at_least("gamma", args.gamma, 0, strict=True)
+        for milestone in args.milestones or []:
+            at_least("milestones", milestone, 1)
+        if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
+            raise ValueError(f"--label-fraction: must be in (0, 1], e.g. 0.01 for 1% of the labels, "
+                             f"got {args.label_fraction:g}")
+        if args.subset_file and not Path(args.subset_file).is_file():
+            raise ValueError(f"--subset-file: {args.subset_file!r} does not exist or is not a file")
+    _check_output_dir(Path(args.output_dir).expanduser(), f"{command}.json")
+
+
+def _check_output_dir(output_dir: Path, file_name: str) -> None:
+    """``output_dir`` is (or can be created as) a folder where ``file_name`` can be written; creates nothing.
+
+    :func:`swav.output_paths.check_output_folder` as for the other commands, then a real write of a
+    temporary file, since permission bits do not tell for root, ACLs or some read-only mounts.
+    """
+    import tempfile
+
+    from swav.output_paths import check_output_folder
+
+    check_output_folder(output_dir, "--output-dir")
+    where = f"--output-dir {os.fspath(output_dir)!r}"
+    if (output_dir / file_name).is_dir():
+        raise ValueError(f"{where}: {os.fspath(output_dir / file_name)!r} is a folder, so {file_name} cannot be "
+                         "written: choose another folder")
+    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), Path.cwd())
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".swav-write-check-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{where}: cannot write in {os.fspath(existing)!r} ({error.strerror or error}): "
+                         "choose another folder") from None
 
 
 def _knn(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,8 +290,6 @@ def _linear(args: argparse.Namespace) -> dict[str, Any]:
         )
         sizes = (train[1].numel(), test[1].numel())
     else:
-        if args.standardize:
-            raise ValueError("--standardize: applies to --mode fast only")
         train_ds, test_ds = setup.datasets(train_augment=True)
         num_classes = setup.num_classes(train_ds, _targets(train_ds), _targets(test_ds))
         result = linear_probe(
@@ -312,11 +388,7 @@ class _Setup:
         from swav.eval.transforms import transforms_for_checkpoint
         from swav.pretrained import load_pretrained
 
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
-        if not args.data and not (args.train_data and args.val_data):
-            raise ValueError("--data: required unless both --train-data and --val-data are given")
-        self.args = args
+        self.args = args  # checked by _check_args already
         torch.manual_seed(args.seed)
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -361,7 +433,7 @@ class _Setup:
             if args.val_data
             else build_dataset(args.data, split="test", transform=test_tf, channels=channels)
         )
-        return train, test
+        return train, _match_classes(train, test)
 
     def loader(self, dataset: Any, *, shuffle: bool, drop_last: bool = False) -> Any:
         import torch
@@ -412,6 +484,63 @@ class _Setup:
             "seconds": round(seconds, 2),
             **fields,
         }
+
+
+class _RelabelledDataset:
+    """``dataset`` with its labels renumbered by ``mapping`` (old index -> new index; -1 stays -1)."""
+
+    def __init__(self, dataset: Any, mapping: dict[int, int], classes: list[str]):
+        self.dataset = dataset
+        self.mapping = mapping
+        self.classes = list(classes)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.targets = [self._map(int(t)) for t in dataset.targets]
+        self.samples = [(path, self._map(int(label))) for path, label in dataset.samples]
+
+    def _map(self, label: int) -> int:
+        return self.mapping.get(label, label) if label >= 0 else label
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.dataset[index]
+        return image, self._map(int(label))
+
+
+def _match_classes(train: Any, test: Any) -> Any:
+    """The test set with its labels numbered as the training set's classes of the same NAME.
+
+    Image folders number their class folders in sorted order, so ``val/`` holding ``bird/ cat/``
+    and ``train/`` holding ``cat/ dog/`` would otherwise score every val cat as a dog. A test set
+    with fewer classes than the training set is fine; one with a class (holding images) that the
+    training set lacks cannot be scored, and is refused with the names.
+
+    Only image folders are matched (both sets with ``class_to_idx`` and ``samples``): IDX and CIFAR
+    labels are the files' own class numbers, and IDX class names are only guessed from the path.
+    """
+    if not all(hasattr(ds, "class_to_idx") and hasattr(ds, "samples") for ds in (train, test)):
+        return test
+    train_classes = [str(c) for c in (getattr(train, "classes", None) or [])]
+    test_classes = [str(c) for c in (getattr(test, "classes", None) or [])]
+    targets = getattr(test, "targets", None)
+    if not train_classes or not test_classes or train_classes == test_classes or targets is None:
+        return test
+    used = sorted({int(t) for t in targets if 0 <= int(t) < len(test_classes)})
+    position = {name: i for i, name in enumerate(train_classes)}
+    missing = [test_classes[i] for i in used if test_classes[i] not in position]
+    if missing:
+        names = ", ".join(repr(name) for name in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ValueError(f"val has class folders not in train: {names}{more}; give folders with the same class names "
+                         f"(train has {len(train_classes)}: {', '.join(repr(c) for c in train_classes[:10])}"
+                         f"{', ...' if len(train_classes) > 10 else ''})")
+    mapping = {i: position[name] for i, name in enumerate(test_classes) if name in position}
+    if all(old == new for old, new in mapping.items()):
+        return test
+    logger.info("val classes matched to train classes by name (%d of train's %d classes in val)",
+                len(used), len(train_classes))
+    return _RelabelledDataset(test, mapping, train_classes)
 
 
 def _targets(dataset: Any) -> list[int]:
