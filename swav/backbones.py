@@ -64,8 +64,11 @@ class SmallMapConv2d(nn.Conv2d):
     Anywhere else it is an ordinary ``nn.Conv2d`` with the same parameters and state-dict keys."""
 
     MATMUL_MAX_PIXELS = 49
+    force: bool | None = None  # True / False: the matrix path / oneDNN whatever the map (benchmarks and tests)
 
     def _fast(self, x: torch.Tensor) -> bool:
+        if self.force is not None:
+            return self.force
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         out_h, out_w = (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
         # k x k kernels: the input map too (the backward of k^2 shifted views writes k^2 input-sized gradients;
