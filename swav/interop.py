@@ -318,7 +318,9 @@ def infer_backbone(backbone_state: Mapping[str, Any]) -> tuple[str, bool, int]:
                           for (b, d, w), n in _RESNET_LAYOUTS.items())
         raise ValueError(
             f"unrecognised ResNet layout: {'bottleneck' if bottleneck else 'basic'} blocks {depths}, stem width "
-            f"{out_channels}; known layouts: {known}; pass spec=ModelSpec(backbone=...) for other trunks"
+            f"{out_channels}; known layouts: {known}. A backbone-only file of another trunk (e.g. a compact ResNet "
+            "exported with --format torchvision) carries no architecture: load the training checkpoint or a "
+            "--format full / safetensors export instead, or pass spec=ModelSpec(backbone=...) (Python)"
         )
     return name, kernel == 3, in_channels
 

@@ -95,6 +95,7 @@ def test_fashion_mnist_slice_with_knn_summary(tmp_path, capsys):
     (["--recipe", "swav_100epochs"], "Did you mean swav_100ep"),
     (["--data", "/no/such/folder", "--epochs", "10"], "/no/such/folder"),
     (["--resume"], "holds no run (no config.yaml or checkpoints): check the path"),
+    (["--config", "/no/such.yaml"], "--config '/no/such.yaml' does not exist"),
 ])
 def test_user_errors_are_one_clear_line(tmp_path, capsys, argv, message):
     code, _, err = run_cli(capsys, "pretrain", "--output-dir", str(tmp_path / "o"), *argv)

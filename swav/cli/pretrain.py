@@ -102,7 +102,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     else:
         config = Config()
     if args.config:
-        config = load_config_file(args.config, base=config)
+        if not Path(args.config).expanduser().is_file():
+            raise ValueError(f"--config {args.config!r} does not exist (or is not a file): give the path of a "
+                             "YAML config, e.g. a run's config.yaml, or use --recipe NAME")
+        config = load_config_file(Path(args.config).expanduser(), base=config)
     if demo and "run.output_dir" not in flags:
         flags["run.output_dir"] = DEMO_OUTPUT_DIR
     if args.device:
