@@ -238,6 +238,11 @@ def _read_marker(out: Path, fingerprint: dict[str, Any], chunk_rows: int) -> tup
     if marker.get("fingerprint") != fingerprint:
         changed = sorted(k for k in set(fingerprint) | set(marker.get("fingerprint", {}))
                          if fingerprint.get(k) != marker.get("fingerprint", {}).get(k))
+        if changed == ["format"]:
+            raise ValueError(
+                f"output_dir {out} holds an extraction made by an earlier version of swav (format "
+                f"{marker.get('fingerprint', {}).get('format')}, now {_FORMAT_VERSION}: unreadable images are now "
+                "left out); extract again with overwrite=True (--overwrite)")
         raise ValueError(
             f"output_dir {out} holds an extraction of a different job (differs in {changed}); "
             "use another output directory or overwrite=True (--overwrite) to start again")
@@ -303,9 +308,11 @@ def extract_to_dir(
     if complete and (out / "meta.json").exists():
         logger.info("%s already holds the complete extraction; nothing to do", out)
         return out
-    # validate first: a data set or model that cannot work must not cost an earlier extraction
-    rows = _SourceRows(dataset, done * chunk_rows, num_rows)
-    _probe(model, rows, names, device, amp_dtype)
+    rows = _SourceRows(dataset, min(done * chunk_rows, num_rows), num_rows)
+    if done < num_chunks and (overwrite or done == 0):
+        # validate first: a data set or model that cannot work must not cost an earlier extraction (a resume
+        # of this same job has proven both already, and may have no rows left: stopped while assembling)
+        _probe(model, rows, names, device, amp_dtype)
     if overwrite and out.is_dir():
         _clear_outputs(out)
     (out / "chunks").mkdir(parents=True, exist_ok=True)

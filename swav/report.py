@@ -140,6 +140,10 @@ def _image_loader(meta: dict[str, Any], dataset: Any) -> Callable[[int, str], An
             dataset = open_source_dataset(meta)
         except (FileNotFoundError, ValueError) as exc:
             logger.warning("cannot open the images of %s (%s); trying the paths", meta.get("data"), exc)
+    else:  # the data set extracted from: its rows of unreadable images were left out by the extraction
+        from swav.extract import align_to_extraction
+
+        dataset = align_to_extraction(dataset, meta)
     if dataset is not None:
         return lambda row, path: dataset[row][0]
 
@@ -253,7 +257,8 @@ def build_report(
     ``cluster_dir`` is the output of :func:`swav.cluster.cluster_extracted` (its metrics name
     the extraction folder, used for the map and the images); ``run_dir`` a training run folder
     with ``metrics.jsonl``; ``extract_dir`` alone gives the map without clusters. ``dataset``
-    (built without a transform) overrides where the images come from.
+    (the data set the extraction read, built without a transform) overrides where the images come from;
+    the rows of images the extraction left out as unreadable are skipped in it here.
 
     Example:
         >>> build_report("report.html", cluster_dir="clusters/", run_dir="runs/fmnist")  # doctest: +SKIP

@@ -71,15 +71,17 @@ _TEXT_KINDS = {".yaml": "YAML file", ".yml": "YAML file", ".json": "JSON file", 
 _SNIFF_BYTES = 1 << 20
 
 
-def _is_pickle_stream(data: bytes) -> bool:
-    """True when ``data`` parses as pickle opcodes up to a STOP (parsed only, nothing is executed)."""
+def _is_pickle_stream(data: bytes, whole_file: bool = True) -> bool:
+    """True when ``data`` parses as pickle opcodes up to a STOP (parsed only, nothing is executed), or, when
+    ``data`` is only the start of the file, parses without error up to where it was cut."""
+    stream = io.BytesIO(data)
     try:
-        for opcode, _, _ in pickletools.genops(io.BytesIO(data)):
+        for opcode, _, _ in pickletools.genops(stream):
             if opcode.name == "STOP":
                 return True
-    except Exception:  # noqa: BLE001 - any parse failure means "not a pickle"
-        return False
-    return False
+    except Exception:  # noqa: BLE001 - a parse failure means "not a pickle", unless the window cut it
+        return not whole_file and stream.tell() >= len(data) - 4096
+    return not whole_file
 
 
 def _looks_like_text(data: bytes) -> bool:
@@ -123,7 +125,10 @@ def describe_non_checkpoint(path: str | os.PathLike) -> str | None:
         return "WebP image file"
     if data.startswith(b"BM") and len(data) >= 14 and int.from_bytes(data[2:6], "little") == path.stat().st_size:
         return "BMP image file"
-    if not _looks_like_text(data) or _is_pickle_stream(data):
+    if data.startswith((b"PK", b"\x80")):  # zip (torch) or binary pickle, however short
+        return None
+    whole_file = len(data) < _SNIFF_BYTES
+    if not _looks_like_text(data) or _is_pickle_stream(data, whole_file):
         return None
     kind = _TEXT_KINDS.get(path.suffix.lower())
     if kind is None and data.lstrip()[:1] in (b"{", b"["):

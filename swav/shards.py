@@ -389,6 +389,9 @@ class ShardDataset(IterableDataset):
 def _damaged_shard(error: Exception) -> bool:
     """webdataset's error handler: a shard that cannot be read as a tar file stops the run with its name."""
     url = error.args[-1] if error.args and isinstance(error.args[-1], str) else "a shard"
+    if isinstance(error, OSError):  # missing, no permission, I/O error: not the shard's content
+        raise ValueError(f"shard {url} cannot be read ({error.strerror or error}): check the path and its "
+                         "permissions") from None
     reason = error.args[0] if error.args else type(error).__name__
     raise ValueError(f"shard {url} is truncated or not a tar file ({reason}): write it again with "
                      "`swav pack-shards` (or remove it), then continue with --resume") from None

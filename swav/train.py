@@ -94,10 +94,10 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
     backbone registry (for custom networks; the spec is stored in checkpoints either way).
     """
     run = config.run
+    out = check_output_folder(run.output_dir, "--output-dir (run.output_dir)")  # before a process group exists
     ctx = init_distributed(run.device, world_size=run.world_size, rank=run.rank, local_rank=run.local_rank,
                            dist_url=run.dist_url, timeout_minutes=run.dist_timeout_minutes)
     configure_rank_logging(ctx.rank)
-    out = check_output_folder(run.output_dir, "--output-dir (run.output_dir)")
     log_handler, lock = None, RunLock(out)
     try:
         resume = check_run_folder(out, resume=resume, overwrite=overwrite, config=config)

@@ -317,3 +317,10 @@ def test_cluster_of_extraction_that_left_out_unreadable_images_stays_aligned(tmp
     pixels = raw_pixels(open_source_dataset(data.meta), 24)
     np.testing.assert_array_equal(pixels, np.stack([np.asarray(load_image(p), np.float32).reshape(-1) / 255
                                                     for p in paths]))
+    # the report's thumbnails from a data set given by the caller (Python API) are the rows' images too
+    from swav.datasets import build_dataset
+    from swav.report import _image_loader
+
+    loader = _image_loader(data.meta, build_dataset(str(tmp_path / "imgs")))
+    for r in rows:
+        np.testing.assert_array_equal(np.asarray(loader(int(r["row"]), r["path"])), np.asarray(load_image(r["path"])))

@@ -98,6 +98,37 @@ def test_resume_continues_after_last_complete_chunk(tmp_path):
     assert again.seen == []
 
 
+class _CrashWhileAssembling(_Images):
+    """Fails once every row was read: in the final assembly of the chunks (a kill or a full disk there)."""
+
+    calls_after_last_row = 0
+
+    @property
+    def samples(self):  # asked once per row read, then by the assembly (for file names)
+        if len(set(self.seen)) == len(self.x):
+            self.calls_after_last_row += 1
+            if self.calls_after_last_row > 1:
+                raise RuntimeError("simulated crash while assembling")
+        return None
+
+
+def test_resume_after_a_crash_while_assembling(tmp_path):
+    model = _model()
+    with pytest.raises(RuntimeError, match="while assembling"):
+        extract_to_dir(model, _CrashWhileAssembling(32), tmp_path / "r", batch_size=4, chunk_rows=8, progress=False,
+                   source="imgs")
+    marker = json.loads((tmp_path / "r" / "progress.json").read_text())
+    assert marker["completed_chunks"] == marker["num_chunks"] == 4 and not marker["complete"]
+    resumed = _Images(32)  # every chunk is there: no row is read again, the files are assembled
+    extract_to_dir(model, resumed, tmp_path / "r", batch_size=4, chunk_rows=8, progress=False,
+                   source="imgs")
+    assert resumed.seen == []
+    extract_to_dir(model, _Images(32), tmp_path / "fresh", batch_size=4, chunk_rows=8, progress=False,
+                   source="imgs")
+    np.testing.assert_array_equal(load_extracted(tmp_path / "r").embeddings,
+                                  load_extracted(tmp_path / "fresh").embeddings)
+
+
 def test_resume_refuses_another_model_unless_overwrite(tmp_path):
     with pytest.raises(RuntimeError):
         extract_to_dir(_model(0), _Images(fail_at=30), tmp_path, batch_size=4, chunk_rows=8, progress=False)

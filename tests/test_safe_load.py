@@ -203,3 +203,14 @@ def test_real_checkpoints_and_pickles_are_not_mistaken_for_other_files(tmp_path)
     with pytest.raises(UnsafeCheckpointError):
         safe_torch_load(path)
     assert not marker.exists()
+    # longer than the part of the file that is looked at (1 MiB): still not mistaken for text
+    big = tmp_path / "big.pkl"
+    big.write_bytes(pickle.dumps({"pad": "x" * (2 << 20), "trap": _CreatesMarker(marker)}, protocol=0))
+    assert describe_non_checkpoint(big) is None
+    with pytest.raises(UnsafeCheckpointError):
+        safe_torch_load(big)
+    assert not marker.exists()
+    # a checkpoint cut after its first bytes is damaged, not "a text file"
+    whole = (tmp_path / "ok0.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[:2])
+    assert describe_non_checkpoint(tmp_path / "cut.pt") is None

@@ -98,7 +98,8 @@ def run_cluster(args: argparse.Namespace) -> int:
                                     kmeans_size=args.kmeans_size, seed=args.seed)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError,
             TooManyBadImagesError) as error:
-        print(f"swav cluster: error: {error}", file=sys.stderr)
+        from swav.cli import user_message
+        print(f"swav cluster: error: {user_message(error)}", file=sys.stderr)
         return 1
     if metrics.get("num_unreadable"):
         print(f"swav cluster: warning: {metrics['num_unreadable']} unreadable images not extracted nor clustered, "
@@ -121,18 +122,17 @@ def run_report(args: argparse.Namespace) -> int:
         dataset = None
         if args.data:
             from swav.datasets import build_dataset
-            from swav.extract import align_to_extraction
 
-            meta = _recorded_meta(args)
+            meta = _recorded_meta(args)  # build_report skips the rows the extraction left out
             dataset = build_dataset(args.data, split=args.split or "train", channels=meta.get("channels"))
-            dataset = align_to_extraction(dataset, meta)  # rows of unreadable images were left out
         out = build_report(args.output, cluster_dir=args.cluster_dir, run_dir=args.run_dir,
                            extract_dir=args.features_dir, dataset=dataset, top_clusters=args.top_clusters,
                            images_per_cluster=args.images_per_cluster, thumb_size=args.thumb_size,
                            map_method=args.map, map_points=args.map_points, color_by=args.color_by,
                            seed=args.seed, title=args.title)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError) as error:
-        print(f"swav report: error: {error}", file=sys.stderr)
+        from swav.cli import user_message
+        print(f"swav report: error: {user_message(error)}", file=sys.stderr)
         return 1
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0

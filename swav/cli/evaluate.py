@@ -157,7 +157,7 @@ def _guarded(command: str, body: Any, args: argparse.Namespace) -> int:
     User errors are those :func:`swav.cli.is_user_error` names (``ValueError``, ``OSError``, swav's
     own exception classes); anything else is a bug and keeps its traceback.
     """
-    from swav.cli import is_user_error
+    from swav.cli import is_user_error, user_message
 
     try:
         _check_args(command, args)  # before the model and the data are loaded
@@ -166,7 +166,7 @@ def _guarded(command: str, body: Any, args: argparse.Namespace) -> int:
     except Exception as error:  # re-raised unless it is a user error
         if not is_user_error(error):
             raise
-        print(f"swav {command}: error: {error}", file=sys.stderr)
+        print(f"swav {command}: error: {user_message(error)}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
     return 0

@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
                           write_safetensors=args.safetensors, **job_kwargs(args))
         data = load_extracted(out)
     except (ValueError, FileNotFoundError, NotADirectoryError, TooManyBadImagesError) as error:
-        print(f"swav extract: error: {error}", file=sys.stderr)
+        from swav.cli import user_message
+        print(f"swav extract: error: {user_message(error)}", file=sys.stderr)
         return 1
     shapes = ", ".join(f"{name} {tuple(a.shape)}" for name, a in (("features", data.features),
                        ("embeddings", data.embeddings)) if a is not None)

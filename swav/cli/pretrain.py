@@ -81,11 +81,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     flags = official_values(args)
     # `--output-dir RUN --resume` with nothing else continues RUN with its own config.yaml: not the demo
     explicit_dir = flags.get("run.output_dir")
+    if explicit_dir:  # `--output-dir=~/run` reaches us unexpanded
+        explicit_dir = flags["run.output_dir"] = str(Path(explicit_dir).expanduser())
     resumed_run = bool(args.resume and explicit_dir and (Path(explicit_dir) / "config.yaml").is_file())
     if (args.resume and explicit_dir and not resumed_run and not getattr(args, "demo", False)
             and "data.path" not in flags and not args.recipe and not args.config):
         from swav.run_folder import holds_run
-        if not holds_run(Path(explicit_dir).expanduser()):  # a typo would otherwise start the demo there
+        if not holds_run(Path(explicit_dir)):  # a typo would otherwise start the demo there
             raise ValueError(f"--resume: {explicit_dir!r} holds no run (no config.yaml or checkpoints): check the "
                              "path, or give --data (and --recipe) to start a run there")
     demo = bool(getattr(args, "demo", False)) or ("data.path" not in flags and not args.recipe and not args.config

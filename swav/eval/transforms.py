@@ -211,7 +211,7 @@ def transforms_for_checkpoint(
         mean, std = _normalization_of(config)
     crops = config.get("crops") if isinstance(config, dict) else None
     sizes = crops.get("sizes") if isinstance(crops, dict) else None
-    default_crop, _ = eval_sizes(sizes[0] if isinstance(sizes, list) and sizes else None)
+    default_crop, _ = eval_sizes(max(sizes) if isinstance(sizes, list) and sizes else None)
     crop = crop_size or default_crop
     resize = resize_size or eval_sizes(crop)[1]
     if not spec.small_images:
