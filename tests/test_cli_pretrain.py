@@ -123,3 +123,17 @@ def test_set_is_applied_with_the_flags_before_validation(capsys):
     assert code == 0 and "- 32" in stdout
     code, _, err = run_cli(capsys, "pretrain", "--data", "/some/folder", "--epochs", "2", "--print-config")
     assert code == 1 and "optim.warmup_epochs" in err  # still validated
+
+
+def test_resume_with_an_unexpanded_home_output_dir_uses_the_runs_config(tmp_path, monkeypatch):
+    """`--output-dir=~/run` reaches the program with the ~ (the shell expands it only after a space)."""
+    from swav.cli import build_parser
+    from swav.cli.pretrain import resolve_config
+    from swav.config import Config, save_config, with_values
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run").mkdir()
+    save_config(with_values(Config(), {"data.path": "/data/photos", "optim.epochs": 17}), tmp_path / "run" / "config.yaml")
+    config, demo = resolve_config(build_parser().parse_args(["pretrain", "--output-dir=~/run", "--resume"]))
+    assert not demo and config.data.path == "/data/photos" and config.optim.epochs == 17
+    assert config.run.output_dir == str(tmp_path / "run")
