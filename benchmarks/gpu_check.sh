@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared call for a lent GPU machine (PyTorch and torchvision installed, no network): the tests that
 # exercise CUDA, then the real-JPEG throughput with each of the data-side options on and off.
-#   bash benchmarks/gpu_check.sh PHOTOS_DIR OUT_DIR [TESTS_S ENGINE_S LOOP_S]   (defaults 150 270 270)
-#   STAGES="tests engine" bash benchmarks/gpu_check.sh ...; STAGES=loop bash ...   (two calls of < 10 min)
+#   STAGES="tests engine" bash benchmarks/gpu_check.sh PHOTOS_DIR OUT_DIR   (call 1: 150 + 330 s at most)
+#   STAGES=loop bash benchmarks/gpu_check.sh PHOTOS_DIR OUT_DIR             (call 2: 480 s at most)
+#   optional limits after OUT_DIR: TESTS_S ENGINE_S LOOP_S (defaults 150 330 480); STAGES is required, as
+#   all three stages together exceed one 10-minute call. Run from the repository root.
 # PHOTOS_DIR: JPEGs (e.g. a copy of ../shared/data/photos-500x375); OUT_DIR receives the logs and JSON,
 # written as each row finishes (a stage cut by its time limit keeps what it measured). Compiling ResNet-50
 # took about 2 minutes on an H100/H200; inductor's on-disk cache makes later compiles in the same call faster.
@@ -10,9 +12,14 @@ set -u
 photos=${1:?usage: gpu_check.sh PHOTOS_DIR OUT_DIR [TESTS_S ENGINE_S LOOP_S]}
 out=${2:?usage: gpu_check.sh PHOTOS_DIR OUT_DIR [TESTS_S ENGINE_S LOOP_S]}
 tests_s=${3:-150}
-engine_s=${4:-270}
-loop_s=${5:-270}
-stages=${STAGES:-tests engine loop}
+engine_s=${4:-330}
+loop_s=${5:-480}
+stages=${STAGES:?set STAGES="tests engine" (call 1) or STAGES=loop (call 2)}
+for stage in $stages; do
+  case "$stage" in tests|engine|loop) ;; *) echo "unknown stage '$stage' (tests, engine, loop)"; exit 2 ;; esac
+done
+[ -f benchmarks/gpu_train_step.py ] || { echo "run from the repository root"; exit 2; }
+ls "$photos"/*.jpg > /dev/null 2>&1 || { echo "no JPEG files in $photos (carried to this machine?)"; exit 2; }
 run_stage() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$out"
 export PYTHONPATH=.
@@ -21,7 +28,7 @@ python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__ve
 # CUDA paths: device pipeline in every precision, resume, deferred NaN stop, decode race, prefetch thread,
 # compiled colour stage (each of these files also runs its CPU cases)
 if run_stage tests; then
-  timeout "$tests_s" python3 -m pytest -q -x -p no:cacheprovider tests/test_devices.py tests/test_check_sync.py \
+  timeout -k 15 "$tests_s" python3 -m pytest -q -x -p no:cacheprovider tests/test_devices.py tests/test_check_sync.py \
       "tests/test_batch_augment.py::test_compiled_dense_stage_in_a_background_thread_matches_eager[cuda]" \
       > "$out/tests.log" 2>&1
   echo "tests rc=$?" >> "$out/tests.log"
@@ -30,7 +37,7 @@ fi
 # 1. `swav pretrain` itself on real JPEGs (device pipeline, run.compile, deferred check, batch 128): the
 #    background batch thread on (the default on a GPU) and off
 if run_stage engine; then
-  timeout "$engine_s" python3 benchmarks/gpu_train_step.py --skip-diagnostics --skip-synthetic --decodes \
+  timeout -k 15 "$engine_s" python3 benchmarks/gpu_train_step.py --skip-diagnostics --skip-synthetic --decodes \
       --data "$photos" --workers 14 --batch-sizes 128 --compile-jpeg --engine-steps 50 \
       --engine-check-sync deferred --engine-prefetch 1 0 --json "$out/engine.json" > "$out/engine.log" 2>&1
   echo "engine rc=$?" >> "$out/engine.log"
@@ -39,7 +46,7 @@ fi
 # 2. the benchmark loop (model compiled once): colour stage eager/compiled x prefetch off/on, after the
 #    diagnostics (sync audit, colour stage and decode + crop timings)
 if run_stage loop; then
-  timeout "$loop_s" python3 benchmarks/gpu_train_step.py --skip-synthetic --steps 10 --warmup 3 \
+  timeout -k 15 "$loop_s" python3 benchmarks/gpu_train_step.py --skip-synthetic --steps 10 --warmup 3 \
       --data "$photos" --workers 14 --batch-sizes 128 --decodes gpu --jpeg-colour masked compiled \
       --jpeg-prefetch 0 1 --compile-jpeg --json "$out/loop.json" > "$out/loop.log" 2>&1
   echo "loop rc=$?" >> "$out/loop.log"

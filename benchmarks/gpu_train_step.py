@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -162,7 +163,7 @@ def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str
                 crops_u8 = [c.to(device, non_blocking=True) for c in item[0]]
             yield augment(crops_u8)
 
-    batches = prefetched(made(), prefetch) if prefetch else made()
+    batches = prefetched(made(), prefetch, device) if prefetch else made()
 
     def one(i):
         t = time.perf_counter()
@@ -184,7 +185,8 @@ def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str
     return {"input": f"jpeg, {decode} decode{label}", "workers": workers, "batch": batch, "precision": "bf16",
             "channels_last": True, "images_per_s": batch / per, "backbone_only_images_per_s": float("nan"),
             "step_over_backbone": float("nan"), "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-            "data_wait_fraction": data_wait / (per * steps), "warmup_s": warmup_s}
+            "data_wait_fraction": data_wait / (per * steps), "warmup_s": warmup_s,
+            "colour_compiled": bool(getattr(augment, "compile", False))}  # False: the compiler failed, eager ran
 
 
 def sync_audit(device, data: Path) -> dict[str, int]:
@@ -334,7 +336,9 @@ def run_engine(device, data: Path, batch: int, steps: int, workers: int, out_dir
     files = jpeg_files(data)
     for i in range(batch * (steps + 1)):  # one epoch holds every step (links: no copies)
         link = folder / f"{i:06d}.jpg"
-        if not link.exists():
+        if link.is_symlink() and not link.exists():  # dangling: the photos moved since a previous call
+            link.unlink()
+        if not link.is_symlink():
             link.symlink_to(files[i % len(files)].resolve())
     config = with_values(Config(), {
         "data.path": str(folder), "data.pipeline": "device", "data.workers": workers,
@@ -351,7 +355,7 @@ def run_engine(device, data: Path, batch: int, steps: int, workers: int, out_dir
     label = (", run.compile" if compile_model else "") + ("" if check_sync == "auto" else f", check_sync={check_sync}") \
         + (f", prefetch {prefetch}" if prefetch else "")
     return {"input": f"swav pretrain, device pipeline{label}", "batch": batch, "steps": result.step, "wall_s": wall,
-            "images_per_s": sum(rates) / len(rates) if rates else float("nan")}
+            "status": result.status, "images_per_s": sum(rates) / len(rates) if rates else float("nan")}
 
 
 def decode_stream_check(batch, steps, warmup, device, data: Path, workers: int, repeats: int = 2) -> list[dict]:
@@ -447,6 +451,15 @@ def main() -> None:
     name = torch.cuda.get_device_name(device)
     report: dict = {"device": name, "torch": torch.__version__, "rows": [], "sync_audit": {}}
 
+    def guarded(label: str, fn, *fn_args):
+        """One row; a failure is recorded in its place and the next rows still run (a lent GPU's time is scarce)."""
+        try:
+            return fn(*fn_args)
+        except Exception as error:  # noqa: BLE001 - recorded, reported in the table
+            print(f"{label} failed: {type(error).__name__}: {error}", flush=True)
+            return {"input": f"{label} (FAILED: {type(error).__name__}: {str(error)[:200]})", "batch": 0,
+                    "images_per_s": float("nan"), "error": f"{type(error).__name__}: {error}"}
+
     def save(row=None):
         if row is not None:
             report["rows"].append(row)
@@ -455,6 +468,8 @@ def main() -> None:
             args.json.write_text(json.dumps(report, indent=2))
 
     have_data = args.data.is_dir() and bool(jpeg_files(args.data))
+    if args.data != parser.get_default("data") and not have_data:  # given explicitly: a wasted call otherwise
+        raise SystemExit(f"--data {args.data}: no JPEG files there (on a lent machine: is it in `carry`?)")
     if not args.skip_diagnostics:
         report["sync_audit"] = sync_audit(device, args.data if have_data else Path("/nonexistent"))
         save()
@@ -476,13 +491,26 @@ def main() -> None:
             for batch in args.batch_sizes:
                 for colour in args.jpeg_colour:
                     for prefetch in args.jpeg_prefetch:
-                        save(run_jpeg(batch, args.steps * 2, args.warmup, device, args.data, args.workers, decode,
-                                      args.compile_jpeg, colour, prefetch))
+                        save(guarded(f"jpeg {decode} colour {colour} prefetch {prefetch}", run_jpeg, batch,
+                                     args.steps * 2, args.warmup, device, args.data, args.workers, decode,
+                                     args.compile_jpeg, colour, prefetch))
         _STEPS.clear()
+        stopped = False
         for check_sync in args.engine_check_sync if args.engine_steps else []:
             for prefetch in args.engine_prefetch:
-                save(run_engine(device, args.data, max(args.batch_sizes), args.engine_steps, args.workers,
-                                args.work_dir, args.compile_jpeg, check_sync, prefetch))
+                if stopped:
+                    break
+                row = guarded(f"engine check_sync {check_sync} prefetch {prefetch}", run_engine, device, args.data,
+                              max(args.batch_sizes), args.engine_steps, args.workers, args.work_dir,
+                              args.compile_jpeg, check_sync, prefetch)
+                save(row)
+                if args.json:  # the engine's own logs come back with the JSON
+                    for name in ("metrics.jsonl", "train.log"):
+                        if (args.work_dir / "run" / name).is_file():
+                            shutil.copy(args.work_dir / "run" / name, args.json.parent /
+                                        f"engine_{check_sync}_prefetch{prefetch}_{name}")
+                # a SIGTERM (the caller's time limit) makes the engine save and return "preempted": stop here
+                stopped = row.get("status") == "preempted"
     if args.compile:
         save(run_compiled(max(args.batch_sizes), args.steps, args.warmup, device))
     print(f"\nResNet-50, 2x224 + 6x96, {name}, torch {torch.__version__} (fp32 rows use TF32 matmul/conv)")
