@@ -47,6 +47,7 @@ from swav.safe_load import CorruptCheckpointError, UnsafeCheckpointError, safe_t
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "MODEL_FORMAT", "CHECKPOINT_KEYS", "PAUSE_HOOK_ENV", "CheckpointError",
     "CheckpointSaveError", "capture_rng_state", "restore_rng_state", "save_checkpoint", "checkpoint_dir",
+    "renumber_after_resplit",
     "verify_record_checksums", "step_checkpoint_path", "final_checkpoint_path", "list_checkpoints",
     "clean_temp_files", "load_checkpoint", "find_latest_checkpoint", "archive_checkpoint", "prune_checkpoints",
     "save_model_file", "load_model",
@@ -271,6 +272,32 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{str(path)!r} has checkpoint version {obj['version']}, newer than this swav "
                               f"understands ({CHECKPOINT_VERSION}); upgrade swav")
     return obj
+
+
+def renumber_after_resplit(output_dir: str | os.PathLike, loaded: str | os.PathLike, step: int) -> list[Path]:
+    """After a resume that converted the position to another step numbering (the global batch or the epoch
+    length changed), keep the step files from competing with the new ones: the loaded checkpoint is renamed
+    to the new step number (its contents convert the same way on a later resume), and step files numbered
+    above it, written under the old numbering, are moved into ``checkpoints/superseded/`` (kept, not
+    deleted). Without this, a later ``--resume`` would pick an old file with a higher number over the new
+    run's checkpoints and throw their steps away. Returns the files moved."""
+    loaded, folder = Path(loaded), checkpoint_dir(output_dir)
+    aside = folder / "superseded"
+    moved = []
+    for path in list_checkpoints(output_dir):
+        match = _STEP_RE.match(path.name)
+        if match is None or path == loaded or int(match.group(1)) <= step:
+            continue
+        aside.mkdir(exist_ok=True)
+        os.replace(path, aside / path.name)
+        moved.append(aside / path.name)
+    if _STEP_RE.match(loaded.name) and loaded.parent == folder and loaded != step_checkpoint_path(output_dir, step):
+        os.replace(loaded, step_checkpoint_path(output_dir, step))
+    if moved:
+        logger.warning("the step numbering changed with the global batch: %d checkpoint(s) of the old numbering "
+                       "above step %d moved to %s (kept; the run continues from step %d)", len(moved), step,
+                       aside, step)
+    return moved
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:

@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from swav.checkpoint import (CheckpointError, archive_checkpoint, clean_temp_files, final_checkpoint_path,
-                             find_latest_checkpoint, prune_checkpoints, save_model_file, step_checkpoint_path)
+                             find_latest_checkpoint, prune_checkpoints, renumber_after_resplit, save_model_file,
+                             step_checkpoint_path)
 from swav.config import Config, RunConfig, config_to_dict, save_config
 from swav.derived import DerivedValues, derive_values
 from swav.dist_setup import DistContext, configure_rank_logging, init_distributed, shutdown_distributed
@@ -282,7 +283,10 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
         progress = restore_training_state(ckpt, step_fn, config=config, derived=derived, rank=ctx.rank,
                                           path=str(found[0]))
         if ctx.is_main:
+            if progress.step != int(ckpt["step"]):  # converted to the new global batch's numbering
+                renumber_after_resplit(out, found[0], progress.step)
             truncate_metrics(out, progress.step)
+        _barrier()
     loader = build_train_loader(config, dataset, pipeline=pipeline, rank=ctx.rank, world_size=ctx.world_size,
                                 device=ctx.device)
     ahead = getattr(loader, "prefetch", 0)

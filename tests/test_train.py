@@ -225,3 +225,19 @@ def test_time_budget_stops_and_saves(tmp_path, image_folder, check_sync, stop_st
     assert (result.status, result.step, result.exit_code) == ("time_budget", stop_step, 0)
     assert result.checkpoint == step_checkpoint_path(tmp_path, stop_step)
     assert load_checkpoint(result.checkpoint)["step"] == stop_step
+
+
+def test_resume_with_another_global_batch_keeps_the_new_checkpoints_ahead(tmp_path, image_folder):
+    """A resume that changes the global batch renumbers the steps: the old numbering's higher step files must not
+    be picked by the next resume over the new run's checkpoints (which would throw the new steps away)."""
+    from swav.checkpoint import find_latest_checkpoint
+
+    first = tiny_config(tmp_path, image_folder, **{"run.checkpoint_every_steps": 1, "run.max_steps": 5})
+    train(first, model_builder=tiny_model)  # 20 images, batch 4: steps 1-5 = epoch 0; step files 3, 4, 5 kept
+    bigger = with_values(first, {"optim.batch_size_per_device": 8, "run.max_steps": 4})
+    assert train(bigger, model_builder=tiny_model, resume=True).step == 4  # resumed at step 2 (epoch 1, batch 0)
+    path, ckpt = find_latest_checkpoint(tmp_path)
+    assert path.name == "step_00000004.pt" and ckpt["step"] == 4 and ckpt["derived"]["global_batch_size"] == 8
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "superseded").iterdir()) == ["step_00000003.pt",
+                                                                                       "step_00000004.pt"]
+    assert train(with_values(bigger, {"run.max_steps": 0}), model_builder=tiny_model, resume=True).step == 6
