@@ -131,21 +131,29 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
 
 
 def _image_loader(meta: dict[str, Any], dataset: Any) -> Callable[[int, str], Any]:
-    """Row -> PIL image: from ``dataset``, else the data set recorded by the extraction, else the
-    row's path when it is a file (None when there is no image)."""
+    """(row, path) -> PIL image: from ``dataset``, else the data set recorded by the extraction, else the
+    row's path when it is a file (None when there is no image). A data set of files is looked up by the
+    row's path (absolute, or relative to the data root when the folder moved), never by position alone:
+    images added, removed or renamed since the extraction would otherwise show under other images' names."""
+    aligned = None
     if dataset is None:
         from swav.extract import open_source_dataset
 
         try:
-            dataset = open_source_dataset(meta)
+            dataset = aligned = open_source_dataset(meta)  # row for row like the extraction already
         except (FileNotFoundError, ValueError) as exc:
             logger.warning("cannot open the images of %s (%s); trying the paths", meta.get("data"), exc)
-    else:  # the data set extracted from: its rows of unreadable images were left out by the extraction
-        from swav.extract import align_to_extraction
-
-        dataset = align_to_extraction(dataset, meta)
     if dataset is not None:
-        return lambda row, path: dataset[row][0]
+        base = getattr(dataset, "dataset", dataset)  # under an alignment Subset: the folder's own listing
+        samples = getattr(base, "samples", None)
+        if isinstance(samples, (list, tuple)) and samples and isinstance(samples[0], (list, tuple)):
+            return _loader_by_path(base, samples, meta)
+        if aligned is None:  # the caller's data set (no file paths): skip the rows the extraction left out
+            from swav.extract import align_to_extraction
+
+            aligned = align_to_extraction(dataset, meta)
+        size = len(aligned)
+        return lambda row, path: aligned[row][0] if row < size else None
 
     def from_path(row: int, path: str) -> Any:
         from swav.images import ImageDecodeError, load_image
@@ -157,6 +165,29 @@ def _image_loader(meta: dict[str, Any], dataset: Any) -> Callable[[int, str], An
             return None
 
     return from_path
+
+
+def _loader_by_path(dataset: Any, samples: Any, meta: dict[str, Any]) -> Callable[[int, str], Any]:
+    root = getattr(dataset, "root", None)
+    recorded_root = meta.get("data")
+    exact = {os.path.realpath(os.fspath(sample[0])): i for i, sample in enumerate(samples)}
+    relative = {os.path.relpath(os.fspath(sample[0]), os.fspath(root)): i for i, sample in enumerate(samples)} \
+        if root is not None else {}
+    missing: list[str] = []
+
+    def load(row: int, path: str) -> Any:
+        index = exact.get(os.path.realpath(path))
+        if index is None and recorded_root and relative:
+            index = relative.get(os.path.relpath(path, os.fspath(recorded_root)))
+        if index is None:
+            if not missing:
+                logger.warning("%s of the clustering is not in the image data given (changed since the extraction?); "
+                               "images missing there are shown without a thumbnail", path)
+            missing.append(path)
+            return None
+        return dataset[index][0]
+
+    return load
 
 
 def _metrics_html(metrics: dict[str, Any]) -> str:

@@ -324,3 +324,16 @@ def test_cluster_of_extraction_that_left_out_unreadable_images_stays_aligned(tmp
     loader = _image_loader(data.meta, build_dataset(str(tmp_path / "imgs")))
     for r in rows:
         np.testing.assert_array_equal(np.asarray(loader(int(r["row"]), r["path"])), np.asarray(load_image(r["path"])))
+    # the folder changed since the extraction (an image added in front, one removed): images are found by
+    # their path, never shown under another image's name; the removed one has no thumbnail
+    from PIL import Image
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "imgs" / "cat" / "0000-added.png")
+    removed = rows[5]["path"]
+    os.remove(removed)
+    for loader in (_image_loader(data.meta, build_dataset(str(tmp_path / "imgs"))), _image_loader(data.meta, None)):
+        for r in rows:
+            got = loader(int(r["row"]), r["path"])
+            if r["path"] == removed:
+                assert got is None
+            else:
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(load_image(r["path"])))
