@@ -30,7 +30,7 @@ from swav import __version__
 from swav.checkpoint import CHECKPOINT_VERSION, MODEL_FORMAT
 from swav.interop import load_state_checked, ours_to_official
 from swav.model import ModelSpec, SwAVModel
-from swav.pretrained import CONTENT_METADATA_KEY, SPEC_METADATA_KEY
+from swav.pretrained import CONFIG_METADATA_KEY, CONTENT_METADATA_KEY, SPEC_METADATA_KEY
 
 __all__ = [
     "export_backbone_torchvision",
@@ -101,9 +101,12 @@ def export_backbone_torchvision(model: nn.Module, path: str | os.PathLike) -> Pa
 
 
 def export_safetensors(
-    model: nn.Module, path: str | os.PathLike, *, backbone_only: bool = False, spec: ModelSpec | None = None
+    model: nn.Module, path: str | os.PathLike, *, backbone_only: bool = False, spec: ModelSpec | None = None,
+    config: dict | None = None,
 ) -> Path:
     """Save as ``.safetensors`` with the spec in the metadata; ``backbone_only`` uses torchvision key names.
+    ``config`` (the training config as a nested dict) goes into the metadata too, so that evaluation
+    normalises and sizes images as pretraining did (:func:`swav.eval.transforms.pretraining_config`).
 
     Example:
         >>> import tempfile
@@ -125,11 +128,15 @@ def export_safetensors(
         "format": "pt",
         "swav_version": __version__,
     }
+    if config:
+        metadata[CONFIG_METADATA_KEY] = json.dumps(config)
     return _atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
-def export_full(model: nn.Module, path: str | os.PathLike, *, spec: ModelSpec | None = None) -> Path:
-    """Save ``{"model": state, "model_spec": spec, ...}`` (readable with ``weights_only=True``).
+def export_full(model: nn.Module, path: str | os.PathLike, *, spec: ModelSpec | None = None,
+                config: dict | None = None) -> Path:
+    """Save ``{"model": state, "model_spec": spec, ...}`` (readable with ``weights_only=True``), with the
+    training ``config`` (nested dict) when given, as the run's ``model.pt`` has it.
 
     Same layout as the run folder's ``model.pt`` (:func:`swav.checkpoint.save_model_file`), so
     :func:`swav.checkpoint.load_model` and :func:`swav.load_pretrained` both read it.
@@ -150,6 +157,8 @@ def export_full(model: nn.Module, path: str | os.PathLike, *, spec: ModelSpec | 
         "version": CHECKPOINT_VERSION,
         "swav_version": __version__,
     }
+    if config:
+        payload["config"] = config
     return _atomic(path, lambda tmp: torch.save(payload, tmp))
 
 

@@ -62,6 +62,7 @@ OFFICIAL_RELEASES: dict[str, str] = {
 _SUFFIXES = ("", ".safetensors", ".pt", ".pth", ".pth.tar", "_pretrain.pth.tar")
 SPEC_METADATA_KEY = "swav_model_spec"
 CONTENT_METADATA_KEY = "swav_content"  # "full" or "backbone"
+CONFIG_METADATA_KEY = "swav_config"  # the training config as JSON (exports of our checkpoints)
 
 
 class NotAStateDictError(TypeError):

@@ -165,6 +165,25 @@ def test_training_checkpoint_and_model_file_of_a_run(small_model, tmp_path):
     _assert_same_state(load_pretrained(model_file), small_model)
 
 
+@pytest.mark.parametrize("fmt", ["full", "safetensors"])
+def test_cli_export_keeps_the_training_config_for_evaluation(small_model, tmp_path, fmt):
+    """Evaluation sizes and normalises test images from the training config (eval_transforms): an export of a
+    run's model keeps it, so the export evaluates like the run's model.pt."""
+    from swav.eval.transforms import pretraining_config, transforms_for_checkpoint
+
+    config = {"data": {"mean": [0.3, 0.3, 0.3], "std": [0.2, 0.2, 0.2]}, "crops": {"sizes": [32, 16]}}
+    model_file = save_model_file(tmp_path / "model.pt", small_model, small_model.spec.to_dict(), config=config)
+    output = tmp_path / f"exported.{fmt}"
+    assert export_main(["--checkpoint", str(model_file), "--output", str(output), "--format", fmt]) == 0
+    assert pretraining_config(output) == config
+    from torchvision.transforms import v2
+
+    steps = transforms_for_checkpoint(output, small_model.spec)[1].transforms
+    assert next(t for t in steps if isinstance(t, v2.Normalize)).mean == [0.3, 0.3, 0.3]
+    crops = [list(t.size) for t in steps if isinstance(t, v2.CenterCrop)]
+    assert crops == ([] if small_model.spec.small_images else [[32, 32]])
+
+
 def test_official_layout_export_round_trip(small_model, tmp_path):
     path = export_official(nn.DataParallel(small_model), tmp_path / "mine_pretrain.pth.tar")
     raw = safe_torch_load(path)

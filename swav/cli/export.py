@@ -82,13 +82,16 @@ def run_export(args: argparse.Namespace) -> int:
               "(the torchvision format is always backbone-only)", file=sys.stderr)
         return 1
     try:
+        from swav.eval.transforms import pretraining_config
+
         model = load_pretrained(args.checkpoint, strict=not args.partial)
+        config = pretraining_config(args.checkpoint)  # kept in full and safetensors exports (evaluation reads it)
         if args.format == "torchvision":
             written = export.export_backbone_torchvision(model, output)
         elif args.format == "safetensors":
-            written = export.export_safetensors(model, output, backbone_only=args.backbone_only)
+            written = export.export_safetensors(model, output, backbone_only=args.backbone_only, config=config)
         elif args.format == "full":
-            written = export.export_full(model, output)
+            written = export.export_full(model, output, config=config)
         else:
             written = export.export_official(model, output)
     except (FileNotFoundError, IsADirectoryError, ValueError, TypeError) as error:

@@ -143,8 +143,17 @@ def pretraining_config(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     from swav.safe_load import is_safetensors_file
 
     path = resolve_pretrained(checkpoint)
-    if is_safetensors_file(path):
-        return None
+    if is_safetensors_file(path):  # our exports carry it in the metadata
+        import json
+
+        from swav.pretrained import CONFIG_METADATA_KEY
+        from swav.safe_load import read_safetensors_metadata
+
+        try:
+            config = json.loads(read_safetensors_metadata(path).get(CONFIG_METADATA_KEY) or "null")
+        except (ValueError, OSError):
+            return None
+        return config if isinstance(config, dict) else None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as error:
