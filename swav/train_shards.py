@@ -16,9 +16,11 @@ lives here:
   ``(seed, rank, epoch, batch index)``, as for image folders; the stream order by ``(seed, epoch)``
   (shards) and ``(seed, epoch, rank, worker)`` (shuffle buffer). An epoch is therefore reproducible.
 * Resume inside an epoch restarts at a *shard boundary*: every rank skips the ``m`` first shards of
-  its list, ``m`` the largest number whose samples every rank had certainly taken (at most
-  ``start_batch * B``); samples between that boundary and the checkpoint are read again, and the epoch
-  still has exactly the remaining number of steps. Resume at an epoch end is exact.
+  its list, ``m`` the largest number of shards whose sample counts fit in ``start_batch * B``, and the
+  epoch still has exactly the remaining number of steps. This is approximate: the shuffle buffer (and
+  the interleaving of workers) mixes samples of several shards, so the skipped shards are not exactly
+  the samples already taken; for the rest of that epoch some images are seen a second time and others
+  not at all (a sample of the epoch's images, not a bias towards any). Resume at an epoch end is exact.
 
 Example (2 ranks, 4 equal shards, batch 2; no process group needed to build the loaders)::
 
@@ -150,9 +152,10 @@ class ShardTrainLoader(TrainLoader):
             rank_counts = [[count[u] for u in shards.rank_shards(r)] for r in range(shards.world_size)]
             m = resume_shard_offset(rank_counts, start_batch * self.batch_size)
             start_shard = m * shards.world_size
-            logger.warning("resuming inside epoch %d of streamed shards: restarting at a shard boundary (each rank "
-                           "skips its first %d shard(s)); up to %d samples per rank are read again this epoch",
-                           epoch, m, start_batch * self.batch_size - min(sum(c[:m]) for c in rank_counts))
+            logger.warning("resuming inside epoch %d of streamed shards after %d samples per rank: each rank skips "
+                           "its first %d shard(s) and draws the rest of the epoch from the others, so until the "
+                           "epoch ends some images are seen twice and others not at all (resuming at an epoch end "
+                           "is exact)", epoch, start_batch * self.batch_size, m)
         self.stream.set_epoch(epoch, start_shard)
         self.epoch, self.start_batch = epoch, start_batch
 
