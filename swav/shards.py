@@ -113,8 +113,12 @@ def _records(source: Any, verify: bool) -> Iterator[tuple[int, str | None, str, 
     from swav.datasets import ImageFolderDataset
     if isinstance(source, ImageFolderDataset):
         for index, (path, label) in enumerate(source.samples):
-            with open(path, "rb") as fh:
-                data = fh.read()
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except OSError as exc:  # a broken symlink, no permission: unreadable, like a corrupt image
+                logger.warning("not packing unreadable file %s: %s", path, exc.strerror or exc)
+                continue
             if verify:
                 try:
                     load_image(data, name=path)
@@ -167,6 +171,10 @@ def write_shards(
                          f"num_shards={num_shards!r}, max_bytes={max_bytes!r}")
     from webdataset import TarWriter
     out_dir = os.fspath(out_dir)
+    if os.path.isdir(out_dir) and any(name == "shards.json" or (name.startswith(f"{prefix}-") and name.endswith(".tar"))
+                                      for name in os.listdir(out_dir)):
+        raise ValueError(f"{out_dir!r} holds shards already (old shards left beside new ones would be read "
+                         "together): choose an empty folder, or delete the old shards first")
     os.makedirs(out_dir, exist_ok=True)
     if isinstance(source, (str, os.PathLike)):
         from swav.datasets import ImageFolderDataset
@@ -386,12 +394,18 @@ class ShardDataset(IterableDataset):
                 yield item
 
 
+class DamagedShardError(ValueError):
+    """A shard cannot be read (truncated, not a tar file, missing)."""
+
+
 def _damaged_shard(error: Exception) -> bool:
     """webdataset's error handler: a shard that cannot be read as a tar file stops the run with its name."""
+    if isinstance(error, DamagedShardError):  # already explained (the handler is called again one level up)
+        raise error
     url = error.args[-1] if error.args and isinstance(error.args[-1], str) else "a shard"
     if isinstance(error, OSError):  # missing, no permission, I/O error: not the shard's content
-        raise ValueError(f"shard {url} cannot be read ({error.strerror or error}): check the path and its "
-                         "permissions") from None
+        raise DamagedShardError(f"shard {url} cannot be read ({error.strerror or error}): check the path and its "
+                                "permissions") from None
     reason = error.args[0] if error.args else type(error).__name__
-    raise ValueError(f"shard {url} is truncated or not a tar file ({reason}): write it again with "
-                     "`swav pack-shards` (or remove it), then continue with --resume") from None
+    raise DamagedShardError(f"shard {url} is truncated or not a tar file ({reason}): write the shards again with "
+                            "`swav pack-shards` (into an empty folder), then continue with --resume") from None

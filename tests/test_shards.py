@@ -130,6 +130,12 @@ def test_unreadable_samples_are_skipped_or_left_out(photo_dir, tmp_path):
     (src / "c.jpg").write_text("not a jpeg")
     write_shards(src, tmp_path / "verified")
     assert json.loads((tmp_path / "verified" / "shards.json").read_text())["num_samples"] == 2
+    os.symlink(tmp_path / "gone.jpg", src / "d.jpg")  # a broken link: left out like an unreadable image
+    write_shards(src, tmp_path / "verified2")
+    assert json.loads((tmp_path / "verified2" / "shards.json").read_text())["num_samples"] == 2
+    with pytest.raises(ValueError, match="holds shards already"):  # old shards would be read with the new
+        write_shards(src, tmp_path / "verified2")
+    os.remove(src / "d.jpg")
     write_shards(src, tmp_path / "raw", verify=False)
     ds = ShardDataset(tmp_path / "raw", rank=0, world_size=1, max_bad_fraction=1.0)
     assert len(list(ds)) == 2 and len(ds.tracker.bad) == 1
@@ -168,6 +174,7 @@ def test_patterns_specs_and_errors(shard_dir, tmp_path):
     with pytest.raises(ValueError) as info:
         list(DataLoader(build_dataset(str(cut / "shard-000000.tar")), batch_size=None, num_workers=1))
     assert user_message(info.value).startswith("shard ") and "\n" not in user_message(info.value)
+    assert user_message(info.value).count("truncated or not a tar file") == 1  # explained once, not nested
 
 
 def test_max_bytes_starts_new_shards(photo_dir, tmp_path):

@@ -116,7 +116,7 @@ def user_message(exc: BaseException) -> str:
     if text.startswith("Caught ") and "Original Traceback" in text:
         last = [line for line in text.splitlines() if line.strip()][-1]
         name, sep, rest = last.partition(": ")
-        return rest if sep and name.isidentifier() else last
+        return rest if sep and all(part.isidentifier() for part in name.split(".")) else last
     return text
 
 
