@@ -66,12 +66,24 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
+class ExportWriteError(OSError):
+    """The export file could not be written (disk full, no permission); nothing was left behind."""
+
+
 def _atomic(path: str | os.PathLike, write: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as error:  # torch's "enforce fail", safetensors' errors, OSError: one clear message
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ExportWriteError(f"could not write {str(path)!r} ({reason}); check the free space and the "
+                                   "permissions there, or choose another --output") from error
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # like any file the user writes (a temp file may start as 0600)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -93,6 +105,9 @@ def export_backbone_torchvision(model: nn.Module, path: str | os.PathLike) -> Pa
     """
     swav_model = _unwrap(model)
     spec = swav_model.spec
+    if spec is not None and spec.backbone.startswith("resnet-compact"):
+        raise ValueError(f"--format torchvision: {spec.backbone} has no torchvision counterpart, so the file would "
+                         "fit no torchvision model; use --format full or safetensors")
     if spec is not None and (spec.small_images or spec.in_channels != 3):
         logger.warning("backbone %s has a non-ImageNet stem (small_images=%s, in_channels=%d): replace torchvision's "
                        "conv1 (and maxpool) before loading it", spec.backbone, spec.small_images, spec.in_channels)
@@ -175,6 +190,12 @@ def export_official(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     swav_model = _unwrap(model)
     spec = swav_model.spec
+    from swav.interop import _RESNET_LAYOUTS
+
+    if spec is not None and spec.backbone not in set(_RESNET_LAYOUTS.values()):
+        raise ValueError(f"--format official: the original release's layout holds its ResNets only "
+                         f"({', '.join(sorted(set(_RESNET_LAYOUTS.values())))}); a {spec.backbone} export could not be "
+                         "read back from it. Use --format full or safetensors")
     if spec is not None and (not spec.head_batch_norm and spec.hidden_dim > 0):
         logger.warning("the original code always has BatchNorm in the head; this export (head_batch_norm=False) "
                        "will not load into it strictly")

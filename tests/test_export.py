@@ -232,3 +232,30 @@ def test_swav_command_line_has_export():
 
     assert cli.main(["export", "--help"]) == 0
     assert "export" in cli.build_parser().format_help()
+
+
+def test_exports_that_could_not_be_read_back_are_refused_and_files_are_ordinary(tmp_path, capsys):
+    """A compact ResNet has no torchvision counterpart and no place in the original layout: both refused
+    (nothing written), as is a failed write (disk full); written files get the usual permissions."""
+    import os
+    import subprocess
+    import sys
+
+    compact = build_model(ModelSpec("resnet-compact-8", hidden_dim=16, output_dim=8, num_prototypes=5))
+    source = export_full(compact, tmp_path / "compact.pt")
+    for fmt, message in (("official", "original release's layout holds its ResNets only"),
+                         ("torchvision", "has no torchvision counterpart")):
+        assert export_main(["--checkpoint", str(source), "--output", str(tmp_path / f"o.{fmt}"), "--format", fmt]) == 1
+        assert message in capsys.readouterr().err and not (tmp_path / f"o.{fmt}").exists()
+    written = export_safetensors(compact, tmp_path / "m.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask
+    # a real "file too large" from a file-size limit: one clear line, no temporary file left
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); from swav.cli import main; "
+              f"sys.exit(main(['export', '--checkpoint', {str(source)!r}, '--output', {str(tmp_path / 'big.pt')!r}, "
+              "'--format', 'full']))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "could not write" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compact.pt", "m.safetensors"]

@@ -94,11 +94,14 @@ def run_export(args: argparse.Namespace) -> int:
             written = export.export_full(model, output, config=config)
         else:
             written = export.export_official(model, output)
-    except (FileNotFoundError, IsADirectoryError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError) as error:
         print(f"swav export: error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {written} ({args.format}; {model.spec.backbone}, hidden {model.spec.hidden_dim}, "
-          f"output {model.spec.output_dim}, prototypes {list(model.spec.num_prototypes)})")
+    if args.format == "torchvision" or args.backbone_only:
+        print(f"wrote {written} ({args.format}; {model.spec.backbone} backbone only)")
+    else:
+        print(f"wrote {written} ({args.format}; {model.spec.backbone}, hidden {model.spec.hidden_dim}, "
+              f"output {model.spec.output_dim}, prototypes {list(model.spec.num_prototypes)})")
     return 0
 
 
