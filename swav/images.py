@@ -35,6 +35,7 @@ import io
 import logging
 import os
 import struct
+import warnings
 import zlib
 from typing import Union
 
@@ -121,7 +122,9 @@ def _read_source(source: ImageSource, name: str | None) -> tuple[bytes, str]:
 def _open_checked(data: bytes, label: str, max_pixels: int) -> Image.Image:
     """Parse the header, refuse decompression bombs, then decode fully (first frame)."""
     try:
-        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        with warnings.catch_warnings():  # the size is checked below against max_pixels, with our own message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(label, f"refused as a decompression bomb ({exc})",
                                "too_large") from exc
@@ -140,9 +143,11 @@ def _open_checked(data: bytes, label: str, max_pixels: int) -> Image.Image:
             label, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
                    "(decompression-bomb guard; raise max_pixels to allow it)", "too_large")
     try:
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)  # GIF/TIFF/WebP animations: use the first frame
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # GIF/TIFF/WebP animations: use the first frame
+            img.load()
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(label, f"refused as a decompression bomb ({exc})",
                                "too_large") from exc

@@ -261,3 +261,18 @@ def test_tracker_list_file_merges_processes(tmp_path):
     assert path.read_text(encoding="utf-8").splitlines() == ["x/é 1.jpg", "y.png", "x/é 1.jpg"]
     assert BadImageTracker(bad_list_path=path).bad_files == ["x/é 1.jpg", "y.png"]
     assert one.bad_files == ["x/é 1.jpg", "y.png"]
+
+
+def test_large_images_below_the_limit_load_without_pillows_warning(tmp_path):
+    """90 M pixels: above Pillow's warning threshold (89.5 M) and below the limit (2x): loads, and Pillow's
+    DecompressionBombWarning does not leak onto the user's terminal (the limit has its own message)."""
+    import warnings
+
+    from PIL import Image
+
+    Image.new("L", (9500, 9500)).save(tmp_path / "large.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = load_image(tmp_path / "large.png", channels=1)
+    assert image.size == (9500, 9500)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"swav scan: --max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}",
               file=sys.stderr)
         return 2
+    if args.workers is not None and args.workers < 1:
+        print(f"swav scan: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
     if args.json_out:
         from swav.output_paths import check_output_file
         try:
