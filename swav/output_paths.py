@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["check_output_folder", "check_output_file"]
@@ -32,14 +33,21 @@ def _check_writable_in(folder: Path, option: str, path: Path, what: str) -> None
     if not folder.is_dir():
         raise ValueError(f"{option} {os.fspath(path)!r}: {os.fspath(folder)!r} is a file, so the {what} cannot be "
                          "created there: choose another path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {os.fspath(path)!r}: cannot write in {os.fspath(folder)!r} (no permission, or a "
-                         f"read-only file system): choose another {what}")
+    problem = None if os.access(folder, os.W_OK | os.X_OK) else "no permission, or a read-only file system"
+    if problem is None:  # permission bits do not tell for root, ACLs or some read-only mounts: try it
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".swav-write-check-"):
+                pass
+        except OSError as error:
+            problem = error.strerror or str(error)
+    if problem is not None:
+        raise ValueError(f"{option} {os.fspath(path)!r}: cannot write in {os.fspath(folder)!r} ({problem}): "
+                         f"choose another {what}")
 
 
 def check_output_folder(path: str | os.PathLike, option: str) -> Path:
     """``path`` as a folder that exists and is writable or can be created; ValueError naming ``option``
-    otherwise. Creates nothing."""
+    otherwise. Creates nothing (a temporary file tests that writing works, and is removed)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {os.fspath(path)!r} is an existing file: choose a folder")

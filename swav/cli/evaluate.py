@@ -216,27 +216,14 @@ def _check_args(command: str, args: argparse.Namespace) -> None:
 
 
 def _check_output_dir(output_dir: Path, file_name: str) -> None:
-    """``output_dir`` is (or can be created as) a folder where ``file_name`` can be written; creates nothing.
-
-    :func:`swav.output_paths.check_output_folder` as for the other commands, then a real write of a
-    temporary file, since permission bits do not tell for root, ACLs or some read-only mounts.
-    """
-    import tempfile
-
+    """``output_dir`` is (or can be created as) a writable folder (:func:`swav.output_paths.check_output_folder`)
+    where ``file_name`` is not a folder; creates nothing."""
     from swav.output_paths import check_output_folder
 
     check_output_folder(output_dir, "--output-dir")
-    where = f"--output-dir {os.fspath(output_dir)!r}"
     if (output_dir / file_name).is_dir():
-        raise ValueError(f"{where}: {os.fspath(output_dir / file_name)!r} is a folder, so {file_name} cannot be "
-                         "written: choose another folder")
-    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), Path.cwd())
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".swav-write-check-"):
-            pass
-    except OSError as error:
-        raise ValueError(f"{where}: cannot write in {os.fspath(existing)!r} ({error.strerror or error}): "
-                         "choose another folder") from None
+        raise ValueError(f"--output-dir {os.fspath(output_dir)!r}: {os.fspath(output_dir / file_name)!r} is a "
+                         f"folder, so {file_name} cannot be written: choose another folder")
 
 
 def _knn(args: argparse.Namespace) -> dict[str, Any]:
