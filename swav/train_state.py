@@ -113,6 +113,9 @@ def _restored_queue(queues: list[Any], saved_world: int, rank: int, derived: Der
     mine = queues[rank] if rank < len(queues) else None
     if saved_world != derived.world_size:
         if not any(q is not None for q in queues):
+            logger.warning("checkpoint was written by %d ranks, this run has %d (no queue to re-split; the data "
+                           "order of the rest of the run differs from a run on %d ranks)", saved_world,
+                           derived.world_size, saved_world)
             return None
         if derived.queue_length_per_rank < 1:
             logger.warning("checkpoint holds a queue but this run has none (swav.queue_length=0): "

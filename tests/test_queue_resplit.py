@@ -96,6 +96,12 @@ def test_resume_on_one_process_from_two(tmp_path, caplog):
     assert step_fn.queue is not None and step_fn.queue.is_full
     assert torch.equal(step_fn.queue.embeddings, torch.stack(_naive_merge(saved["queues"]), dim=1))
     assert "re-split" in caplog.text and "continuing at epoch 1, batch 2 (step 8)" in caplog.text
+    # without a queue the change of world size is said too (nothing to re-split)
+    caplog.clear()
+    no_queue = {**saved, "queues": [None, None]}
+    with caplog.at_level(logging.WARNING, logger="swav"):
+        restore_training_state(no_queue, step_fn, config=cfg, derived=derived, rank=0, path="ckpt")
+    assert "written by 2 ranks, this run has 1 (no queue to re-split" in caplog.text
 
     # and the real command path: resume at world size 1 and finish the run
     done = train(cfg, dataset=InMemoryImages(24), model_builder=tiny_model, resume=True)
