@@ -47,8 +47,9 @@ def _backbone(arch: str, pretrained_path: str | None, full_model: bool, strict: 
         spec = _ModelSpec(backbone=arch, **spec_kwargs) if spec_kwargs else None
         model = _load_pretrained(pretrained_path, strict=strict, spec=spec, map_location=map_location)
     if model.spec.backbone != arch:
-        raise ValueError(f"{pretrained_path!r} holds a {model.spec.backbone} model, not {arch}; use the swav_{model.spec.backbone} "
-                         "entry point or swav_model")
+        entry = f"swav_{model.spec.backbone}"
+        hint = f"the {entry} entry point or swav_model" if entry in globals() else "the swav_model entry point"
+        raise ValueError(f"{pretrained_path!r} holds a {model.spec.backbone} model, not {arch}; use {hint}")
     if full_model:
         return model
     return _to_torchvision_resnet(model).eval() if arch == "resnet50" else model.backbone

@@ -116,8 +116,8 @@ def test_hubconf_declares_dependencies_and_entry_points():
 def test_hub_full_model_and_architecture_check(small_model, tmp_path):
     path = export_full(small_model, tmp_path / "r18.pt")
     _assert_same_state(torch.hub.load(str(REPO), "swav_model", source="local", pretrained_path=str(path)), small_model)
-    with pytest.raises(ValueError, match="resnet18 model, not resnet50"):
-        torch.hub.load(str(REPO), "swav_resnet50", source="local", pretrained_path=str(path))
+    with pytest.raises(ValueError, match="resnet18 model, not resnet50; use the swav_model entry point"):
+        torch.hub.load(str(REPO), "swav_resnet50", source="local", pretrained_path=str(path))  # no swav_resnet18
 
 
 def test_safetensors_full_round_trip(small_model, tmp_path):
