@@ -281,7 +281,9 @@ def load_pretrained(
     if ckpt.content == "backbone":
         chosen = _spec_for_backbone_only(path, ckpt, spec)
         model = build_model(chosen)
-        load_state_checked(model.backbone, ckpt.state, strict=strict, source=source)
+        diff = load_state_checked(model.backbone, ckpt.state, strict=strict, source=source)
+        fresh = [f"backbone.{key}" for key in diff.skipped()] + [key for key in model.state_dict()
+                                                                  if not key.startswith("backbone.")]
         logger.warning("%s holds only the backbone: projection head and prototypes are freshly initialised", path)
     else:
         stored = ckpt.spec or _try_infer(ckpt.state)
@@ -289,11 +291,13 @@ def load_pretrained(
             source += f" (its shapes/metadata say: {describe_spec(stored)})"
         chosen = spec or stored or infer_spec(ckpt.state)
         model = _adopt_exact(chosen, ckpt.state)
+        fresh = []
         if model is None:  # the file does not fit exactly: build for real, then load strictly or partially
             model = build_model(chosen)
-            load_state_checked(model, ckpt.state, strict=strict, source=source)
+            fresh = load_state_checked(model, ckpt.state, strict=strict, source=source).skipped()
     logger.info("loaded %s as %s", source, describe_spec(chosen))
     model.spec = chosen
+    model.freshly_initialised = fresh  # model tensors that did not come from the file (partial or backbone-only)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.eval()

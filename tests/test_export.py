@@ -15,6 +15,7 @@ from torch import nn
 from swav.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    MODEL_FORMAT,
     load_model,
     save_checkpoint,
     save_model_file,
@@ -259,3 +260,20 @@ def test_exports_that_could_not_be_read_back_are_refused_and_files_are_ordinary(
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "could not write" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compact.pt", "m.safetensors"]
+
+
+def test_partial_export_never_writes_untrained_tensors_as_if_trained(small_model, tmp_path, capsys):
+    """--partial loads what fits; an export of the whole model would then load strictly later with no trace of
+    the freshly initialised part, so it is refused, while the backbone (complete in the file) can be exported."""
+    state = {k: v for k, v in small_model.state_dict().items() if not k.startswith("prototypes.")}
+    partial = tmp_path / "no_prototypes.pt"
+    torch.save({"format": MODEL_FORMAT, "version": CHECKPOINT_VERSION, "model": state,
+                "model_spec": small_model.spec.to_dict()}, partial)
+    for fmt in ("full", "safetensors", "official"):
+        out = tmp_path / f"p.{fmt}"
+        assert export_main(["--checkpoint", str(partial), "--output", str(out), "--format", fmt, "--partial"]) == 1
+        assert "would be written untrained (prototypes." in capsys.readouterr().err and not out.exists()
+    out = tmp_path / "backbone.safetensors"
+    assert export_main(["--checkpoint", str(partial), "--output", str(out), "--format", "safetensors",
+                        "--backbone-only", "--partial"]) == 0
+    assert load_file(str(out)).keys() == small_model.backbone.state_dict().keys()

@@ -85,6 +85,16 @@ def run_export(args: argparse.Namespace) -> int:
         from swav.eval.transforms import pretraining_config
 
         model = load_pretrained(args.checkpoint, strict=not args.partial)
+        fresh = getattr(model, "freshly_initialised", [])
+        if args.format not in ("torchvision",) and not args.backbone_only:
+            written_fresh = fresh  # the whole model goes into the file
+        else:
+            written_fresh = [key for key in fresh if key.startswith("backbone.")]
+        if written_fresh:  # the export would load strictly later, hiding that these were never trained
+            shown = ", ".join(written_fresh[:6]) + (f" ... ({len(written_fresh)} in all)" if len(written_fresh) > 6 else "")
+            raise ValueError(f"{len(written_fresh)} tensor(s) of the export are not in the checkpoint and would be "
+                             f"written untrained ({shown}); export only what the checkpoint holds (the backbone: "
+                             "--format torchvision, or safetensors --backbone-only) or load it with a matching spec")
         config = pretraining_config(args.checkpoint)  # kept in full and safetensors exports (evaluation reads it)
         if args.format == "torchvision":
             written = export.export_backbone_torchvision(model, output)
