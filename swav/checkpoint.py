@@ -315,8 +315,9 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, dict[st
             logger.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, exc)
             damaged.append(path.name)
     if damaged:
-        raise CheckpointError(f"no valid checkpoint in {str(checkpoint_dir(output_dir))!r}: all of {damaged} are "
-                              "damaged. Remove them (or pass --overwrite) to start again from scratch")
+        raise CheckpointError(f"no valid checkpoint in {str(checkpoint_dir(output_dir))!r}: none of {damaged} can be "
+                              "resumed from (damaged, or not a training checkpoint: the warnings above say which). "
+                              "Move them away (or pass --overwrite) to start again from scratch")
     return None
 
 
