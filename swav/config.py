@@ -144,7 +144,7 @@ class SwAVConfig:
     temperature: float = 0.1
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
-    log_domain: bool = False  # log-domain Sinkhorn (any epsilon)
+    log_domain: bool | None = None  # log-domain Sinkhorn; null = where exp could underflow (eps < 0.025)
     queue_length: int = 0  # global L; 0 = no queue
     queue_start_epoch: int = 15
     freeze_prototypes_steps: int = 313

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from swav.config import Config
+from swav.sinkhorn import needs_log_domain
 
 __all__ = ["DerivedValues", "derive_values"]
 
@@ -82,6 +83,11 @@ def derive_values(config: Config, *, world_size: int, dataset_size: int, device:
     if queue_global != queue:
         logger.warning("swav.queue_length=%d is not a multiple of the global batch %d: rounded down to %d "
                        "(the original code does this silently)", queue, global_batch, queue_global)
+    if config.swav.log_domain is False and needs_log_domain(config.swav.epsilon):
+        logger.warning("swav.epsilon=%g with swav.log_domain=false: below eps 0.025 exp(scores / eps) can underflow "
+                       "to 0 for whole samples or prototypes, giving wrong codes without a NaN; remove "
+                       "swav.log_domain=false (the default, null, switches to the log domain there) or set it true",
+                       config.swav.epsilon)
     warmup_steps = int(round(config.optim.warmup_epochs * steps_per_epoch))
     heads = config.model.num_prototypes
     return DerivedValues(

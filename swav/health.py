@@ -95,7 +95,7 @@ class NonFiniteError(RuntimeError):
             "point. "
             "Common causes: "
             "learning rate too high, fp16 overflow (try run.precision=bf16 or fp32), a smaller swav.epsilon "
-            "without swav.log_domain (SPEC §3, §13)")
+            "with swav.log_domain=false (SPEC §3, §13)")
 
 
 def gradients_finite(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:

@@ -37,7 +37,7 @@ def compute_codes(
     *,
     epsilon: float = 0.05,
     iterations: int = 3,
-    log_domain: bool = False,
+    log_domain: bool | None = None,
 ) -> torch.Tensor:
     """Codes of one assignment crop: Sinkhorn on ``[queue; batch]``, keep the last B rows."""
     batch = scores_BK.shape[0]
@@ -55,7 +55,7 @@ def _single_head_loss(
     epsilon: float,
     iterations: int,
     queue_scores: Sequence[torch.Tensor | None] | None,
-    log_domain: bool,
+    log_domain: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if scores.shape[0] % num_crops:
         raise ValueError(f"scores has {scores.shape[0]} rows, not a multiple of num_crops={num_crops}")
@@ -95,7 +95,7 @@ def swav_loss(
     epsilon: float = 0.05,
     sinkhorn_iterations: int = 3,
     queue_scores: Sequence | None = None,
-    log_domain: bool = False,
+    log_domain: bool | None = None,
     return_codes: bool = False,
 ):
     """Swapped-prediction loss averaged over assignment crops (and prototype heads).
@@ -157,7 +157,7 @@ class SwAVLoss(nn.Module):
         temperature: float = 0.1,
         epsilon: float = 0.05,
         sinkhorn_iterations: int = 3,
-        log_domain: bool = False,
+        log_domain: bool | None = None,
     ) -> None:
         super().__init__()
         self.crops_for_assign = validate_crops_for_assign(crops_for_assign, num_crops)

@@ -5,6 +5,14 @@ Legend: B batch (local rows), K prototypes, Q_KB the transport plan with prototy
 The official algorithm works on ``exp(scores / eps)`` directly; we subtract the global maximum
 first (identical result after the first normalisation, no overflow) and always compute in
 float32 or float64, whatever the autocast dtype. A log-domain variant handles any epsilon.
+
+Which one runs by default: ``exp(s / eps)`` after the maximum is subtracted reaches down to
+``exp(-(max - min) / eps)``; cosines span at most 2, so below ``eps = 2 / 80 = 0.025`` (float32; 2 / 700
+in float64) whole rows or columns can underflow to 0 and the codes come out wrong without a NaN to show
+it (at eps 0.005, 255 of the 256 rows of the (256, 3000) batch with one confident sample in
+``tests/test_sinkhorn.py``). ``log_domain=None`` picks the log domain there and the official exp form
+elsewhere (eps 0.05 official, 0.03 for small data sets), where it is exact and cheaper. The rule looks
+only at ``epsilon`` and the dtype, not at the data, so it needs no host-device synchronisation.
 """
 from __future__ import annotations
 
@@ -12,7 +20,23 @@ import torch
 
 from swav.distributed import all_reduce_max_, all_reduce_sum_
 
-__all__ = ["sinkhorn_knopp"]
+__all__ = ["sinkhorn_knopp", "needs_log_domain"]
+
+# the widest exponent range (max - min of scores / eps) the exp form keeps in normal floating-point numbers,
+# with margin: float32's smallest normal number is exp(-87.3), float64's exp(-708.4)
+_EXP_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
+_COSINE_SPAN = 2.0  # scores are cosines in [-1, 1]
+
+
+def needs_log_domain(epsilon: float, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the exp form of Sinkhorn can underflow for cosine scores at ``epsilon`` in ``dtype``
+    (float32 below eps 0.025): what ``log_domain=None`` decides.
+
+    Example:
+        >>> needs_log_domain(0.05), needs_log_domain(0.03), needs_log_domain(0.01), needs_log_domain(0.01, torch.float64)
+        (False, False, True, False)
+    """
+    return _COSINE_SPAN / epsilon > _EXP_RANGE[torch.float64 if dtype == torch.float64 else torch.float32]
 
 
 def _check(scores: torch.Tensor, epsilon: float, iterations: int) -> None:
@@ -32,7 +56,7 @@ def sinkhorn_knopp(
     epsilon: float = 0.05,
     iterations: int = 3,
     *,
-    log_domain: bool = False,
+    log_domain: bool | None = None,
     distributed: bool = True,
 ) -> torch.Tensor:
     """Soft codes for a batch of prototype scores, spread evenly over the prototypes.
@@ -41,7 +65,9 @@ def sinkhorn_knopp(
         scores: ``B x K`` prototype scores (cosines) of this rank's rows.
         epsilon: entropy regularisation (0.05 official); smaller is harder.
         iterations: number of row/column normalisation rounds (3 official).
-        log_domain: normalise with log-sum-exp; stays finite for any epsilon.
+        log_domain: normalise with log-sum-exp, exact for any epsilon; ``None`` (default): only where the
+            exp form could underflow (:func:`needs_log_domain`: eps < 0.025 in float32), ``False``: always
+            the exp form, ``True``: always the log domain.
         distributed: when a process group exists, sum over all ranks so that B is the global
             batch and every rank gets exactly its slice of the single-process result.
 
@@ -64,6 +90,8 @@ def sinkhorn_knopp(
         num_prototypes = s_BK.shape[1]
         # torch.full, not torch.tensor: no host-to-device copy, hence no GPU synchronisation
         total_rows = reduce_sum(torch.full((1,), float(s_BK.shape[0]), dtype=dtype, device=s_BK.device))
+        if log_domain is None:
+            log_domain = needs_log_domain(epsilon, dtype)
         if log_domain:
             return _sinkhorn_log(s_BK, epsilon, iterations, num_prototypes, total_rows, reduce_sum, reduce_max)
         return _sinkhorn_exp(s_BK, epsilon, iterations, num_prototypes, total_rows, reduce_sum, reduce_max)

@@ -217,3 +217,14 @@ def test_derived_values_and_queue_rounding(caplog):
                       precision="fp32", pipeline="pil")
     with pytest.raises(ValueError, match="fewer than one batch"):
         derive_values(c, world_size=4, dataset_size=200, device="cpu", precision="fp32", pipeline="pil")
+
+
+@pytest.mark.parametrize("values,warned", [({"swav.epsilon": 0.01, "swav.log_domain": False}, True),
+                                           ({"swav.epsilon": 0.01}, False),
+                                           ({"swav.epsilon": 0.03, "swav.log_domain": False}, False)])
+def test_exp_form_forced_below_its_safe_epsilon_is_warned(caplog, values, warned):
+    c = with_values(Config(), values)
+    with caplog.at_level(logging.WARNING):
+        derive_values(c, world_size=1, dataset_size=640, device="cpu", precision="fp32", pipeline="pil")
+    assert ("can underflow" in caplog.text) == warned
+    assert with_values(Config(), {"swav.log_domain": "null"}).swav.log_domain is None

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swav.sinkhorn import sinkhorn_knopp
+from swav.sinkhorn import needs_log_domain, sinkhorn_knopp
 from tests.distributed_helpers import run_distributed
 
 
@@ -76,10 +76,50 @@ def test_low_precision_inputs_are_finite_and_fp32(dtype):
     torch.testing.assert_close(codes.sum(1), torch.ones(64), atol=1e-4, rtol=0)
 
 
-def test_small_epsilon_is_finite():
-    scores = unit_scores(128, 300)
-    assert torch.isfinite(sinkhorn_knopp(scores, epsilon=0.005)).all()
-    codes = sinkhorn_knopp(scores, epsilon=0.001, log_domain=True)
+def numpy_sinkhorn(scores: np.ndarray, epsilon: float, iterations: int) -> np.ndarray:
+    """SPEC §3 vectorised in float64, no max subtraction (exp(1 / 0.005) = e^200 is a float64 number)."""
+    Q = np.exp(scores / epsilon).T
+    Q /= Q.sum()
+    K, B = Q.shape
+    for _ in range(iterations):
+        Q /= Q.sum(axis=1, keepdims=True); Q /= K
+        Q /= Q.sum(axis=0, keepdims=True); Q /= B
+    return (Q * B).T
+
+
+def one_confident_sample(B: int = 256, K: int = 3000, D: int = 128) -> torch.Tensor:
+    """Cosines of a batch where one sample sits close to a prototype (cosine about 0.9) and the rest are spread:
+    the global maximum is far above every other sample's best score."""
+    g = torch.Generator().manual_seed(3)
+    c = F.normalize(torch.randn(K, D, generator=g), dim=1)
+    z = F.normalize(torch.randn(B, D, generator=g), dim=1)
+    z[0] = F.normalize(c[0] + 0.3 * F.normalize(torch.randn(D, generator=g), dim=0), dim=0)
+    return z @ c.t()
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.03, 0.01, 0.005])
+def test_default_codes_are_exact_at_small_epsilon(epsilon):
+    scores = one_confident_sample()
+    expected = numpy_sinkhorn(scores.double().numpy(), epsilon, 3)
+    codes = sinkhorn_knopp(scores, epsilon=epsilon)  # float32, log_domain=None (automatic)
+    np.testing.assert_allclose(codes.double().numpy(), expected, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(codes.sum(1), torch.ones(len(scores)), atol=1e-4, rtol=0)
+
+
+def test_the_exp_form_underflows_where_the_default_leaves_it():
+    # the data above really exercises the underflow: forced exp form at eps 0.005 zeroes whole rows
+    scores = one_confident_sample()
+    forced = sinkhorn_knopp(scores, epsilon=0.005, log_domain=False)
+    assert (forced.sum(1) < 0.5).sum() > 100
+    assert needs_log_domain(0.005) and needs_log_domain(0.02) and not needs_log_domain(0.03)
+    assert not needs_log_domain(0.005, torch.float64)
+    # at eps 0.03 (the small-data advice of SPEC §13) the exp form is exact
+    np.testing.assert_allclose(sinkhorn_knopp(scores, epsilon=0.03, log_domain=False).double().numpy(),
+                               numpy_sinkhorn(scores.double().numpy(), 0.03, 3), atol=1e-5, rtol=1e-3)
+
+
+def test_tiny_epsilon_in_the_log_domain_is_finite():
+    codes = sinkhorn_knopp(unit_scores(128, 300), epsilon=0.001, log_domain=True)
     assert torch.isfinite(codes).all()
     torch.testing.assert_close(codes.sum(1), torch.ones(128), atol=1e-4, rtol=0)
 
