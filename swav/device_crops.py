@@ -10,7 +10,9 @@ The ``device`` pipeline moves everything but file reading off the CPU:
 2. :class:`DeviceMultiCrop` decodes the whole batch at once with ``torchvision.io.decode_jpeg`` on the
    device (nvJPEG on CUDA; libjpeg-turbo on CPU), draws the boxes of images that came without them (or
    whose decoded size differs from the header's), and cuts every crop of one resolution with a single
-   ``torchvision.ops.roi_align`` call per source-image size.
+   ``torchvision.ops.roi_align`` call per source-image size. The boxes and output rows of the whole batch
+   are planned on the host in one go, so a batch of many sizes (ImageNet's) costs about 6 operators per
+   size instead of about 44 (``benchmarks/device_crop_plan.py``).
 3. :class:`~swav.batch_augment.BatchColorAugment` does flip, jitter, grayscale, blur and normalisation
    on the same device.
 
@@ -28,6 +30,7 @@ import io
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from PIL import Image
@@ -205,7 +208,11 @@ class DeviceMultiCrop:
                  sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``boxes`` ``(B, V, 4)`` and ``sizes`` ``(B, 2)`` (from :class:`EncodedImageDataset` with groups) are
         used for every image whose decoded size equals ``sizes``; the others' boxes are drawn here."""
-        images = self.decode(encoded, names)
+        return self.crop(self.decode(encoded, names), indices, epoch, boxes=boxes, sizes=sizes)
+
+    def crop(self, images: Sequence[torch.Tensor], indices: Sequence[int], epoch: int = 0,
+             boxes: torch.Tensor | None = None, sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The crops of decoded uint8 ``(C, H, W)`` images on the device (see :meth:`__call__`)."""
         shapes = [tuple(image.shape[-2:]) for image in images]
         boxes = boxes.clone() if boxes is not None else torch.zeros(len(images), sum(g.count for g in self.groups), 4)
         given = [tuple(s) for s in sizes.tolist()] if sizes is not None else [None] * len(images)
@@ -216,25 +223,47 @@ class DeviceMultiCrop:
         for b, shape in enumerate(shapes):
             by_shape.setdefault(shape, []).append(b)
         # one float stack per source size, shared by every crop resolution
-        stacks = {shape: torch.stack([images[b] for b in members]).float() for shape, members in by_shape.items()}
-        batch = len(images)
+        stacks = [torch.stack([images[b] for b in members]).float() for members in by_shape.values()]
+        rois, targets, plan = self._plan(boxes, list(by_shape.values()))
+        if self.device.type == "cuda":  # one host-to-device copy each for the whole batch
+            rois = rois.pin_memory().to(self.device, non_blocking=True)
+            targets = targets.pin_memory().to(self.device, non_blocking=True) if targets is not None else None
         out: list[torch.Tensor] = []
-        start = 0
-        for g in self.groups:
-            size, count = g.size, g.count
-            crops = torch.empty(count * batch, self.channels, size, size, dtype=torch.uint8, device=self.device)
-            for shape, members in by_shape.items():
-                stack, member = stacks[shape], torch.tensor(members)
-                # rows (crop v, image k of this stack): image index in the stack, box; target row v * B + b
-                picked = boxes[member, start:start + count].transpose(0, 1).reshape(-1, 4)
-                position = torch.arange(len(members), dtype=torch.float32).repeat(count)
-                rois = torch.cat([position.view(-1, 1), picked], dim=1)
-                targets = (torch.arange(count).view(-1, 1) * batch + member.view(1, -1)).reshape(-1)
-                if self.device.type == "cuda":
-                    rois = rois.pin_memory().to(self.device, non_blocking=True)
-                    targets = targets.pin_memory().to(self.device, non_blocking=True)
-                cut = roi_align(stack, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-                crops.index_copy_(0, targets, cut.round_().clamp_(0, 255).to(torch.uint8))
-            out += list(crops.split(batch))
-            start += count
+        for g, pieces in zip(self.groups, plan):
+            cuts = [roi_align(stacks[s], rois[lo:hi], output_size=g.size, spatial_scale=1.0, sampling_ratio=-1,
+                              aligned=True) for s, lo, hi in pieces]
+            cut = (cuts[0] if len(cuts) == 1 else torch.cat(cuts)).round_().clamp_(0, 255).to(torch.uint8)
+            if targets is not None:  # rows in shape order -> rows in (crop, image) order
+                first, last = pieces[0][1], pieces[-1][2]
+                cut = torch.empty_like(cut).index_copy_(0, targets[first:last], cut)
+            out += list(cut.split(len(images)))
         return out
+
+    def _plan(self, boxes: torch.Tensor, members: list[list[int]]
+              ) -> tuple[torch.Tensor, torch.Tensor | None, list[list[tuple[int, int, int]]]]:
+        """The roi_align calls of a batch, planned on the host in one go (NumPy; the device then gets two copies
+        instead of a few small ones per source size and resolution: ImageNet batches hold dozens of sizes).
+
+        ``members`` lists the batch positions of each source size. Returns ``rois`` ``(B V, 5)`` (index in the
+        size's stack, box), ordered by resolution group, then source size, then crop, then image; for each
+        group the ``(source size, first row, end row)`` of its roi_align calls; and each row's place in its
+        group's ``(crop, image)``-ordered output (None with one source size, where rows are in that order).
+        """
+        batch, box = boxes.shape[0], boxes.numpy()
+        rows, places, plan = [], [], []
+        start = first = 0
+        for g in self.groups:
+            pieces = []
+            for s, member in enumerate(members):
+                index = np.asarray(member)
+                picked = box[index, start:start + g.count].transpose(1, 0, 2).reshape(-1, 4)
+                position = np.tile(np.arange(len(member), dtype=np.float32), g.count)
+                rows.append(np.concatenate([position[:, None], picked], axis=1))
+                places.append((np.arange(g.count)[:, None] * batch + index[None, :]).reshape(-1))
+                pieces.append((s, first, first + len(picked)))
+                first += len(picked)
+            plan.append(pieces)
+            start += g.count
+        rois = torch.from_numpy(np.concatenate(rows))
+        targets = None if len(members) == 1 else torch.from_numpy(np.concatenate(places))
+        return rois, targets, plan

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops import roi_align
 
 from swav.batch_augment import MultiCropCropper
 from swav.device_crops import (DeviceMultiCrop, EncodedImageDataset, encoded_collate, header_size,
                                split_encoded)
-from swav.multicrop import CropGroup
+from swav.multicrop import CropGroup, crop_generator
 from swav.train import train
 from swav.train_data import resolve_pipeline
 
@@ -63,6 +64,28 @@ def test_png_and_mixed_sizes_are_decoded_on_the_cpu_and_cropped_alike() -> None:
     reference = MultiCropCropper(GROUPS, seed=0)(images[1], index=1)
     for v in range(5):  # the PNG is lossless: compare with the decoded image's crops
         assert (crops[v][1].float() - reference[v].float()).abs().mean() < 2.0
+
+
+def test_many_source_sizes_give_exactly_the_crops_of_one_roi_align_per_box() -> None:
+    """The batch is planned once across source sizes (as ImageNet's): every crop must still be exactly the
+    roi_align of its own box on its own image, in (crop, image) order."""
+    sizes = [(120, 90), (70, 100), (120, 90), (64, 64), (70, 100), (99, 77), (120, 90), (64, 64)]
+    encoded = [encode(smooth_image(i, size)) for i, size in enumerate(sizes)]
+    indices = [5, 3, 11, 0, 7, 2, 9, 4]
+    cropper = DeviceMultiCrop(GROUPS, seed=6)
+    crops = cropper(encoded, indices, epoch=1)
+    images = cropper.decode(encoded)
+    boxes = [cropper.cropper.sample_boxes(im.shape[1], im.shape[2], crop_generator(6, 1, index, 0))
+             for im, index in zip(images, indices)]
+    sizes_out = [g.size for g in GROUPS for _ in range(g.count)]
+    for v, batch in enumerate(crops):
+        assert tuple(batch.shape) == (len(sizes), 3, sizes_out[v], sizes_out[v])
+        for b, image in enumerate(images):
+            box = boxes[b][v]
+            roi = torch.tensor([[0.0, box.left, box.top, box.left + box.width, box.top + box.height]])
+            expected = roi_align(image[None].float(), roi, output_size=sizes_out[v], spatial_scale=1.0,
+                                 sampling_ratio=-1, aligned=True).round().clamp(0, 255).to(torch.uint8)[0]
+            assert torch.equal(batch[b], expected), (v, b)
 
 
 def test_grayscale_output_has_one_channel() -> None:
