@@ -104,15 +104,16 @@ def crop_groups_from_lists(nmb_crops: Sequence[int], size_crops: Sequence[int],
     return groups
 
 
-def blur_kernel_size(crop_size: int) -> int:
-    """Odd Gaussian kernel of about 10% of the crop size (at least 3): 224 -> 23, 96 -> 9.
+def blur_kernel_size(crop_size: int, sigma_max: float = BLUR_SIGMA_RANGE[1]) -> int:
+    """Odd Gaussian kernel reaching 3 sigma of the largest sigma drawn (2.0 -> 13 taps), so that every sigma
+    blurs as much as SPEC §7 says (the original's PIL blur has no cut-off; a 3-sigma cut keeps 98.7% of
+    the standard deviation). Never wider than the reflect padding allows (2 * size - 1), so tiny crops
+    still work.
 
-    Never wider than the reflect padding allows (2 * size - 1), so tiny crops still work.
-
-    >>> blur_kernel_size(224), blur_kernel_size(96), blur_kernel_size(28), blur_kernel_size(1)
-    (23, 9, 3, 1)
+    >>> blur_kernel_size(224), blur_kernel_size(96), blur_kernel_size(16), blur_kernel_size(4), blur_kernel_size(1)
+    (13, 13, 13, 7, 1)
     """
-    return min(max(3, int(0.1 * crop_size) // 2 * 2 + 1), 2 * crop_size - 1)
+    return min(2 * math.ceil(3 * sigma_max) + 1, 2 * crop_size - 1)
 
 
 @dataclass(frozen=True)

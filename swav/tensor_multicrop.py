@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from swav.multicrop import CropGroup
+from swav.multicrop import CropGroup, blur_kernel_size
 
 __all__ = ["TensorMultiCrop", "step_generator", "sample_crop_boxes"]
 
@@ -136,7 +136,7 @@ def _gaussian_kernels(sigma_n: torch.Tensor, size: int) -> torch.Tensor:
 def _blur(x_NCSS: torch.Tensor, kernels_nk: torch.Tensor) -> torch.Tensor:
     """Separable per-sample blur with reflect padding, as a sum of shifted, weighted copies.
 
-    Kernels are tiny (3 to 23 taps), so k multiply-adds beat a grouped convolution with one
+    Kernels are tiny (at most 13 taps), so k multiply-adds beat a grouped convolution with one
     group per image plane by a wide margin on the CPU.
     """
     n, _, s, _ = x_NCSS.shape
@@ -304,7 +304,7 @@ class TensorMultiCrop:
         sigma = low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
         if not bool(apply.any()) or size < 2:
             return x
-        taps = min(max(3, int(0.1 * size) // 2 * 2 + 1), 2 * size - 1)
+        taps = blur_kernel_size(size, high)
         index = apply.nonzero()[:, 0]
         kernels = _gaussian_kernels(sigma[index], taps).to(x.device)
         index = index.to(x.device)

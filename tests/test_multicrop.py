@@ -78,8 +78,19 @@ def test_transform_rejects_invalid_options(kwargs: dict, name: str) -> None:
         MultiCropTransform(GROUPS, **kwargs)
 
 
-def test_blur_kernel_is_odd_and_about_ten_percent() -> None:
-    assert [blur_kernel_size(s) for s in (224, 96, 160, 28, 2, 1)] == [23, 9, 17, 3, 3, 1]
+def test_blur_kernel_keeps_the_drawn_sigma() -> None:
+    assert [blur_kernel_size(s) for s in (224, 96, 160, 28, 16, 4, 2, 1)] == [13, 13, 13, 13, 13, 7, 3, 1]
+    # an impulse blurred by the batched pipeline's blur spreads with the drawn sigma (the original's PIL
+    # blur has no cut-off), at every crop size of the recipes, for the largest sigma of SPEC §7
+    from swav.color_ops import gaussian_blur_batch
+    for size in (224, 96, 32, 16):
+        sigma = torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64)  # (below 1, sampling at integers shrinks any kernel)
+        impulse = torch.zeros(3, 1, size, size, dtype=torch.float64)
+        impulse[:, :, size // 2, size // 2] = 1.0
+        out = gaussian_blur_batch(impulse, sigma, blur_kernel_size(size))[:, 0, size // 2]  # centre row
+        x = torch.arange(size, dtype=torch.float64) - size // 2
+        spread = ((out * x ** 2).sum(1) / out.sum(1)).sqrt()
+        assert torch.all(spread / sigma > 0.98), (size, spread.tolist())
 
 
 # --- equivalence with torchvision ----------------------------------------------------------------
