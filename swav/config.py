@@ -2,10 +2,12 @@
 
 A :class:`Config` holds seven frozen sections (data, crops, model, swav, optim, run, debug). The
 defaults are the original training script's flag defaults (SPEC §9), so an official launch line
-that relies on them behaves the same. A config is validated when it is built and never mutated
+that relies on them behaves the same, with one exception: the precision (``run.precision: auto``, bf16
+where supported, else fp32; the original's ``--use_fp16`` defaults to true and fp16 overflow is a known
+failure mode, so fp16 is used only on request; see the README's deviations). A config is validated when it is built and never mutated
 afterwards; overrides return a new object (:func:`apply_overrides`). Values that depend on the
 world size or the data set (global batch, per-rank queue length, steps per epoch) are computed
-once by :func:`swav.config_derive.derive_values` and stored beside the config in the run folder.
+once by :func:`swav.derived.derive_values` and stored beside the config in the run folder.
 
 Example:
     >>> cfg = apply_overrides(Config(), ["optim.base_lr=0.6", "crops.counts=[2, 6]",

@@ -13,10 +13,10 @@ Per resolution group (size, count, min_scale, max_scale), every image gets ``cou
    tensor resize, a negligible difference at these sizes);
 3. colour jitter with probability ``jitter_prob``: brightness and contrast (factors in
    ``[1 - s, 1 + s]``) and, for 3 channels, saturation and hue, in a random order per sample.
-   Hue is rotated in YIQ space (a linear approximation of torchvision's HSV hue shift); random
-   grayscale applies to 3 channels only;
+   Hue is torchvision's HSV hue shift (:func:`~swav.color_ops.adjust_hue_batch`); random grayscale
+   applies to 3 channels only;
 4. Gaussian blur with probability ``blur_prob``, sigma ~ U(0.1, 2.0) per sample (separable, reflect
-   padding, odd kernel of about 10% of the crop, at least 3);
+   padding, the kernel of :func:`~swav.multicrop.blur_kernel_size`);
 5. normalisation ``(x - mean) / std``.
 
 Randomness (SPEC §7: every crop draws its own parameters): all parameters are drawn from the
@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from swav.color_ops import adjust_hue_batch
 from swav.multicrop import CropGroup, blur_kernel_size
 
 __all__ = ["TensorMultiCrop", "step_generator", "sample_crop_boxes"]
@@ -41,9 +42,8 @@ __all__ = ["TensorMultiCrop", "step_generator", "sample_crop_boxes"]
 _LOG_RATIO = (math.log(3.0 / 4.0), math.log(4.0 / 3.0))
 _ATTEMPTS = 10
 _MASK64 = (1 << 64) - 1
-# ITU-R 601 luma (torchvision's rgb_to_grayscale) and the YIQ transform used for hue rotation
+# ITU-R 601 luma (torchvision's rgb_to_grayscale)
 _LUMA = (0.299, 0.587, 0.114)
-_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
 def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
@@ -286,15 +286,9 @@ class TensorMultiCrop:
         if op == 2:  # saturation: blend with the grayscale image
             gray = self._luma(x)
             return ((x - gray) * f + gray).clamp(0.0, 1.0)
-        # hue: rotate the chroma (I, Q) plane of YIQ by 2*pi*f (f in turns)
-        yiq = torch.tensor(_RGB_TO_YIQ, device=x.device, dtype=x.dtype)
-        angle = 2 * math.pi * f_n
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
-        rot[:, 0, 0] = 1.0
-        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-        mat = torch.linalg.inv(yiq) @ rot @ yiq  # n x 3 x 3, RGB -> RGB
-        return torch.einsum("nij,njhw->nihw", mat, x).clamp(0.0, 1.0)
+        # hue: torchvision's HSV hue shift by f turns (exact, per sample); a zero shift returns x itself
+        shifted = adjust_hue_batch(x, f_n)
+        return torch.where((f_n != 0).view(-1, 1, 1, 1), shifted, x)
 
     def _maybe_blur(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Gaussian blur of the selected samples only (sigma per sample)."""

@@ -197,3 +197,17 @@ def test_step_generator_depends_on_every_key():
     draws = {tuple(torch.rand(3, generator=step_generator(*key)).tolist()) for key in
              [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]}
     assert len(draws) == 5
+
+
+def test_hue_jitter_is_torchvisions_hsv_shift_per_sample() -> None:
+    import torchvision.transforms.v2.functional as TF
+    x = torch.rand(5, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    shift = torch.tensor([0.2, -0.2, 0.0, 0.05, 1 / 3])
+    multicrop = TensorMultiCrop([CropGroup(12, 1, 0.5, 1.0)], channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    out = multicrop._jitter_op(3, x.clone(), shift)
+    for i in range(5):
+        torch.testing.assert_close(out[i], TF.adjust_hue(x[i], float(shift[i])), atol=2e-6, rtol=0)
+    assert torch.equal(out[2], x[2])  # no shift: the image itself
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(multicrop._jitter_op(3, red, torch.tensor([1 / 3])).flatten(),
+                               torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
