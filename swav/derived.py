@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from swav.config import Config
+from swav.health import loss_floor
 from swav.sinkhorn import needs_log_domain
 
 __all__ = ["DerivedValues", "derive_values"]
@@ -88,8 +89,14 @@ def derive_values(config: Config, *, world_size: int, dataset_size: int, device:
                        "to 0 for whole samples or prototypes, giving wrong codes without a NaN; remove "
                        "swav.log_domain=false (the default, null, switches to the log domain there) or set it true",
                        config.swav.epsilon)
-    warmup_steps = int(round(config.optim.warmup_epochs * steps_per_epoch))
     heads = config.model.num_prototypes
+    floor = min(loss_floor(k, config.swav.temperature) / math.log(k) for k in heads if k > 1) \
+        if any(k > 1 for k in heads) else 0.0
+    if floor > 0.9:
+        logger.warning("swav.temperature=%g is so high that even a perfect model's loss stays within %.0f%% of ln K "
+                       "(the collapse level): the predictions cannot sharpen; the official value is 0.1",
+                       config.swav.temperature, 100 * (1 - floor))
+    warmup_steps = int(round(config.optim.warmup_epochs * steps_per_epoch))
     return DerivedValues(
         world_size=world_size,
         global_batch_size=global_batch,

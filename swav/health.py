@@ -1,8 +1,8 @@
 """Training health signals of SPEC §13: collapse, prototypes in use, NaN/Inf.
 
 * Collapse: a model whose embeddings are all equal gets uniform codes and a loss of exactly ln K
-  (SPEC §4). :class:`CollapseMonitor` warns once when the logged loss stays within a few percent of
-  ln K for a while after warm-up, with the remedies users report.
+  (SPEC §4). :class:`CollapseMonitor` warns once when the logged loss stays near or above ln K for a
+  while after warm-up, with the remedies users report (a loss above ln K: predictions worse than uniform).
 * Prototypes in use: how many distinct prototypes win the argmax of the batch's codes; 1 (or a
   handful) means the assignments collapsed even if the loss looks fine.
 * NaN/Inf: :func:`nonfinite_parameter_names` names the parameters whose gradients are not finite,
@@ -22,18 +22,34 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["COLLAPSE_ADVICE", "CollapseMonitor", "NonFiniteError", "prototypes_in_use",
-           "gradients_finite", "nonfinite_parameter_names", "swapped_prediction_terms"]
+__all__ = ["COLLAPSE_ADVICE", "DIVERGENCE_ADVICE", "CollapseMonitor", "loss_floor", "NonFiniteError", "NonFiniteStateError", "prototypes_in_use",
+           "gradients_finite", "nonfinite_parameter_names", "nonfinite_state_names", "swapped_prediction_terms"]
 
 COLLAPSE_ADVICE = (
     "lower swav.epsilon (e.g. 0.03), freeze the prototypes longer (swav.freeze_prototypes_steps), use fewer "
-    "or milder crops (crops.counts / crops.min_scales), start or lengthen the queue later "
-    "(swav.queue_start_epoch / swav.queue_length), or lower the learning rate (SPEC §13)")
+    "or milder crops (crops.counts / crops.min_scales), start the queue later or shorten it "
+    "(swav.queue_start_epoch / swav.queue_length), lower the learning rate, or check swav.temperature (0.1: a "
+    "high temperature keeps the loss near ln K by construction) (SPEC §13)")
+DIVERGENCE_ADVICE = (
+    "lower the learning rate (optim.base_lr) or lengthen the warm-up (optim.warmup_epochs), and freeze the "
+    "prototypes longer (swav.freeze_prototypes_steps) (SPEC §13)")
+
+
+def loss_floor(num_prototypes: int, temperature: float) -> float:
+    """The lowest swapped-prediction loss a model can reach with ``num_prototypes`` prototypes at
+    ``temperature``: one-hot codes, a cosine of 1 to the right prototype and -1 to all others. A loss near ln K
+    only means collapse if this is well below ln K.
+
+    >>> round(loss_floor(3000, 0.1), 6), round(loss_floor(3000, 5.0), 2)
+    (6e-06, 7.61)
+    """
+    return math.log1p((num_prototypes - 1) * math.exp(-2.0 / temperature))
 
 
 def prototypes_in_use(codes_ABK: torch.Tensor) -> int:
@@ -42,10 +58,12 @@ def prototypes_in_use(codes_ABK: torch.Tensor) -> int:
 
 
 class CollapseMonitor:
-    """Warn once when the loss sits within ``tolerance`` (relative) of ln K for ``patience`` updates.
+    """Warn once when the loss sits at or above ln K (within ``tolerance``, relative) for ``patience`` updates.
 
-    Updates before ``start_step`` (warm-up, prototype freezing) are ignored: early training
-    naturally starts near ln K.
+    Near ln K, the codes are uniform (collapse); well above it, the predictions are worse than uniform
+    (diverging, often with collapsing embeddings): either way the model is not learning. Updates before
+    ``start_step`` (warm-up, prototype freezing) are ignored: early training naturally starts near ln K. A
+    non-finite loss (only possible with ``run.nan_check=false``) is reported once as well.
     """
 
     def __init__(self, collapse_loss: float, *, start_step: int, patience: int = 5, tolerance: float = 0.02) -> None:
@@ -57,15 +75,27 @@ class CollapseMonitor:
         self.tolerance = tolerance
         self._streak = 0
         self.warned = False
+        self.warned_nonfinite = False
 
     def update(self, step: int, loss: float) -> str | None:
         """Record one logged loss; returns the warning text the first time collapse is detected."""
+        if not math.isfinite(loss):
+            if self.warned_nonfinite:
+                return None
+            self.warned_nonfinite = True
+            return (f"the loss is {loss} at step {step} (run.nan_check=false lets such steps update the model): "
+                    "the weights are probably damaged; the run stops before it would save non-finite weights")
         if step < self.start_step:
             return None
-        near = abs(loss - self.collapse_loss) <= self.tolerance * self.collapse_loss
-        self._streak = self._streak + 1 if near else 0
+        stuck = loss >= (1.0 - self.tolerance) * self.collapse_loss
+        self._streak = self._streak + 1 if stuck else 0
         if self._streak >= self.patience and not self.warned:
             self.warned = True
+            if loss > (1.0 + self.tolerance) * self.collapse_loss:
+                return (f"training is not learning: the loss has stayed at or above ln K = {self.collapse_loss:.3f} "
+                        f"(uniform predictions) for {self._streak} logged steps (now {loss:.4f} at step {step}), "
+                        f"so the model predicts worse than chance and its embeddings may collapse; "
+                        f"{DIVERGENCE_ADVICE}")
             return (f"possible collapse: the loss has stayed within {self.tolerance:.0%} of ln K = "
                     f"{self.collapse_loss:.3f} for {self._streak} logged steps (now {loss:.4f} at step {step}); "
                     f"try to {COLLAPSE_ADVICE}")
@@ -94,8 +124,37 @@ class NonFiniteError(RuntimeError):
             f"taken and nothing was saved; the newest checkpoint (if any was written: it is from step {step - 1} or earlier) is the resume "
             "point. "
             "Common causes: "
-            "learning rate too high, fp16 overflow (try run.precision=bf16 or fp32), a smaller swav.epsilon "
-            "with swav.log_domain=false (SPEC §3, §13)")
+            "learning rate too high, fp16 overflow (try run.precision=bf16 or fp32) (SPEC §13)")
+
+
+class NonFiniteStateError(NonFiniteError):
+    """The model's parameters or buffers hold NaN/Inf although every step's loss and gradients were finite
+    (an update or a BatchNorm running statistic overflowed); raised before a checkpoint or ``model.pt`` would
+    be written, so no saved file holds them."""
+
+    def __init__(self, step: int, names: list[str], newest: str | None) -> None:
+        self.step, self.loss, self.parameter_names, self.terms = step, float("nan"), names, {}
+        shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+        where = (f"the newest checkpoint is {newest}; resume from it with a lower learning rate "
+                 f"(`swav pretrain --output-dir RUN --resume --set optim.base_lr=...`), or start again if it "
+                 "fails at the same step (the weights may already be out of range)" if newest
+                 else "no checkpoint was written before it; start again with a lower learning rate")
+        RuntimeError.__init__(
+            self, f"training stopped after step {step}: {len(names)} parameter or buffer tensor(s) of the model "
+            f"hold NaN/Inf ({shown}) although the loss and gradients were finite. Nothing was saved; {where}. "
+            "Common causes: learning rate too high, fp16 overflow (try run.precision=bf16 or fp32)")
+
+
+def nonfinite_state_names(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` that hold a NaN or an Inf (one fused
+    norm over all of them; names are looked up only when one is not finite)."""
+    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+    if not named:
+        return []
+    norms = torch._foreach_norm([t.detach() for _, t in named])
+    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+        return []
+    return [n for n, t in named if not bool(torch.isfinite(t).all())]
 
 
 def gradients_finite(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:

@@ -32,13 +32,13 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from swav.checkpoint import (CheckpointError, archive_checkpoint, clean_temp_files, final_checkpoint_path,
-                             find_latest_checkpoint, prune_checkpoints, renumber_after_resplit, save_model_file,
+                             find_latest_checkpoint, list_checkpoints, prune_checkpoints, renumber_after_resplit, save_model_file,
                              step_checkpoint_path)
 from swav.config import Config, RunConfig, config_to_dict, save_config
 from swav.derived import DerivedValues, derive_values
 from swav.dist_setup import DistContext, configure_rank_logging, init_distributed, shutdown_distributed
-from swav.distributed import all_reduce_sum_
-from swav.health import CollapseMonitor, NonFiniteError, prototypes_in_use
+from swav.distributed import all_reduce_max_, all_reduce_sum_
+from swav.health import CollapseMonitor, NonFiniteError, NonFiniteStateError, nonfinite_state_names, prototypes_in_use
 from swav.lars import LARS
 from swav.metrics import MetricsWriter, RateMeter, format_duration, truncate_metrics
 from swav.model import ModelSpec, SwAVModel, build_model
@@ -310,8 +310,20 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
     knn_monitor = KnnMonitor(config, device=ctx.device, amp_dtype=step_fn.dtype) \
         if run.knn_every_epochs and ctx.is_main else None
 
-    def save(path: Path, finished: bool = False) -> Path:
+    def check_state() -> None:
+        """No file may hold NaN/Inf weights: the NaN check sees losses and gradients, not what an update or a
+        BatchNorm running statistic became (also the only guard with run.nan_check=false)."""
         step_fn.flush()  # run.check_sync=deferred: the last step's NaN check, before anything is written
+        names = nonfinite_state_names(step_fn.raw_model)
+        flag = torch.tensor([1.0 if names else 0.0], device=ctx.device)
+        all_reduce_max_(flag)
+        if flag.item():
+            newest = list_checkpoints(out)
+            raise NonFiniteStateError(progress.step, names or ["(on another rank)"],
+                                      str(newest[0]) if newest else None)
+
+    def save(path: Path, finished: bool = False) -> Path:
+        check_state()
         saved = save_training_state(path, step_fn, progress, config=config, derived=derived, rank=ctx.rank,
                                     finished=finished)
         if ctx.is_main and not finished:
@@ -358,7 +370,7 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
             if progress.batch_in_epoch:
                 raise RuntimeError(f"the data loader ended after {progress.batch_in_epoch} of "
                                    f"{derived.steps_per_epoch} batches of epoch {progress.epoch}")
-        step_fn.flush()  # the last step's deferred NaN check comes before model.pt
+        check_state()  # the last step's deferred NaN check and the weights' check come before model.pt
         if ctx.is_main:  # model.pt first: final.pt marks the run complete, so a crash between leaves it resumable
             save_model_file(out / "model.pt", step_fn.raw_model, step_fn.raw_model.spec.to_dict(),  # type: ignore
                             config=config_to_dict(config), step=progress.step,

@@ -228,3 +228,12 @@ def test_exp_form_forced_below_its_safe_epsilon_is_warned(caplog, values, warned
         derive_values(c, world_size=1, dataset_size=640, device="cpu", precision="fp32", pipeline="pil")
     assert ("can underflow" in caplog.text) == warned
     assert with_values(Config(), {"swav.log_domain": "null"}).swav.log_domain is None
+
+
+def test_a_temperature_that_keeps_the_loss_at_ln_k_is_warned(caplog):
+    for temperature, warned in ((5.0, True), (0.1, False), (1.0, False)):
+        caplog.clear()
+        c = with_values(Config(), {"swav.temperature": temperature, "model.num_prototypes": 300})
+        with caplog.at_level(logging.WARNING):
+            derive_values(c, world_size=1, dataset_size=640, device="cpu", precision="fp32", pipeline="pil")
+        assert ("predictions cannot sharpen" in caplog.text) == warned, temperature

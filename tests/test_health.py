@@ -40,3 +40,28 @@ def test_nonfinite_gradients_are_named():
     assert nonfinite_parameter_names(net.named_parameters()) == ["1.weight"]
     error = NonFiniteError(12, float("nan"), ["1.weight"])
     assert "in step 12" in str(error) and "1.weight" in str(error) and "step 11 or earlier" in str(error)
+
+
+def test_a_loss_above_ln_k_is_reported_as_not_learning():
+    k = 300
+    monitor = CollapseMonitor(math.log(k), start_step=0, patience=3)
+    assert monitor.update(1, 9.0) is None and monitor.update(2, 6.5) is None
+    warning = monitor.update(3, 10.4)
+    assert warning is not None and "not learning" in warning and "optim.base_lr" in warning
+    assert monitor.update(4, 10.0) is None  # once
+    nan = CollapseMonitor(math.log(k), start_step=100)
+    first = nan.update(5, float("nan"))  # before start_step too
+    assert first is not None and "nan" in first and "run.nan_check=false" in first
+    assert nan.update(6, float("inf")) is None
+
+
+def test_collapse_advice_names_the_temperature_and_the_loss_floor():
+    from swav.health import COLLAPSE_ADVICE, loss_floor
+    assert "swav.temperature" in COLLAPSE_ADVICE and "shorten" in COLLAPSE_ADVICE
+    # floor = -log softmax(cosines / T) of the right prototype, with cosine 1 to it and -1 to the others
+    k, t = 7, 0.5
+    cosines = -torch.ones(k, dtype=torch.float64)
+    cosines[0] = 1.0
+    direct = -torch.log_softmax(cosines / t, dim=0)[0].item()
+    assert math.isclose(loss_floor(k, t), direct, rel_tol=1e-12)
+    assert loss_floor(300, 5.0) > 0.9 * math.log(300) > loss_floor(300, 1.0)

@@ -338,6 +338,34 @@ def test_nan_loss_stops_before_the_optimiser_step_and_the_run_resumes(tmp_path, 
     assert_matches_reference(out, reference)
 
 
+def test_non_finite_weights_are_never_saved_even_without_the_nan_check(tmp_path, idx_data, capsys):
+    # run.nan_check=false lets the NaN step through: the update makes the weights NaN; the run must stop at the
+    # next save, with every file on disk finite and no model.pt
+    out = tmp_path / "run"
+    code, text = run_cli(capsys, argv(idx_data, out, "--set", "debug.inject_nan_step=3", "--set",
+                                      "run.nan_check=false"))
+    assert code == 1, text
+    assert "training stopped after step 3:" in text and "hold NaN/Inf (backbone." in text
+    assert "step_00000002.pt; resume from it with a lower learning rate" in text
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000002.pt", "step_00000001.pt"]
+    assert not (out / "model.pt").exists()
+    for path in list_checkpoints(out):
+        assert all(torch.isfinite(t).all() for t in load_checkpoint(path)["model"].values()
+                   if t.is_floating_point()), path
+
+
+def test_non_finite_buffers_are_named(tmp_path):
+    from swav.health import nonfinite_state_names
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    assert nonfinite_state_names(model) == []
+    model[1].running_var[1] = float("inf")
+    model[0].weight.data[0, 0] = float("nan")
+    assert nonfinite_state_names(model) == ["0.weight", "1.running_var"]
+    model[0].weight.data[0, 0] = 3e30  # finite: its squared norm overflows, but it is not reported
+    model[1].running_var[1] = 1.0
+    assert nonfinite_state_names(model) == []
+
+
 @pytest.mark.parametrize("check_sync", ["step", "deferred"])
 def test_inf_gradients_with_a_finite_loss_name_exactly_the_parameters_hit(tmp_path, idx_data, check_sync):
     cfg = tiny_config(tmp_path, **{"data.path": str(idx_data), "data.channels": 1, "run.checkpoint_every_steps": 1,
