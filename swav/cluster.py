@@ -326,6 +326,14 @@ def cluster_extracted(
     if data.embeddings is None or not data.prototypes:
         raise ValueError(f"extract_dir {extract_dir}: holds no embeddings/prototypes; extract with "
                          "what='embeddings' or 'both'")
+    untrained = [name for name in data.meta.get("freshly_initialised") or []
+                 if name.startswith(("prototypes.", "projection_head."))]
+    if untrained:
+        raise ValueError(f"extract_dir {extract_dir}: the prototypes or projection head were not in the checkpoint "
+                         f"{data.meta.get('checkpoint')!r} (loaded with --partial; initialised at random: "
+                         f"{', '.join(untrained[:4])}{' ...' if len(untrained) > 4 else ''}), so the clusters would "
+                         "be random directions; cluster with a checkpoint that holds them (a training checkpoint, "
+                         "model.pt or a full export, not --backbone-only)")
     if not 0 <= head < len(data.prototypes):
         raise ValueError(f"head must be in [0, {len(data.prototypes) - 1}], got {head}")
     prototypes = data.prototypes[head]

@@ -614,7 +614,9 @@ def extract_job(
     _, test_transform = transforms_for_checkpoint(checkpoint, spec)
     dataset = build_dataset(data, split=split, transform=test_transform, channels=spec.in_channels)
     metadata = {"checkpoint": str(checkpoint), "data": os.fspath(data), "split": split,
-                "channels": spec.in_channels, "model_spec": spec.to_dict(), "limit": limit}
+                "channels": spec.in_channels, "model_spec": spec.to_dict(), "limit": limit,
+                # model tensors that were not in the checkpoint (--partial), initialised at random
+                "freshly_initialised": list(getattr(model, "freshly_initialised", []))}
     return extract_to_dir(model, dataset, output_dir, what=what, batch_size=batch_size, chunk_rows=chunk_rows,
                           device=device, workers=workers, amp_dtype=amp_dtype, limit=limit,
                           write_safetensors=write_safetensors, source=f"{os.fspath(data)}:{split}",

@@ -116,7 +116,8 @@ class NonFiniteError(RuntimeError):
         where = f"non-finite gradients in {len(parameter_names)} parameter(s): {shown}" if parameter_names \
             else "gradients finite"
         if self.terms:
-            listed = ", ".join(f"{k} = {v:.4g}" for k, v in list(self.terms.items())[:12])
+            listed = ", ".join(f"{k} = {int(v)}" if k.startswith("non-finite") else f"{k} = {v:.4g}"
+                               for k, v in list(self.terms.items())[:12])  # counts of entries, values of terms
             more = f" ... ({len(self.terms)} in all)" if len(self.terms) > 12 else ""
             detail = f"; loss terms {listed}{more}{detail}"
         super().__init__(

@@ -337,3 +337,24 @@ def test_cluster_of_extraction_that_left_out_unreadable_images_stays_aligned(tmp
                 assert got is None
             else:
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(load_image(r["path"])))
+
+
+def test_cluster_refuses_prototypes_that_the_checkpoint_did_not_hold(tmp_path, capsys):
+    from swav.extract import extract_job
+
+    checkpoint, _ = _small_extraction(tmp_path)
+    saved = torch.load(checkpoint, weights_only=False)
+    state = saved["model"] if "model" in saved else saved["state_dict"]
+    del state["prototypes.weight"]
+    partial = tmp_path / "no_prototypes.pt"
+    torch.save(saved, partial)
+    folder = extract_job(partial, tmp_path / "imgs", tmp_path / "feats2", batch_size=8, device="cpu",
+                         progress=False, strict=False)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["freshly_initialised"] == ["prototypes.weight"]
+    assert _run_cli(["cluster", "--features-dir", str(folder), "--output-dir", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "were not in the checkpoint" in err and "prototypes.weight" in err
+    assert not (tmp_path / "c" / "clusters.csv").exists()
+    # a complete checkpoint records that nothing was initialised at random
+    assert json.loads((tmp_path / "feats" / "meta.json").read_text())["freshly_initialised"] == []

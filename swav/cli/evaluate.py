@@ -454,6 +454,8 @@ class _Setup:
         return {
             "command": command,
             "checkpoint": str(args.checkpoint),
+            # model tensors that were not in the checkpoint (--partial), initialised at random
+            "freshly_initialised": list(getattr(self.model, "freshly_initialised", [])),
             "model_spec": self.spec.to_dict(),
             "data": args.data,
             "train_data": args.train_data,

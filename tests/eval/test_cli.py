@@ -190,6 +190,14 @@ def test_normalisation_comes_from_the_training_config(idx_data, tmp_path):
     assert _main(["eval-knn", *_common(checkpoint, tmp_path, "--data", str(idx_data), "--k", "3")]) == 0
     result = json.loads((tmp_path / "eval-knn.json").read_text())
     assert result["normalization"] == {"mean": [0.3], "std": [0.4]}
+    assert result["freshly_initialised"] == []
+    # a file without the prototypes, loaded with --partial: the result says what was not trained
+    saved = torch.load(checkpoint, weights_only=False)
+    del saved["model"]["prototypes.weight"]
+    torch.save(saved, tmp_path / "partial.pt")
+    assert _main(["eval-knn", *_common(tmp_path / "partial.pt", tmp_path, "--data", str(idx_data), "--k", "3",
+                                       "--partial")]) == 0
+    assert json.loads((tmp_path / "eval-knn.json").read_text())["freshly_initialised"] == ["prototypes.weight"]
     argv = ["eval-knn", *_common(checkpoint, tmp_path, "--data", str(idx_data), "--mean", "0.5", "--std", "0.5")]
     assert _main(argv) == 0
     assert json.loads((tmp_path / "eval-knn.json").read_text())["normalization"] == {"mean": [0.5], "std": [0.5]}
