@@ -349,6 +349,10 @@ def infer_spec(state: Mapping[str, Any], defaults: ModelSpec | None = None) -> M
         hidden = _shape(state["projection_head.0.weight"])[0]
         output = _shape(state["projection_head.3.weight"])[0]
         batch_norm = "projection_head.1.weight" in state or "projection_head.1.running_mean" in state
+        if not batch_norm:  # legitimate for our head_batch_norm=False; the original release always has one
+            logger.warning("the file's projection head has no BatchNorm tensors (projection_head.1.*): it is read as "
+                           "a head without BatchNorm (ModelSpec head_batch_norm=False). The original release "
+                           "always has one; if this file should, it lacks those tensors")
     elif "projection_head.0.weight" in state:
         hidden, output = 0, _shape(state["projection_head.0.weight"])[0]
     heads = sorted(

@@ -296,3 +296,20 @@ def test_config_yaml_given_as_checkpoint_is_named(tmp_path):
         load_pretrained(run / "config.yaml")
     assert str(info.value) == (f"{str(run / 'config.yaml')!r} is not a checkpoint (YAML file); "
                                f"pass the run's model.pt ({str(run / 'model.pt')!r})")
+
+
+def test_a_head_without_batch_norm_tensors_is_read_as_such_with_a_warning(tmp_path, caplog):
+    spec = ModelSpec("resnet18", small_images=True, hidden_dim=16, output_dim=8, num_prototypes=(5,))
+    state = ours_to_official(build_model(spec).state_dict())
+    for key in [k for k in state if k.startswith("module.projection_head.1.")]:
+        del state[key]
+    torch.save(state, tmp_path / "no_head_bn.pth.tar")
+    with caplog.at_level(logging.WARNING):
+        model = load_pretrained(tmp_path / "no_head_bn.pth.tar")
+    assert model.spec.head_batch_norm is False
+    assert "projection head has no BatchNorm tensors" in caplog.text
+    caplog.clear()
+    torch.save(ours_to_official(build_model(spec).state_dict()), tmp_path / "with_head_bn.pth.tar")
+    with caplog.at_level(logging.WARNING):
+        assert load_pretrained(tmp_path / "with_head_bn.pth.tar").spec.head_batch_norm
+    assert "projection head has no BatchNorm" not in caplog.text
