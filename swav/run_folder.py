@@ -249,9 +249,12 @@ def partial_resume_checkpoint(ckpt: dict[str, Any], config: Config, model: nn.Mo
     fresh = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     mismatched = {k for k, _, _ in diff.mismatched}
     merged = {k: (ckpt["model"][k] if k in ckpt["model"] and k not in mismatched else v) for k, v in fresh.items()}
-    logger.warning("PARTIAL resume from %s (the run was trained with a different model or crops):\n  %s\n"
+    spec_differs = bool(ckpt.get("model_spec")) and ckpt.get("model_spec") != spec
+    why = ("the run was trained with a different model or crops:\n  " + "\n  ".join(fatal)) if fatal else \
+        "the model spec differs" if spec_differs else "the file's model tensors do not match the model's"
+    logger.warning("PARTIAL resume from %s (%s)\n"
                    "%d of %d model tensors loaded; freshly initialised: %s; ignored from the file: %s", source,
-                   "\n  ".join(fatal or ["model_spec differs"]), len(fresh) - len(diff.skipped()), len(fresh),
+                   why, len(fresh) - len(diff.skipped()), len(fresh),
                    ", ".join(diff.skipped()) or "none", ", ".join(diff.unexpected) or "none")
     adapted = dict(ckpt, model=merged, model_spec=spec)
     old = ckpt.get("config") or {}

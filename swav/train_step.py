@@ -190,6 +190,7 @@ class SwAVStep:
         self.check_sync = resolve_check_sync(config.run.check_sync, device, optimizer, precision == "fp16")
         self._posted: _PostedFlags | None = None
         self._carried: tuple[int, bool] = (0, False)  # flags read by flush(), for the next step's output
+        self._queue_in_use_logged = False
 
     def start_epoch(self, epoch: int) -> None:
         """Create the (empty) queue at the start of epoch ``swav.queue_start_epoch`` (SPEC §5)."""
@@ -197,8 +198,9 @@ class SwAVStep:
         if self.queue is None and self.queue_length > 0 and epoch >= s.queue_start_epoch:
             self.queue = EmbeddingQueue(len(s.crops_for_assign), self.queue_length,
                                         self.config.model.output_dim).to(self.device)
-            logger.info("queue started at epoch %d: %d embeddings per rank per assignment crop",
-                        epoch, self.queue_length)
+            logger.info("queue started at epoch %d: %d embeddings per rank per assignment crop (used in the codes "
+                        "once full, after %d steps)", epoch, self.queue_length, -(-self.queue_length // max(
+                            self.config.optim.batch_size_per_device, 1)))
 
     @torch.no_grad()
     def _queue_scores(self, z_ND: torch.Tensor, batch: int) -> list[list[torch.Tensor] | None]:
@@ -208,6 +210,9 @@ class SwAVStep:
             return [None] * heads
         scores: list[list[torch.Tensor] | None] = [None] * heads
         if self.queue.is_full:
+            if not self._queue_in_use_logged:
+                self._queue_in_use_logged = True
+                logger.info("queue full: its %d embeddings per rank now enter the codes", self.queue.length)
             scores = [[self.queue.embeddings[i].float() @ w.detach().float().t()
                        for i in range(self.queue.embeddings.shape[0])]
                       for w in self.raw_model.prototypes.weights()]

@@ -237,3 +237,12 @@ def test_a_temperature_that_keeps_the_loss_at_ln_k_is_warned(caplog):
         with caplog.at_level(logging.WARNING):
             derive_values(c, world_size=1, dataset_size=640, device="cpu", precision="fp32", pipeline="pil")
         assert ("predictions cannot sharpen" in caplog.text) == warned, temperature
+
+
+def test_a_queue_as_long_as_the_data_set_is_warned(caplog):
+    c = with_values(Config(), {"swav.queue_length": 512, "optim.batch_size_per_device": 64})
+    for size, warned in ((512, True), (5120, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            derive_values(c, world_size=1, dataset_size=size, device="cpu", precision="fp32", pipeline="pil")
+        assert ("holds at least a whole epoch" in caplog.text) == warned, size

@@ -272,7 +272,17 @@ def test_partial_export_never_writes_untrained_tensors_as_if_trained(small_model
     for fmt in ("full", "safetensors", "official"):
         out = tmp_path / f"p.{fmt}"
         assert export_main(["--checkpoint", str(partial), "--output", str(out), "--format", fmt, "--partial"]) == 1
-        assert "would be written untrained (prototypes." in capsys.readouterr().err and not out.exists()
+        err = capsys.readouterr().err
+        assert "would be written untrained (prototypes." in err and not out.exists()
+        assert "the backbone (safetensors --backbone-only" in err
+    # a tensor of the backbone missing: no export of it is trained, and the message does not suggest one
+    no_conv = {k: v for k, v in small_model.state_dict().items() if k != "backbone.conv1.weight"}
+    torch.save({"format": MODEL_FORMAT, "version": CHECKPOINT_VERSION, "model": no_conv,
+                "model_spec": small_model.spec.to_dict()}, tmp_path / "no_conv1.pt")
+    assert export_main(["--checkpoint", str(tmp_path / "no_conv1.pt"), "--output", str(tmp_path / "b.safetensors"),
+                        "--format", "safetensors", "--backbone-only", "--partial"]) == 1
+    err = capsys.readouterr().err
+    assert "(backbone.conv1.weight)" in err and "the backbone itself is incomplete" in err and "--backbone-only" not in err
     out = tmp_path / "backbone.safetensors"
     assert export_main(["--checkpoint", str(partial), "--output", str(out), "--format", "safetensors",
                         "--backbone-only", "--partial"]) == 0

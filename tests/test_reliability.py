@@ -459,3 +459,20 @@ def test_bad_images_are_skipped_counted_listed_and_scanned(tmp_path, capsys):
     code, text = finish(launch(abort, log), log)  # and the main process exits: it used to hang here
     assert code == 1 and "unreadable images out of" in text and "max_bad_fraction=0.1" in text, text[-3000:]
     assert "swav scan" in text
+
+
+def test_partial_resume_of_a_file_missing_a_tensor_says_so(tmp_path, caplog):
+    from swav.config import config_to_dict
+    from swav.model import ModelSpec, build_model
+    from swav.run_folder import partial_resume_checkpoint
+    from tests.train_helpers import tiny_config
+
+    config = tiny_config(tmp_path)
+    model = build_model(ModelSpec("resnet-compact-4", small_images=True, hidden_dim=16, output_dim=8,
+                                  num_prototypes=10))
+    state = {k: v for k, v in model.state_dict().items() if k != "prototypes.weight"}
+    ckpt = {"model": state, "config": config_to_dict(config), "model_spec": model.spec.to_dict(), "optimizer": {}}
+    with caplog.at_level("WARNING"):
+        partial_resume_checkpoint(ckpt, config, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "(the file's model tensors do not match the model's)" in caplog.text
+    assert "different model or crops" not in caplog.text and "freshly initialised: prototypes.weight" in caplog.text

@@ -46,12 +46,16 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_resume_is_bit_identical(tmp_path, image_folder, variant):
+def test_resume_is_bit_identical(tmp_path, image_folder, variant, caplog):
     values, stop, total = VARIANTS[variant]
     dataset = InMemoryImages(20) if values["data.pipeline"] == "tensor" else None
     data = None if dataset is not None else image_folder
-    straight = train(tiny_config(tmp_path / "straight", data, **values, **{"run.max_steps": total}),
-                     dataset=dataset, model_builder=tiny_model)
+    with caplog.at_level("INFO", logger="swav"):
+        straight = train(tiny_config(tmp_path / "straight", data, **values, **{"run.max_steps": total}),
+                         dataset=dataset, model_builder=tiny_model)
+    if variant == "queue":  # started at epoch 0, full after 2 steps: the log says when it enters the codes
+        assert "used in the codes once full, after 2 steps" in caplog.text
+        assert "queue full: its 8 embeddings per rank now enter the codes" in caplog.text
     assert straight.status == "max_steps" and straight.step == total
     first = train(tiny_config(tmp_path / "split", data, **values, **{"run.max_steps": stop}),
                   dataset=dataset, model_builder=tiny_model)

@@ -92,9 +92,15 @@ def run_export(args: argparse.Namespace) -> int:
             written_fresh = [key for key in fresh if key.startswith("backbone.")]
         if written_fresh:  # the export would load strictly later, hiding that these were never trained
             shown = ", ".join(written_fresh[:6]) + (f" ... ({len(written_fresh)} in all)" if len(written_fresh) > 6 else "")
+            if any(key.startswith("backbone.") for key in written_fresh):
+                advice = ("the backbone itself is incomplete, so no export of it is trained; use a checkpoint that "
+                          "holds the whole backbone")
+            else:
+                advice = ("export only what the checkpoint holds: the backbone (safetensors --backbone-only"
+                          + ("" if model.spec.backbone.startswith("resnet-compact") else ", or --format torchvision")
+                          + ")")
             raise ValueError(f"{len(written_fresh)} tensor(s) of the export are not in the checkpoint and would be "
-                             f"written untrained ({shown}); export only what the checkpoint holds (the backbone: "
-                             "--format torchvision, or safetensors --backbone-only) or load it with a matching spec")
+                             f"written untrained ({shown}); {advice}")
         config = pretraining_config(args.checkpoint)  # kept in full and safetensors exports (evaluation reads it)
         if args.format == "torchvision":
             written = export.export_backbone_torchvision(model, output)
