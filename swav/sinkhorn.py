@@ -66,8 +66,9 @@ def sinkhorn_knopp(
         epsilon: entropy regularisation (0.05 official); smaller is harder.
         iterations: number of row/column normalisation rounds (3 official).
         log_domain: normalise with log-sum-exp, exact for any epsilon; ``None`` (default): only where the
-            exp form could underflow (:func:`needs_log_domain`: eps < 0.025 in float32), ``False``: always
-            the exp form, ``True``: always the log domain.
+            exp form could underflow (:func:`needs_log_domain`: eps < 0.025 in float32; the rule assumes
+            cosine scores, |s| <= 1, as SwAV's are: pass ``True`` for scores of a wider range), ``False``:
+            always the exp form, ``True``: always the log domain.
         distributed: when a process group exists, sum over all ranks so that B is the global
             batch and every rank gets exactly its slice of the single-process result.
 
