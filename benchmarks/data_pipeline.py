@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--colour-strategies", nargs="+", default=["auto"],
                         choices=["auto", "grouped", "masked", "dense", "dense-compiled"],
                         help="one FastMultiCrop row per colour-stage strategy (dense-compiled: torch.compile)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every pipeline this many times, in turn; report medians")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -133,20 +136,32 @@ def main() -> None:
                  ("MultiCropTransform", lambda n: run_per_image(files, n, reference_one))]
     pipelines += [(f"FastMultiCrop ({device.type}" + ("" if s == "auto" else f", {s}") + ")", fast_pipeline(s))
                   for s in args.colour_strategies]
-    results = [measure(name, work, args.images) for name, work in pipelines
-               if name.split(" ")[0] not in args.skip]
-    base = next((r for r in results if r["pipeline"] == "torchvision-pil"), results[0])
+    chosen = [(name, work) for name, work in pipelines if name.split(" ")[0] not in args.skip]
+    # rounds: every pipeline once per round, in turn, so that drifts of a shared machine hit all of them alike
+    rounds = [[measure(name, work, args.images) for name, work in chosen] for _ in range(args.rounds)]
+    results = []
+    for i, (name, _) in enumerate(chosen):
+        runs = [r[i] for r in rounds]
+        rates = [run["images_per_s_per_core"] for run in runs]
+        results.append({"pipeline": name, "images": args.images, "rounds": args.rounds,
+                        "images_per_s_per_core": statistics.median(rates), "per_round": rates,
+                        "cpu_s": statistics.median(run["cpu_s"] for run in runs),
+                        "wall_s": statistics.median(run["wall_s"] for run in runs)})
+    base_index = next((i for i, r in enumerate(results) if r["pipeline"] == "torchvision-pil"), 0)
+    base = results[base_index]
     print(f"{len(files)} photos from {args.data.resolve()}, crops 2x224 + 6x96, "
-          f"{args.images} images each, torch threads 1")
-    print(f"{'pipeline':<36} {'images/s/core':>14} {'ratio vs baseline':>18} {'wall s':>8}")
-    for r in results:
-        r["ratio_vs_baseline"] = r["images_per_s_per_core"] / base["images_per_s_per_core"]
-        print(f"{r['pipeline']:<36} {r['images_per_s_per_core']:>14.1f} "
-              f"{r['ratio_vs_baseline']:>18.2f} {r['wall_s']:>8.1f}")
+          f"{args.images} images each, torch threads 1, {args.rounds} round(s) (medians)")
+    print(f"{'pipeline':<36} {'images/s/core':>14} {'ratio vs baseline':>18} {'ratio range':>14} {'wall s':>8}")
+    for i, r in enumerate(results):
+        ratios = [round_[i]["images_per_s_per_core"] / round_[base_index]["images_per_s_per_core"]
+                  for round_ in rounds]
+        r["ratio_vs_baseline"] = statistics.median(ratios)  # median of the per-round ratios
+        r["ratio_per_round"] = ratios
+        print(f"{r['pipeline']:<36} {r['images_per_s_per_core']:>14.1f} {r['ratio_vs_baseline']:>18.2f} "
+              f"{min(ratios):>6.2f}-{max(ratios):<7.2f} {r['wall_s']:>8.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"baseline": base["pipeline"], "results": results},
+        args.json.write_text(json.dumps({"baseline": base["pipeline"], "rounds": args.rounds, "results": results},
                                         indent=2))
-
 
 if __name__ == "__main__":
     main()
