@@ -330,7 +330,7 @@ def cluster_extracted(
                  if name.startswith(("prototypes.", "projection_head."))]
     if untrained:
         raise ValueError(f"extract_dir {extract_dir}: the prototypes or projection head were not in the checkpoint "
-                         f"{data.meta.get('checkpoint')!r} (loaded with --partial; initialised at random: "
+                         f"{data.meta.get('checkpoint')!r} (a backbone-only file, or loaded with --partial; initialised at random: "
                          f"{', '.join(untrained[:4])}{' ...' if len(untrained) > 4 else ''}), so the clusters would "
                          "be random directions; cluster with a checkpoint that holds them (a training checkpoint, "
                          "model.pt or a full export, not --backbone-only)")

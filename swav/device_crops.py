@@ -213,6 +213,9 @@ class DeviceMultiCrop:
     def crop(self, images: Sequence[torch.Tensor], indices: Sequence[int], epoch: int = 0,
              boxes: torch.Tensor | None = None, sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The crops of decoded uint8 ``(C, H, W)`` images on the device (see :meth:`__call__`)."""
+        if not images:
+            return [torch.empty(0, self.channels, g.size, g.size, dtype=torch.uint8, device=self.device)
+                    for g in self.groups for _ in range(g.count)]
         shapes = [tuple(image.shape[-2:]) for image in images]
         boxes = boxes.clone() if boxes is not None else torch.zeros(len(images), sum(g.count for g in self.groups), 4)
         given = [tuple(s) for s in sizes.tolist()] if sizes is not None else [None] * len(images)

@@ -38,7 +38,8 @@ COLLAPSE_ADVICE = (
     "high temperature keeps the loss near ln K by construction) (SPEC §13)")
 DIVERGENCE_ADVICE = (
     "lower the learning rate (optim.base_lr) or lengthen the warm-up (optim.warmup_epochs), and freeze the "
-    "prototypes longer (swav.freeze_prototypes_steps) (SPEC §13)")
+    "prototypes longer (swav.freeze_prototypes_steps); if the loss rose when the queue started, start it later "
+    "or shorten it (swav.queue_start_epoch / swav.queue_length) (SPEC §13)")
 
 
 def loss_floor(num_prototypes: int, temperature: float) -> float:
@@ -66,7 +67,8 @@ class CollapseMonitor:
     non-finite loss (only possible with ``run.nan_check=false``) is reported once as well.
     """
 
-    def __init__(self, collapse_loss: float, *, start_step: int, patience: int = 5, tolerance: float = 0.02) -> None:
+    def __init__(self, collapse_loss: float, *, start_step: int, patience: int = 5, tolerance: float = 0.02,
+                 nan_check: bool = True) -> None:
         if patience < 1 or not 0 < tolerance < 1:
             raise ValueError(f"patience={patience} must be >= 1 and tolerance={tolerance} in (0, 1)")
         self.collapse_loss = collapse_loss
@@ -76,11 +78,12 @@ class CollapseMonitor:
         self._streak = 0
         self.warned = False
         self.warned_nonfinite = False
+        self.nan_check = nan_check  # on: a non-finite step is skipped and stops the run (no warning needed here)
 
     def update(self, step: int, loss: float) -> str | None:
         """Record one logged loss; returns the warning text the first time collapse is detected."""
         if not math.isfinite(loss):
-            if self.warned_nonfinite:
+            if self.warned_nonfinite or self.nan_check:
                 return None
             self.warned_nonfinite = True
             return (f"the loss is {loss} at step {step} (run.nan_check=false lets such steps update the model): "
@@ -116,7 +119,7 @@ class NonFiniteError(RuntimeError):
         where = f"non-finite gradients in {len(parameter_names)} parameter(s): {shown}" if parameter_names \
             else "gradients finite"
         if self.terms:
-            listed = ", ".join(f"{k} = {int(v)}" if k.startswith("non-finite") else f"{k} = {v:.4g}"
+            listed = ", ".join(f"{k} = {int(v)}" if "non-finite" in k else f"{k} = {v:.4g}"
                                for k, v in list(self.terms.items())[:12])  # counts of entries, values of terms
             more = f" ... ({len(self.terms)} in all)" if len(self.terms) > 12 else ""
             detail = f"; loss terms {listed}{more}{detail}"
@@ -133,23 +136,32 @@ class NonFiniteStateError(NonFiniteError):
     (an update or a BatchNorm running statistic overflowed); raised before a checkpoint or ``model.pt`` would
     be written, so no saved file holds them."""
 
-    def __init__(self, step: int, names: list[str], newest: str | None) -> None:
+    def __init__(self, step: int, names: list[str], newest: str | None, *, nan_check: bool = True) -> None:
         self.step, self.loss, self.parameter_names, self.terms = step, float("nan"), names, {}
         shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+        what = f"{len(names)} parameter or BatchNorm statistic tensor(s) of the model hold NaN/Inf ({shown})" \
+            if names else "parameters or BatchNorm statistics of the model hold NaN/Inf on another rank"
+        checked = ("although the loss and gradients were finite" if nan_check else
+                   "(run.nan_check=false: losses and gradients were not checked; turn it on to stop at the first "
+                   "bad step, before its update)")
         where = (f"the newest checkpoint is {newest}; resume from it with a lower learning rate "
                  f"(`swav pretrain --output-dir RUN --resume --set optim.base_lr=...`), or start again if it "
                  "fails at the same step (the weights may already be out of range)" if newest
                  else "no checkpoint was written before it; start again with a lower learning rate")
         RuntimeError.__init__(
-            self, f"training stopped after step {step}: {len(names)} parameter or buffer tensor(s) of the model "
-            f"hold NaN/Inf ({shown}) although the loss and gradients were finite. Nothing was saved; {where}. "
+            self, f"training stopped after step {step}: {what} {checked}. Nothing was saved; {where}. "
             "Common causes: learning rate too high, fp16 overflow (try run.precision=bf16 or fp32)")
 
 
 def nonfinite_state_names(model: torch.nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``model`` that hold a NaN or an Inf (one fused
-    norm over all of them; names are looked up only when one is not finite)."""
-    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+    """Names of the parameters and BatchNorm running statistics of ``model`` that hold a NaN or an Inf (one
+    fused norm over all of them; names are looked up only when one is not finite). Other buffers are left
+    alone: a model may keep constant non-finite ones (an attention mask of -inf)."""
+    named = [(n, t) for n, t in model.named_parameters() if t.is_floating_point()]
+    for prefix, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase):
+            named += [(f"{prefix}.{n}" if prefix else n, t) for n, t in module.named_buffers(recurse=False)
+                      if t is not None and t.is_floating_point()]
     if not named:
         return []
     norms = torch._foreach_norm([t.detach() for _, t in named])

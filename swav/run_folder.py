@@ -41,6 +41,7 @@ from torch import nn
 
 from swav.checkpoint import checkpoint_dir, final_checkpoint_path, list_checkpoints
 from swav.config import Config, config_to_dict, load_config_file
+from swav.sinkhorn import needs_log_domain
 
 __all__ = ["RunExistsError", "RUN_FILES", "holds_run", "clear_run", "check_run_folder", "resume_differences",
            "run_differences", "resume_refusal", "partial_resume_checkpoint", "count_bad_images", "FATAL_KEYS",
@@ -181,8 +182,11 @@ def _differences_to_folder(output_dir: str | os.PathLike, config: Config) -> lis
 
 
 def _flatten(d: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in d.items() if isinstance(values, dict)
+    flat = {f"{section}.{key}": value for section, values in d.items() if isinstance(values, dict)
             for key, value in values.items()}
+    if "swav.log_domain" in flat and flat["swav.log_domain"] is None:  # compare what runs: null is automatic
+        flat["swav.log_domain"] = needs_log_domain(float(flat.get("swav.epsilon", 0.05)))
+    return flat
 
 
 def _norm(value: Any) -> Any:

@@ -303,7 +303,8 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
     writer = MetricsWriter(out, enabled=ctx.is_main, tensorboard=run.tensorboard)
     meter = RateMeter(derived.global_batch_size, derived.total_steps, progress.step)
     monitor = CollapseMonitor(derived.collapse_loss,
-                              start_step=max(derived.warmup_steps, config.swav.freeze_prototypes_steps))
+                              start_step=max(derived.warmup_steps, config.swav.freeze_prototypes_steps),
+                              nan_check=run.nan_check)
     deadline = time.monotonic() + 60 * run.time_budget_minutes if run.time_budget_minutes else None
     last: Path | None = None
     loss_value: float | None = None
@@ -319,8 +320,8 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
         all_reduce_max_(flag)
         if flag.item():
             newest = list_checkpoints(out)
-            raise NonFiniteStateError(progress.step, names or ["(on another rank)"],
-                                      str(newest[0]) if newest else None)
+            raise NonFiniteStateError(progress.step, names, str(newest[0]) if newest else None,
+                                      nan_check=run.nan_check)
 
     def save(path: Path, finished: bool = False) -> Path:
         check_state()

@@ -246,3 +246,14 @@ def test_a_queue_as_long_as_the_data_set_is_warned(caplog):
         with caplog.at_level(logging.WARNING):
             derive_values(c, world_size=1, dataset_size=size, device="cpu", precision="fp32", pipeline="pil")
         assert ("holds at least a whole epoch" in caplog.text) == warned, size
+
+
+def test_an_old_run_with_log_domain_false_is_the_same_run_where_the_exp_form_runs_anyway():
+    from swav.config import config_to_dict
+    from swav.run_folder import resume_differences, run_differences
+    saved = config_to_dict(with_values(Config(), {"swav.log_domain": False}))  # the default before null existed
+    assert run_differences(saved, Config()) == [] and resume_differences(saved, Config()) == ([], [])
+    small = {"swav.epsilon": 0.01}  # there null means the log domain: a real difference
+    saved = config_to_dict(with_values(Config(), {**small, "swav.log_domain": False}))
+    assert run_differences(saved, with_values(Config(), small)) == [
+        "swav.log_domain: folder False, this command True"]

@@ -166,3 +166,8 @@ def test_pretrain_with_device_pipeline_resumes_bit_identically(tmp_path) -> None
     assert state_a.keys() == state_b.keys() and len(state_a) > 10
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
+
+
+def test_an_empty_batch_gives_empty_crops() -> None:
+    crops = DeviceMultiCrop(GROUPS, seed=0).crop([], [], 0)
+    assert [tuple(c.shape) for c in crops] == [(0, 3, 48, 48)] * 2 + [(0, 3, 24, 24)] * 3

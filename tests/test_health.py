@@ -49,10 +49,18 @@ def test_a_loss_above_ln_k_is_reported_as_not_learning():
     warning = monitor.update(3, 10.4)
     assert warning is not None and "not learning" in warning and "optim.base_lr" in warning
     assert monitor.update(4, 10.0) is None  # once
-    nan = CollapseMonitor(math.log(k), start_step=100)
+    nan = CollapseMonitor(math.log(k), start_step=100, nan_check=False)
     first = nan.update(5, float("nan"))  # before start_step too
     assert first is not None and "nan" in first and "run.nan_check=false" in first
     assert nan.update(6, float("inf")) is None
+    # with the NaN check on, the step is skipped and the run stops with NonFiniteError: nothing to add here
+    assert CollapseMonitor(math.log(k), start_step=0).update(5, float("nan")) is None
+
+
+def test_nan_error_prints_entry_counts_as_integers_for_every_head():
+    text = str(NonFiniteError(5, float("nan"), [], terms={"head 0 l(0,1)": 1.23456,
+                                                          "head 0 non-finite scores(0)": 123456.0}))
+    assert "head 0 non-finite scores(0) = 123456" in text and "head 0 l(0,1) = 1.235" in text
 
 
 def test_collapse_advice_names_the_temperature_and_the_loss_floor():

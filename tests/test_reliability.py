@@ -347,6 +347,7 @@ def test_non_finite_weights_are_never_saved_even_without_the_nan_check(tmp_path,
     assert code == 1, text
     assert "training stopped after step 3:" in text and "hold NaN/Inf (backbone." in text
     assert "step_00000002.pt; resume from it with a lower learning rate" in text
+    assert "run.nan_check=false: losses and gradients were not checked" in text
     assert [p.name for p in list_checkpoints(out)] == ["step_00000002.pt", "step_00000001.pt"]
     assert not (out / "model.pt").exists()
     for path in list_checkpoints(out):
@@ -357,6 +358,7 @@ def test_non_finite_weights_are_never_saved_even_without_the_nan_check(tmp_path,
 def test_non_finite_buffers_are_named(tmp_path):
     from swav.health import nonfinite_state_names
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    model.register_buffer("mask", torch.full((2, 2), float("-inf")))  # a constant buffer of a custom model
     assert nonfinite_state_names(model) == []
     model[1].running_var[1] = float("inf")
     model[0].weight.data[0, 0] = float("nan")
