@@ -106,9 +106,9 @@ def crop_groups_from_lists(nmb_crops: Sequence[int], size_crops: Sequence[int],
 
 def blur_kernel_size(crop_size: int, sigma_max: float = BLUR_SIGMA_RANGE[1]) -> int:
     """Odd Gaussian kernel reaching 3 sigma of the largest sigma drawn (2.0 -> 13 taps), so that every sigma
-    blurs as much as SPEC §7 says (the original's PIL blur has no cut-off; a 3-sigma cut keeps 98.7% of
-    the standard deviation). Never wider than the reflect padding allows (2 * size - 1), so tiny crops
-    still work.
+    blurs as much as SPEC §7 says (the original's PIL blur has no cut-off; with the cut, sigma 2 spreads an
+    impulse by 1.99, 99.4%). Never wider than the reflect padding allows (2 * size - 1), so tiny crops still
+    work.
 
     >>> blur_kernel_size(224), blur_kernel_size(96), blur_kernel_size(16), blur_kernel_size(4), blur_kernel_size(1)
     (13, 13, 13, 7, 1)
