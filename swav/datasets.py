@@ -150,7 +150,7 @@ class ImageFolderDataset(Dataset):
         if empty:
             logger.warning("class folders without images under %s: %s", root, sorted(empty))
         self._known_bad: set[int] = set()
-        self.tracker = BadImageTracker(max_bad_fraction, min_bad_count, bad_list_path)
+        self.tracker = BadImageTracker(max_bad_fraction, min_bad_count, bad_list_path, total=len(self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -11,10 +11,12 @@ and the reason. Global Pillow settings (``ImageFile.LOAD_TRUNCATED_IMAGES``,
 What a dataset does with an unreadable file is decided here too (:class:`BadImageTracker`): the
 file is logged, remembered and skipped, and the run is aborted with
 :class:`TooManyBadImagesError` once at least ``min_bad_count`` (default 10) distinct bad files were
-met *and* they make up more than ``max_bad_fraction`` (default 1%) of the decode attempts made so
-far in this process. The count threshold keeps an early unlucky streak (1 bad of the first 3) from
-stopping a run. Each data-loader worker keeps its own counts (it sees a random share of the data,
-so its estimate is unbiased). Because workers are separate processes, bad paths reach the main
+met *and* they make up more than ``max_bad_fraction`` (default 1%) of the files (when their number is
+known: a folder) or of the decode attempts made so far in this process (a stream of shards, where it is
+not). Against the number of files the rule is exact, whatever the order the files are met in (bad files
+in one sub-folder are met in a row, as a folder substitutes the next file for an unreadable one); the
+count threshold keeps an early unlucky streak of a stream (1 bad of the first 3) from stopping a run.
+Each data-loader worker keeps its own counts. Because workers are separate processes, bad paths reach the main
 process through ``bad_list_path``: every process appends one line per new bad file (a single
 ``write`` on a file opened in append mode, which POSIX keeps whole on local disks);
 :attr:`BadImageTracker.bad_files` reads it back deduplicated. On a shared network file system
@@ -280,7 +282,7 @@ class BadImageTracker:
     """
 
     def __init__(self, max_bad_fraction: float = 0.01, min_bad_count: int = 10,
-                 bad_list_path: str | os.PathLike | None = None) -> None:
+                 bad_list_path: str | os.PathLike | None = None, total: int | None = None) -> None:
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
         if min_bad_count < 1:
@@ -289,6 +291,9 @@ class BadImageTracker:
         self.min_bad_count = int(min_bad_count)
         self.bad_list_path = os.fspath(bad_list_path) if bad_list_path is not None else None
         self.attempted = 0
+        # the number of files when it is known (a folder): the rule then compares the distinct bad files with it,
+        # exactly; otherwise (a stream) with the decode attempts so far, an estimate
+        self.total = total
         self.bad: dict[str, str] = {}  # path -> reason, in order of discovery
 
     def record_ok(self) -> None:
@@ -314,11 +319,12 @@ class BadImageTracker:
 
     def check(self) -> None:
         n_bad = len(self.bad)
-        if n_bad >= self.min_bad_count and n_bad > self.max_bad_fraction * self.attempted:
+        base = self.total if self.total else self.attempted
+        if n_bad >= self.min_bad_count and n_bad > self.max_bad_fraction * base:
             examples = "; ".join(f"{p} ({r})" for p, r in list(self.bad.items())[:3])
+            what = f"{base} image files" if self.total else f"{base} decode attempts in this process"
             raise TooManyBadImagesError(
-                f"{n_bad} unreadable images out of {self.attempted} decode attempts in this "
-                f"process ({n_bad / self.attempted:.1%} > max_bad_fraction="
+                f"{n_bad} unreadable images out of {what} ({n_bad / base:.1%} > max_bad_fraction="
                 f"{self.max_bad_fraction}); e.g. {examples}. Run `swav scan` on the data to list "
                 "them all, then fix or remove them, or raise max_bad_fraction.")
 

@@ -306,3 +306,23 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         build_dataset("fashion-mnist")
+
+
+def test_bad_files_in_a_row_are_judged_against_the_whole_folder(tmp_path):
+    # 12 unreadable files in one sub-folder among 400 good ones (2.9%): a run allowing 10% must not stop, even
+    # though the substitution walks the whole run of bad files on the first request that meets them
+    for folder, count in (("a_good", 200), ("c_good", 200)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            save_png(tmp_path / folder / f"{i}.png", i % 256)
+    (tmp_path / "b_bad").mkdir()
+    for i in range(12):
+        (tmp_path / "b_bad" / f"{i}.jpg").write_bytes(b"")
+    ds = ImageFolderDataset(tmp_path, max_bad_fraction=0.1)
+    for i in range(len(ds)):
+        ds[i]
+    assert len(ds.tracker.bad) == 12
+    strict = ImageFolderDataset(tmp_path, max_bad_fraction=0.02)  # 12 > 2% of 412: stops, naming the folder size
+    with pytest.raises(TooManyBadImagesError, match="out of 412 image files"):
+        for i in range(len(strict)):
+            strict[i]
