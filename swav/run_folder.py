@@ -286,10 +286,21 @@ def _optimizer_state_fits(state: dict[str, Any], model: nn.Module) -> bool:
     return True
 
 
-def count_bad_images(output_dir: str | os.PathLike) -> int:
-    """Distinct unreadable image files listed in the run's ``bad_images.txt`` (0 when there is none)."""
+def count_bad_images(output_dir: str | os.PathLike, *, deduplicate: bool = False) -> int:
+    """Distinct unreadable image files listed in the run's ``bad_images.txt`` (0 when there is none).
+
+    Every data-loader worker appends the files it met, so a file can be listed more than once;
+    ``deduplicate=True`` (the main process at the end of a run) rewrites the list with each file once, in
+    order of discovery.
+    """
     path = Path(output_dir) / "bad_images.txt"
     if not path.is_file():
         return 0
     with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        return len({line.rstrip("\n") for line in fh if line.strip()})
+        lines = list(dict.fromkeys(line.rstrip("\n") for line in fh if line.strip()))
+    if deduplicate:
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.writelines(line + "\n" for line in lines)
+        os.replace(tmp, path)
+    return len(lines)

@@ -145,9 +145,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
         raise
     finally:
         if log_handler is not None:
-            if count_bad_images(out):
-                logger.warning("%d unreadable image files skipped, listed in %s", count_bad_images(out),
-                               out / "bad_images.txt")
+            bad = count_bad_images(out, deduplicate=True)
+            if bad:
+                logger.warning("%d unreadable image files skipped, listed in %s", bad, out / "bad_images.txt")
             logging.getLogger("swav").removeHandler(log_handler)
             log_handler.close()
         lock.release()

@@ -444,7 +444,7 @@ def test_bad_images_are_skipped_counted_listed_and_scanned(tmp_path, capsys):
     code, text = finish(launch(args, log), log)  # the same command continues
     assert code == 0, text[-3000:]
     listed = (out / "bad_images.txt").read_text(encoding="utf-8").splitlines()
-    assert sorted(set(listed)) == sorted(bad)  # 56 files, 7 batches of 8: every file was read once
+    assert sorted(listed) == sorted(bad)  # each once (workers append what they meet; the run deduplicates at its end)
     assert "8 unreadable image files skipped" in text and (out / "model.pt").is_file()
 
     code, text = run_cli(capsys, ["scan", str(root), "--json", str(tmp_path / "scan.json")])
@@ -478,3 +478,11 @@ def test_partial_resume_of_a_file_missing_a_tensor_says_so(tmp_path, caplog):
         partial_resume_checkpoint(ckpt, config, model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert "(the file's model tensors do not match the model's)" in caplog.text
     assert "different model or crops" not in caplog.text and "freshly initialised: prototypes.weight" in caplog.text
+
+
+def test_the_bad_image_list_is_deduplicated_at_the_end_of_a_run(tmp_path):
+    from swav.run_folder import count_bad_images
+    (tmp_path / "bad_images.txt").write_text("a.jpg\nb.png\na.jpg\nb.png\nc.gif\n")  # two workers, two epochs
+    assert count_bad_images(tmp_path) == 3 and len((tmp_path / "bad_images.txt").read_text().splitlines()) == 5
+    assert count_bad_images(tmp_path, deduplicate=True) == 3
+    assert (tmp_path / "bad_images.txt").read_text() == "a.jpg\nb.png\nc.gif\n"
