@@ -119,7 +119,7 @@ def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str
     (``'compiled'``, what ``run.compile`` uses); ``prefetch`` > 0: decode, crop and colour of the next
     batches in a background thread (``data.prefetch_batches``) while the step runs."""
     from swav.batch_augment import BatchColorAugment, MultiCropCropper, multicrop_collate
-    from swav.device_crops import DeviceMultiCrop, draw_boxes, encoded_collate, header_size, split_encoded
+    from swav.device_crops import DeviceMultiCrop, draw_boxes, encoded_collate, read_header, split_encoded
     from swav.multicrop import CropGroup
     from swav.train_data import prefetched
 
@@ -136,9 +136,9 @@ def run_jpeg(batch, steps, warmup, device, data: Path, workers: int, decode: str
             path = files[i % len(files)]
             if decode == "gpu":  # as EncodedImageDataset: the bytes, and the crop boxes drawn from the header
                 raw = path.read_bytes()
-                height, width = header_size(raw)
+                height, width, orientation = read_header(raw)
                 return (torch.frombuffer(bytearray(raw), dtype=torch.uint8), i, 0,
-                        draw_boxes(cropper, 0, height, width, i, 0), torch.tensor([height, width]))
+                        draw_boxes(cropper, 0, height, width, i, 0), torch.tensor([height, width, orientation]))
             return cropper(str(path), index=i), 0
 
     collate = encoded_collate if decode == "gpu" else multicrop_collate
@@ -250,7 +250,7 @@ def augment_breakdown(device, batch: int, steps: int, data: Path | None = None) 
     from torch.profiler import ProfilerActivity, profile
 
     from swav.batch_augment import BatchColorAugment
-    from swav.device_crops import DeviceMultiCrop, draw_boxes, header_size
+    from swav.device_crops import DeviceMultiCrop, draw_boxes, read_header
     from swav.multicrop import CropGroup
 
     def host_ms(fn) -> float:
@@ -287,8 +287,8 @@ def augment_breakdown(device, batch: int, steps: int, data: Path | None = None) 
         encoded = [torch.frombuffer(bytearray(files[i % len(files)].read_bytes()), dtype=torch.uint8)
                    for i in range(batch)]
         cropper = DeviceMultiCrop([CropGroup(224, 2, 0.14, 1.0), CropGroup(96, 6, 0.05, 0.14)], seed=0, device=device)
-        sizes = torch.tensor([header_size(bytes(e.numpy())) for e in encoded])
-        boxes = torch.stack([draw_boxes(cropper.cropper, 0, h, w, i, 0) for i, (h, w) in enumerate(sizes.tolist())])
+        sizes = torch.tensor([read_header(bytes(e.numpy())) for e in encoded])  # height, width, EXIF orientation
+        boxes = torch.stack([draw_boxes(cropper.cropper, 0, h, w, i, 0) for i, (h, w, _) in enumerate(sizes.tolist())])
         # as in the engine: the boxes come from the workers
         decode_crop = lambda i: cropper(encoded, list(range(batch)), 0, boxes=boxes, sizes=sizes)  # noqa: E731
         result["decode_crop_ms"] = 1000 * timed(decode_crop, steps, 2, device)

@@ -28,15 +28,19 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.ops import roi_align
+from torchvision.transforms.v2.functional import pil_to_tensor
 
-from swav.batch_augment import MultiCropCropper, decode_image_source
+from swav.batch_augment import MultiCropCropper
+from swav.images import (_EXIF_ORIENTATION, IMAGE_FORMATS, BadImageTracker, ImageDecodeError, TooManyBadImagesError,
+                         default_max_pixels, load_image)
 from swav.multicrop import CropGroup, check_groups, crop_generator
 
 try:  # deprecated in torchvision 0.29 (moving to torchcodec); everything is decoded by PIL without it
@@ -44,7 +48,8 @@ try:  # deprecated in torchvision 0.29 (moving to torchcodec); everything is dec
 except ImportError:  # pragma: no cover
     decode_jpeg = None
 
-__all__ = ["EncodedImageDataset", "DeviceMultiCrop", "draw_boxes", "encoded_collate", "header_size", "split_encoded"]
+__all__ = ["EncodedImageDataset", "DeviceMultiCrop", "apply_orientation", "draw_boxes", "encoded_collate", "header_size",
+           "read_header", "split_encoded"]
 
 logger = logging.getLogger(__name__)
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -58,14 +63,70 @@ def draw_boxes(cropper: MultiCropCropper, seed: int | None, height: int, width: 
     return torch.tensor([(b.left, b.top, b.left + b.width, b.top + b.height) for b in boxes], dtype=torch.float32)
 
 
-def header_size(data: bytes | memoryview) -> tuple[int, int]:
-    """``(height, width)`` from an encoded image's header (PIL reads no pixels), ``(-1, -1)`` if unreadable."""
+def read_header(data: bytes | memoryview, label: str = "<bytes>", max_pixels: int | None = None
+                ) -> tuple[int, int, int]:
+    """``(height, width, orientation)`` of an encoded image from its header (PIL reads no pixels): the size as
+    displayed, after the EXIF orientation (1 = none; 5-8 swap the sides), checked as
+    :func:`swav.images.load_image` checks a file before decoding it (empty, not one of the decoded formats,
+    invalid size, more than ``max_pixels``; None = the default limit, 0 = none).
+
+    Raises:
+        ImageDecodeError: naming ``label`` and the reason.
+    """
+    if not len(data):
+        raise ImageDecodeError(label, "file is empty (0 bytes)", "empty")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                width, height = image.size
+                orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(label, f"refused as a decompression bomb ({exc})", "too_large") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(label, f"not a supported image format (starts with {bytes(data[:16])!r})",
+                               "not_an_image") from exc
+    except Exception as exc:  # noqa: BLE001  (PIL raises many types for corrupt headers)
+        raise ImageDecodeError(label, f"cannot parse header ({exc})", "corrupt") from exc
+    limit = default_max_pixels() if max_pixels is None else max_pixels
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(label, f"invalid size {width}x{height}", "corrupt")
+    if limit and width * height > limit:
+        raise ImageDecodeError(label, f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+                               "(decompression-bomb guard)", "too_large")
+    if orientation not in range(1, 9):
+        orientation = 1
+    return (width, height, orientation) if orientation >= 5 else (height, width, orientation)
+
+
+def header_size(data: bytes | memoryview) -> tuple[int, int]:
+    """``(height, width)`` as displayed (after the EXIF orientation) from an encoded image's header,
+    ``(-1, -1)`` if it is not a readable image (see :func:`read_header`)."""
+    try:
+        height, width, _ = read_header(data)
         return height, width
-    except Exception:  # noqa: BLE001  (corrupt files are reported where they are decoded)
+    except ImageDecodeError:
         return -1, -1
+
+
+def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Rotate/flip a ``(C, H, W)`` image as EXIF orientation ``orientation`` asks (what PIL's
+    ``ImageOps.exif_transpose`` does to the decoded pixels; 1 or unknown: unchanged)."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, -1, (-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(image, 1, (-2, -1))
+    return image
 
 
 class EncodedImageDataset(Dataset):
@@ -87,33 +148,57 @@ class EncodedImageDataset(Dataset):
         self.paths = [path for path, _ in samples]
         self.seed = seed
         self.cropper = None if groups is None else MultiCropCropper(groups, channels=channels, seed=seed)
+        self.max_pixels = getattr(folder, "max_pixels", None)
+        tracker = getattr(folder, "tracker", None)  # unreadable files: skipped, listed, counted as the folder does
+        self.tracker = BadImageTracker(tracker.max_bad_fraction, tracker.min_bad_count, tracker.bad_list_path,
+                                       total=len(self.paths)) if tracker is not None else \
+            BadImageTracker(total=len(self.paths))
+        self._known_bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> tuple:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def _read(self, index: int) -> tuple[bytes, tuple[int, int, int]]:
         path = self.paths[index]
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
         except OSError as exc:
-            raise OSError(f"cannot read image file {path!r} ({exc}); remove it or fix its permissions") from exc
+            raise ImageDecodeError(path, f"cannot read file ({exc.strerror or exc})", "unreadable") from exc
+        return data, read_header(data, path, self.max_pixels)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple:
+        """A file whose header cannot be read (empty, not an image, too large, unreadable) is skipped: the
+        next readable file takes its place, as in :class:`~swav.datasets.ImageFolderDataset`; files that
+        only fail to decode are handled by :class:`DeviceMultiCrop`."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        n = len(self.paths)
+        for offset in range(n):
+            i = (index + offset) % n
+            if i in self._known_bad:
+                continue
+            try:
+                data, (height, width, orientation) = self._read(i)
+            except ImageDecodeError as exc:
+                self._known_bad.add(i)
+                self.tracker.record_bad(self.paths[i], exc.reason)
+                continue
+            self.tracker.record_ok()
+            break
+        else:
+            raise TooManyBadImagesError(f"none of the {n} image files can be read; run `swav scan` on the folder")
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if self.cropper is None:
-            return encoded, index, epoch
-        height, width = header_size(data)
-        views = sum(g.count for g in self.cropper.groups)
-        boxes = (draw_boxes(self.cropper, self.seed, height, width, index, epoch) if height > 0
-                 else torch.zeros(views, 4))
-        return encoded, index, epoch, boxes, torch.tensor([height, width])
+            return encoded, i, epoch
+        boxes = draw_boxes(self.cropper, self.seed, height, width, i, epoch)
+        return encoded, i, epoch, boxes, torch.tensor([height, width, orientation])
 
 
 def encoded_collate(items: Sequence[tuple]) -> tuple:
     """``(buffer, ends, indices, epoch)``: the batch's encoded files end to end in one uint8 tensor (a worker
     hands one shared-memory block to the main process instead of one per file), where each file ends, the
     sample indices, and the batch's epoch; items with boxes add ``boxes`` ``(B, V, 4)`` and ``sizes``
-    ``(B, 2)``. :func:`split_encoded` gives the files back."""
+    ``(B, 3)`` (height and width as displayed, EXIF orientation). :func:`split_encoded` gives the files back."""
     buffer = torch.cat([item[0] for item in items])
     ends = torch.tensor([len(item[0]) for item in items]).cumsum(0).tolist()
     batch = (buffer, ends, [item[1] for item in items], items[0][2])
@@ -143,7 +228,8 @@ class DeviceMultiCrop:
     """
 
     def __init__(self, groups: Sequence[CropGroup], *, channels: int = 3, seed: int | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", tracker: BadImageTracker | None = None) -> None:
+        self.tracker = tracker  # None: a file that cannot be decoded is an error; else skipped and recorded
         self.groups = check_groups(groups)
         self.cropper = MultiCropCropper(self.groups, channels=channels, seed=seed)
         self.channels = channels
@@ -172,9 +258,15 @@ class DeviceMultiCrop:
             image.record_stream(main)
         return decoded
 
-    def decode(self, encoded: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> list[torch.Tensor]:
-        """uint8 ``(C, H, W)`` images on the device; one batched device decode for the JPEGs. ``names`` (e.g.
-        file paths) only serve the error message."""
+    def decode(self, encoded: Sequence[torch.Tensor], names: Sequence[str] | None = None,
+               orientations: Sequence[int] | None = None) -> list[torch.Tensor | None]:
+        """uint8 ``(C, H, W)`` images on the device, as displayed (EXIF orientation applied). JPEGs go through
+        one batched device decode; other files, and JPEGs the device decoder rejects, through
+        :func:`swav.images.load_image` on the CPU, so they follow the other pipelines' rules (16-bit data
+        scaled, transparency composited on white, only the decoded formats). ``orientations``: the EXIF
+        orientation of each file (from :class:`EncodedImageDataset`); None reads it from the headers here.
+        ``names`` (e.g. file paths) serve the messages. A file that cannot be decoded is None in the result
+        and recorded in the tracker, or, without one, an error naming it."""
         images: list[torch.Tensor | None] = [None] * len(encoded)
         jpeg = [i for i, data in enumerate(encoded)
                 if self.device_decode and bytes(data[:3].tolist()) == _JPEG_MAGIC]
@@ -191,24 +283,57 @@ class DeviceMultiCrop:
                         images[i] = self._device_decode(encoded[i], mode)
                     except RuntimeError:
                         pass
+            for i in jpeg:  # the device decoder leaves the EXIF orientation to us (load_image applies it)
+                if images[i] is not None:
+                    orientation = orientations[i] if orientations is not None else self._orientation(encoded[i])
+                    images[i] = apply_orientation(images[i], int(orientation))
         for i, image in enumerate(images):
-            if image is None:
-                self.cpu_decoded += 1
-                try:
-                    cpu = decode_image_source(bytes(encoded[i].numpy()), self.channels)
-                except Exception as exc:  # PIL raises many types for corrupt data
-                    what = repr(names[i]) if names is not None else f"image {i} of the batch"
-                    raise ValueError(f"{what} cannot be decoded ({exc}); find the corrupt "
-                                     "file with `swav scan DATA` and remove it") from exc
-                images[i] = cpu.to(self.device, non_blocking=True)
-        return images  # type: ignore[return-value]
+            if image is not None:
+                continue
+            self.cpu_decoded += 1
+            label = names[i] if names is not None else f"image {i} of the batch"
+            try:
+                pil = load_image(bytes(encoded[i].numpy()), channels=self.channels, name=label)
+            except ImageDecodeError as exc:
+                if self.tracker is None:
+                    shown = repr(names[i]) if names is not None else label
+                    raise ValueError(f"{shown} cannot be decoded ({exc.reason}); find the corrupt file with "
+                                     "`swav scan DATA` and remove it") from exc
+                self.tracker.record_bad(label, exc.reason)
+                continue
+            images[i] = pil_to_tensor(pil).to(self.device, non_blocking=True)
+        return images
+
+    @staticmethod
+    def _orientation(data: torch.Tensor) -> int:
+        try:
+            return read_header(bytes(data.numpy()), max_pixels=0)[2]
+        except ImageDecodeError:
+            return 1
 
     def __call__(self, encoded: Sequence[torch.Tensor], indices: Sequence[int], epoch: int = 0,
                  names: Sequence[str] | None = None, boxes: torch.Tensor | None = None,
                  sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """``boxes`` ``(B, V, 4)`` and ``sizes`` ``(B, 2)`` (from :class:`EncodedImageDataset` with groups) are
-        used for every image whose decoded size equals ``sizes``; the others' boxes are drawn here."""
-        return self.crop(self.decode(encoded, names), indices, epoch, boxes=boxes, sizes=sizes)
+        """``boxes`` ``(B, V, 4)`` and ``sizes`` ``(B, 3)`` (height and width as displayed, EXIF orientation:
+        from :class:`EncodedImageDataset` with groups; ``(B, 2)`` without the orientation) are used for every
+        image whose decoded size equals ``sizes``; the others' boxes are drawn here. With a tracker, a file
+        that cannot be decoded is replaced by the next decodable image of the batch, cropped with boxes drawn
+        for its own index (as a folder replaces it by the next readable file)."""
+        orientations = sizes[:, 2].tolist() if sizes is not None and sizes.shape[1] > 2 else None
+        images = self.decode(encoded, names, orientations)
+        bad = [b for b, image in enumerate(images) if image is None]
+        if bad:
+            good = [b for b, image in enumerate(images) if image is not None]
+            if not good:
+                raise TooManyBadImagesError(f"none of the {len(images)} files of a batch can be decoded (e.g. "
+                                            f"{names[bad[0]] if names is not None else 'the first'}); run "
+                                            "`swav scan` on the data")
+            sizes = sizes.clone() if sizes is not None else None
+            for b in bad:
+                images[b] = images[next((g for g in good if g > b), good[0])]
+                if sizes is not None:
+                    sizes[b, :2] = -1  # boxes are drawn for the substitute's size
+        return self.crop(images, indices, epoch, boxes=boxes, sizes=sizes)  # type: ignore[arg-type]
 
     def crop(self, images: Sequence[torch.Tensor], indices: Sequence[int], epoch: int = 0,
              boxes: torch.Tensor | None = None, sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -218,7 +343,7 @@ class DeviceMultiCrop:
                     for g in self.groups for _ in range(g.count)]
         shapes = [tuple(image.shape[-2:]) for image in images]
         boxes = boxes.clone() if boxes is not None else torch.zeros(len(images), sum(g.count for g in self.groups), 4)
-        given = [tuple(s) for s in sizes.tolist()] if sizes is not None else [None] * len(images)
+        given = [tuple(s[:2]) for s in sizes.tolist()] if sizes is not None else [None] * len(images)
         for b, (shape, index) in enumerate(zip(shapes, indices)):
             if given[b] != shape:  # no boxes from the workers, or EXIF-rotated / unreadable header
                 boxes[b] = draw_boxes(self.cropper, self.seed, shape[0], shape[1], int(index), epoch)

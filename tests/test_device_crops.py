@@ -125,14 +125,14 @@ def test_boxes_drawn_in_workers_give_the_same_crops(tmp_path) -> None:
     (tmp_path / "4.png").write_bytes(bytes(encode(smooth_image(4, (50, 80)), "PNG").numpy()))
     dataset = EncodedImageDataset(ImageFolderDataset(tmp_path), GROUPS, seed=7)
     buffer, ends, indices, epoch, boxes, header = encoded_collate([dataset[(3, i)] for i in range(5)])
-    assert tuple(boxes.shape) == (5, 5, 4) and header.tolist() == [[h, w] for w, h in sizes + [(50, 80)]]
+    assert tuple(boxes.shape) == (5, 5, 4) and header.tolist() == [[h, w, 1] for w, h in sizes + [(50, 80)]]
     encoded = split_encoded(buffer, ends)
     inline = DeviceMultiCrop(GROUPS, seed=7)(encoded, indices, epoch)
     from_workers = DeviceMultiCrop(GROUPS, seed=7)(encoded, indices, epoch, boxes=boxes, sizes=header)
     assert all(torch.equal(a, b) for a, b in zip(inline, from_workers, strict=True))
-    # a header size that does not match the decoded image (EXIF rotation, say): boxes redrawn, same crops
+    # a header size that does not match the decoded image (a header PIL misreads, say): boxes redrawn, same crops
     wrong = header.clone()
-    wrong[1] = torch.tensor([70, 100])  # the true size is 100 x 70
+    wrong[1, :2] = torch.tensor([70, 100])  # the true size is 100 x 70
     garbage = boxes.clone()
     garbage[1] = 0.0
     redrawn = DeviceMultiCrop(GROUPS, seed=7)(encoded, indices, epoch, boxes=garbage, sizes=wrong)
@@ -171,3 +171,69 @@ def test_pretrain_with_device_pipeline_resumes_bit_identically(tmp_path) -> None
 def test_an_empty_batch_gives_empty_crops() -> None:
     crops = DeviceMultiCrop(GROUPS, seed=0).crop([], [], 0)
     assert [tuple(c.shape) for c in crops] == [(0, 3, 48, 48)] * 2 + [(0, 3, 24, 24)] * 3
+
+
+def _exif_jpeg(path, orientation: int, size=(64, 40)) -> None:
+    image = smooth_image(orientation, size)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, quality=95, exif=exif)
+
+
+def test_exif_orientation_is_applied_as_the_other_pipelines_apply_it(tmp_path) -> None:
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from swav.datasets import ImageFolderDataset
+    from swav.images import load_image
+    for o in range(1, 9):
+        _exif_jpeg(tmp_path / f"{o}.jpg", o)
+    dataset = EncodedImageDataset(ImageFolderDataset(tmp_path), GROUPS, seed=2)
+    items = [dataset[(0, i)] for i in range(8)]
+    buffer, ends, indices, epoch, boxes, header = encoded_collate(items)
+    encoded = split_encoded(buffer, ends)
+    cropper = DeviceMultiCrop(GROUPS, seed=2)
+    for given in (header[:, 2].tolist(), None):  # from the workers, or read from the headers here
+        images = cropper.decode(encoded, orientations=given)
+        for i, path in enumerate(dataset.paths):
+            expected = pil_to_tensor(load_image(path))
+            assert images[i].shape == expected.shape, (path, images[i].shape)
+            assert (images[i].float() - expected.float()).abs().mean() < 1.0, path
+    assert [tuple(h[:2]) for h in header.tolist()] == [tuple(pil_to_tensor(load_image(p)).shape[1:])
+                                                        for p in dataset.paths]
+    # the crops match the batched pipeline's (same boxes, resize kernels differ slightly)
+    crops = cropper(encoded, indices, epoch, boxes=boxes, sizes=header)
+    reference = MultiCropCropper(GROUPS, seed=2)
+    for b, path in enumerate(dataset.paths):
+        ref = reference(load_image(path), index=indices[b])
+        for v in range(5):
+            assert (crops[v][b].float() - ref[v].float()).abs().mean() < 3.0, (path, v)
+
+
+def test_non_jpeg_files_decode_as_load_image_decodes_them() -> None:
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from swav.images import load_image
+    rgb = smooth_image(3, (20, 16))
+    keyed = io.BytesIO()
+    rgb.save(keyed, "PNG", transparency=tuple(rgb.getpixel((0, 0))))  # a colour key: composited on white
+    gray16 = io.BytesIO()
+    Image.fromarray((np.arange(320, dtype=np.uint16).reshape(16, 20) * 200)).save(gray16, "PNG")
+    for data in (keyed.getvalue(), gray16.getvalue()):
+        image = DeviceMultiCrop(GROUPS, seed=0).decode([torch.frombuffer(bytearray(data), dtype=torch.uint8)])[0]
+        assert torch.equal(image, pil_to_tensor(load_image(data)))
+
+
+def test_unreadable_files_are_skipped_and_listed_in_the_device_pipeline(tmp_path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(13):  # 16 files, 4 batches of 4: every file is met in the epoch
+        smooth_image(i, (30, 24)).save(folder / f"{i}.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "page.jpg").write_text("<html>not an image</html>")
+    good = (folder / "0.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[:200] + bytes(300))  # a readable header, a broken body
+    values = {"data.pipeline": "device", "optim.epochs": 1, "data.max_bad_fraction": 0.5}
+    result = train(tiny_config(tmp_path / "run", folder, **values), model_builder=tiny_model)
+    assert result.status == "complete"
+    listed = sorted((tmp_path / "run" / "bad_images.txt").read_text().splitlines())
+    assert listed == sorted(str(folder / name) for name in ("empty.jpg", "page.jpg", "truncated.jpg"))
