@@ -362,3 +362,30 @@ def test_cli_extract_unreadable_images_overwrite_validation_and_file_output_dir(
     assert capsys.readouterr().err.strip() == \
         f"swav extract: error: --output-dir {str(afile)!r} is an existing file: choose a folder"
     assert afile.read_text() == "keep me"
+
+
+def test_a_small_image_model_extracts_a_folder_of_mixed_sizes(tmp_path):
+    """Small-image models (Fashion-MNIST, CIFAR) take images whole; a folder of photos of other sizes is
+    resized and centre-cropped to the pretraining's crop size (or --crop-size) so that it can be batched."""
+    from PIL import Image
+
+    from swav.checkpoint import save_model_file
+    from swav.eval.transforms import transforms_for_checkpoint
+    from swav.extract import extract_job
+    from swav.model import ModelSpec, build_model
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(40, 30), (64, 64), (20, 50), (32, 32), (300, 200)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    spec = ModelSpec("resnet-compact-8", small_images=True, hidden_dim=0, output_dim=8, num_prototypes=5)
+    checkpoint = save_model_file(tmp_path / "model.pt", build_model(spec), spec.to_dict(),
+                                 config={"crops": {"sizes": [32, 16]}})
+    out = extract_job(checkpoint, folder, tmp_path / "feats", batch_size=8, device="cpu", progress=False)
+    assert np.load(out / "features.npy").shape[0] == 5
+    _, test = transforms_for_checkpoint(checkpoint, spec)
+    assert tuple(test(Image.open(folder / "4.png")).shape) == (3, 32, 32)
+    assert tuple(test(Image.open(folder / "3.png")).shape) == (3, 32, 32)
+    _, test = transforms_for_checkpoint(checkpoint, spec, crop_size=24)  # --crop-size
+    assert tuple(test(Image.open(folder / "0.png")).shape) == (3, 24, 24)

@@ -74,12 +74,14 @@ def eval_transforms(
     padding: int = 4,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    small_size: int | None = None,
 ) -> tuple[Transform, Transform]:
     """``(train_transform, test_transform)`` mapping a PIL image to a normalised float tensor.
 
     ``preset="imagenet"``: RandomResizedCrop(``crop_size``) + flip / Resize(``resize_size``) +
     CenterCrop(``crop_size``); scale both sizes for other resolutions (e.g. 96 / 110 for STL-10).
-    ``preset="small"``: :class:`PadRandomCrop` (``padding``) + flip / identity.
+    ``preset="small"``: :class:`PadRandomCrop` (``padding``) + flip / identity; with ``small_size``, images are
+    first resized and centre-cropped to it (a folder of mixed sizes; images of that size are unchanged).
 
     Example:
         >>> from PIL import Image
@@ -94,8 +96,9 @@ def eval_transforms(
         train_geometry = [v2.RandomResizedCrop(crop_size, antialias=True), v2.RandomHorizontalFlip()]
         test_geometry = [v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size)]
     elif preset == "small":
-        train_geometry = [PadRandomCrop(padding), v2.RandomHorizontalFlip()]
-        test_geometry = []
+        fit = [] if small_size is None else [v2.Resize(small_size, antialias=True), v2.CenterCrop(small_size)]
+        train_geometry = fit + [PadRandomCrop(padding), v2.RandomHorizontalFlip()]
+        test_geometry = fit
     else:
         raise ValueError(f"preset: must be one of {PRESETS}, got {preset!r}")
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
@@ -111,10 +114,11 @@ def transforms_for_spec(
     crop_size: int = 224,
     resize_size: int = 256,
     padding: int = 4,
+    small_size: int | None = None,
 ) -> tuple[Transform, Transform]:
     """Pick :func:`eval_transforms` for a :class:`swav.model.ModelSpec` (or anything with
-    ``small_images`` and ``in_channels``): ``small_images`` -> ``"small"`` preset (no resizing),
-    ``in_channels`` -> grey or RGB conversion and normalisation.
+    ``small_images`` and ``in_channels``): ``small_images`` -> ``"small"`` preset (no resizing, or to
+    ``small_size``), ``in_channels`` -> grey or RGB conversion and normalisation.
 
     Example:
         >>> from swav.model import ModelSpec
@@ -131,6 +135,7 @@ def transforms_for_spec(
         padding=padding,
         mean=mean,
         std=std,
+        small_size=small_size,
     )
 
 
@@ -226,4 +231,8 @@ def transforms_for_checkpoint(
     if not spec.small_images:
         logger.info("evaluation images: resize to %d, centre crop %d%s", resize, crop,
                     " (the pretraining's large-crop size)" if crop_size is None and sizes else "")
-    return transforms_for_spec(spec, mean=mean, std=std, crop_size=crop, resize_size=resize)
+        return transforms_for_spec(spec, mean=mean, std=std, crop_size=crop, resize_size=resize)
+    # small images (Fashion-MNIST, CIFAR): taken whole at the pretraining's crop size; images of another size
+    # (a folder of photos) are resized and centre-cropped to it, so that they can be batched
+    small = crop_size or (crop if sizes else None)
+    return transforms_for_spec(spec, mean=mean, std=std, small_size=small)
