@@ -228,13 +228,12 @@ def _check_output_dir(output_dir: Path, file_name: str) -> None:
 
 def _knn(args: argparse.Namespace) -> dict[str, Any]:
     from swav.eval.knn import knn_accuracy
-    from swav.features import extract_features
 
     setup = _Setup(args)
     train_ds, test_ds = setup.datasets(train_augment=False)
     start = time.perf_counter()
-    train = extract_features(setup.backbone, setup.loader(train_ds, shuffle=False), **setup.feature_kwargs)
-    test = extract_features(setup.backbone, setup.loader(test_ds, shuffle=False), **setup.feature_kwargs)
+    train = setup.features(train_ds, "train")
+    test = setup.features(test_ds, "test")
     num_classes = setup.num_classes(train_ds, train[1], test[1])
     on_device = [t.to(setup.device) for t in (*train, *test)]  # the similarity matmuls run there
     results = []
@@ -249,7 +248,6 @@ def _knn(args: argparse.Namespace) -> dict[str, Any]:
 
 def _linear(args: argparse.Namespace) -> dict[str, Any]:
     from swav.eval.linear import linear_probe, linear_probe_features
-    from swav.features import extract_features
 
     setup = _Setup(args)
     common = {
@@ -263,8 +261,8 @@ def _linear(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     if args.mode == "fast":
         train_ds, test_ds = setup.datasets(train_augment=False)
-        train = extract_features(setup.backbone, setup.loader(train_ds, shuffle=False), **setup.feature_kwargs)
-        test = extract_features(setup.backbone, setup.loader(test_ds, shuffle=False), **setup.feature_kwargs)
+        train = setup.features(train_ds, "train")
+        test = setup.features(test_ds, "test")
         num_classes = setup.num_classes(train_ds, train[1], test[1])
         result = linear_probe_features(
             *train,
@@ -364,6 +362,27 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+_UNREADABLE = -2  # the label of a row whose file could not be read (the data set handed out a stand-in)
+
+
+class _MarkUnreadable:
+    """``dataset`` whose items carry the label :data:`_UNREADABLE` where the file could not be read: an
+    :class:`~swav.datasets.ImageFolderDataset` hands out the next readable image instead (right for
+    training), which evaluation must not count a second time. Checked in the process that loaded the item."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, row: int) -> Any:
+        from swav.extract import _readable
+
+        image, label = self.dataset[row][:2]
+        return image, (label if _readable(self.dataset, row) else _UNREADABLE)
+
+
 class _Setup:
     """What every command needs: the model, transforms, device, loaders and the report header."""
 
@@ -394,6 +413,7 @@ class _Setup:
             "resize": next((t.size[0] for t in test_steps if isinstance(t, v2.Resize)), None),
             "crop": next((t.size[0] for t in test_steps if isinstance(t, v2.CenterCrop)), None)}
         self.feature_kwargs = {"device": self.device, "amp_dtype": self.amp_dtype, "progress": self.progress}
+        self.unreadable: dict[str, int] = {}  # rows of unreadable files left out, per split (feature paths)
         logger.info(
             "evaluating %s (%s, feature dim %d) on %s",
             args.checkpoint,
@@ -421,6 +441,22 @@ class _Setup:
             else build_dataset(args.data, split="test", transform=test_tf, channels=channels)
         )
         return train, _match_classes(train, test)
+
+    def features(self, dataset: Any, split: str) -> tuple[Any, Any]:
+        """``(features, labels)`` of ``dataset`` (frozen backbone, test transform), without the rows of
+        unreadable files (counted in :attr:`unreadable`)."""
+        from swav.features import extract_features
+
+        features, labels = extract_features(self.backbone, self.loader(_MarkUnreadable(dataset), shuffle=False),
+                                            **self.feature_kwargs)
+        keep = labels != _UNREADABLE
+        left_out = int((~keep).sum())
+        self.unreadable[split] = left_out
+        if left_out:
+            logger.warning("%d unreadable image file(s) of the %s set left out (not counted in the accuracy)",
+                           left_out, split)
+            features, labels = features[keep], labels[keep]
+        return features, labels
 
     def loader(self, dataset: Any, *, shuffle: bool, drop_last: bool = False) -> Any:
         import torch
@@ -467,6 +503,7 @@ class _Setup:
             "device": str(self.device),
             "amp": args.amp,
             "batch_size": args.batch_size,
+            "unreadable_left_out": dict(self.unreadable),  # per split, where features were extracted
             "normalization": self.normalization,
             "test_image_sizes": self.image_sizes,
             "seed": args.seed,

@@ -225,3 +225,28 @@ def test_test_images_are_sized_like_pretraining(idx_data, tmp_path):
     torch.testing.assert_close(test(image), expected)  # the image as it is, normalised as in pretraining
     _, test = transforms_for_checkpoint(export_full(model, tmp_path / "no-config.pt"), spec)
     assert test(image).shape == (1, 224, 224)
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_images_are_left_out_of_the_evaluation(tmp_path, workers):
+    import numpy as np
+    from PIL import Image
+
+    from swav.checkpoint import save_model_file
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+        (tmp_path / "data" / cls / "broken.png").write_bytes(b"")
+    spec = ModelSpec("resnet18", small_images=True, hidden_dim=0, output_dim=8, num_prototypes=(5,))
+    checkpoint = save_model_file(tmp_path / "m.pt", build_model(spec), spec.to_dict(),
+                                 config={"data": {"max_bad_fraction": 0.5}})
+    data = str(tmp_path / "data")
+    argv = ["eval-knn", *_common(checkpoint, tmp_path, "--train-data", data, "--val-data", data, "--k", "3")]
+    argv[argv.index("--workers") + 1] = workers
+    assert _main(argv) == 0
+    result = json.loads((tmp_path / "eval-knn.json").read_text())
+    assert (result["num_train"], result["num_test"]) == (12, 12)  # 14 files each, the 2 empty ones left out
+    assert result["unreadable_left_out"] == {"train": 2, "test": 2}
