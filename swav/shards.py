@@ -301,6 +301,10 @@ class ShardDataset(IterableDataset):
         self.seed, self.shuffle_buffer, self.shuffle_shards = seed, shuffle_buffer, shuffle_shards
         self.return_key = return_key
         self.tracker = BadImageTracker(max_bad_fraction, min_bad_count, bad_list_path)
+        # training sets this: an unreadable sample is replaced by a readable one of the same stream (the one
+        # before it, or the first after it), so that a rank's stream keeps the length the index promises and
+        # every epoch has its planned steps; otherwise (extraction, scans) it is left out
+        self.fill_bad = False
         self.epoch = 0
         self.start_shard = 0
         self.set_epoch(0, start_shard)
@@ -388,10 +392,19 @@ class ShardDataset(IterableDataset):
             return
         rng = random.Random(f"swav-buffer-{self.seed}-{self.epoch}-{self.rank}-{worker}")
         samples = tarfile_samples([{"url": url} for url in mine], handler=_damaged_shard)
+        last, owed = None, 0  # owed: unreadable samples met before the first readable one (fill_bad)
         for sample in self._shuffled(samples, rng):
             item = self._decode(sample)
-            if item is not None:
+            if item is None:
+                if self.fill_bad and last is not None:
+                    yield last
+                elif self.fill_bad:
+                    owed += 1
+                continue
+            yield item
+            for _ in range(owed):
                 yield item
+            last, owed = item, 0
 
 
 class DamagedShardError(ValueError):

@@ -208,6 +208,7 @@ def build_shard_loader(config: Config, dataset: ShardDataset, *, pipeline: str, 
                        "%d shards (swav pack-shards --num-shards)", len(counts), world_size, workers,
                        world_size * max(workers, 1))
     transform, augment = per_image_stages(config, pipeline, device)
+    dataset.fill_bad = True  # unreadable samples replaced, so every epoch has its `steps` batches
     stream = ShardCropStream(dataset, transform)
     loader = DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=multicrop_collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,

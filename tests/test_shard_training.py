@@ -121,3 +121,23 @@ def test_two_ranks_train_and_resume_from_shards(images, tmp_path):
     derived = json.loads((tmp_path / "straight" / "derived.json").read_text())
     assert (derived["dataset_size"], derived["samples_per_rank"], derived["steps_per_epoch"]) == (24, 12, 3)
     assert derived["pipeline"] == "batched"
+
+
+def test_unreadable_samples_in_shards_keep_every_epoch_full_length(images, tmp_path):
+    # shards written without verification (or by another tool) may hold unreadable samples: training replaces
+    # each by a readable one of the same stream, so every epoch still has its planned batches
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted(images.iterdir())[:14]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "img.900.png").write_bytes(b"")
+    (folder / "img.901.png").write_text("<html>not an image</html>")
+    shards = _pack(folder, tmp_path / "shards", num_shards=2, verify=False)
+    values = {"data.path": f"shards:{shards}", "data.workers": 0, "optim.epochs": 2, "data.max_bad_fraction": 0.5}
+    result = train(tiny_config(tmp_path / "run", **values), model_builder=tiny_model)
+    assert result.status == "complete" and result.step == 2 * (16 // B)
+    listed = (tmp_path / "run" / "bad_images.txt").read_text().splitlines()
+    assert sorted(name.rsplit(":", 1)[1] for name in listed) == ["img.900.png", "img.901.png"]
+    # outside training (extraction, scans) the stream leaves them out
+    plain = ShardDataset(shards, rank=0, world_size=1, return_key=True, max_bad_fraction=0.5)
+    assert len(list(plain)) == 14
