@@ -22,6 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,12 +336,14 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
         logger.warning("run.max_steps=%d already reached (step %d): nothing to do", run.max_steps, progress.step)
         writer.close()
         return TrainResult("max_steps", out, progress.step, progress.epoch)
+    batches: Any = None
     try:
         while progress.epoch < config.optim.epochs:
             step_fn.start_epoch(progress.epoch)
             loader.set_epoch(progress.epoch, progress.batch_in_epoch)
             epoch_loss, epoch_steps = torch.zeros((), device=ctx.device), 0
-            for crops in loader:
+            batches = iter(loader)
+            for crops in batches:
                 time_over = deadline is not None and time.monotonic() > deadline
                 result = step_fn(crops, progress.step, stop_signal=stop.received, time_over=time_over)
                 progress.step += 1
@@ -381,6 +384,10 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
                     out / "model.pt")
         return TrainResult("complete", out, progress.step, progress.epoch, last, 0, loss_value)
     finally:
+        if batches is not None and hasattr(batches, "close"):
+            batches.close()  # the batch thread and the epoch's iterator, then the worker processes
+        if hasattr(loader, "close"):
+            loader.close()
         writer.close()
 
 

@@ -221,11 +221,23 @@ class TrainLoader:
     ``prefetch`` > 0 makes the batches in a background thread (:func:`prefetched`)."""
 
     def __init__(self, sampler: ResumableSampler, batches: Callable[[], Iterator[list[torch.Tensor]]],
-                 device: torch.device, prefetch: int = 0) -> None:
+                 device: torch.device, prefetch: int = 0, data_loader: DataLoader | None = None) -> None:
         self.sampler = sampler
         self._batches = batches
         self.device = device
         self.prefetch = prefetch
+        self.data_loader = data_loader  # its worker processes are stopped by close()
+
+    def close(self) -> None:
+        """Stop the data-loader worker processes now (persistent workers otherwise live until the interpreter
+        exits, and a run that stops on an error then ends with their shutdown noise on stderr, or lets them
+        write to the run folder after it was tidied up)."""
+        iterator = getattr(self.data_loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        if self.data_loader is not None:
+            self.data_loader._iterator = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
@@ -332,7 +344,8 @@ def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank:
                 augment.generator = batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
                 crops = augment(crops)
             yield crops
-    return TrainLoader(sampler, file_batches, device, prefetch=prefetch_depth(config, pipeline, device))
+    return TrainLoader(sampler, file_batches, device, prefetch=prefetch_depth(config, pipeline, device),
+                       data_loader=loader)
 
 
 def _device_loader(config: Config, dataset: Dataset, sampler: ResumableSampler, *, rank: int,
@@ -358,4 +371,5 @@ def _device_loader(config: Config, dataset: Dataset, sampler: ResumableSampler, 
                             boxes=boxes, sizes=sizes)
             augment.generator = batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
             yield augment(crops)
-    return TrainLoader(sampler, device_batches, device, prefetch=prefetch_depth(config, "device", device))
+    return TrainLoader(sampler, device_batches, device, prefetch=prefetch_depth(config, "device", device),
+                       data_loader=loader)

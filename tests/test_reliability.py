@@ -461,6 +461,17 @@ def test_bad_images_are_skipped_counted_listed_and_scanned(tmp_path, capsys):
     code, text = finish(launch(abort, log), log)  # and the main process exits: it used to hang here
     assert code == 1 and "unreadable images out of" in text and "max_bad_fraction=0.1" in text, text[-3000:]
     assert "swav scan" in text
+    # two workers: the one that stops the run, and one that the main process must stop before it exits (not
+    # leave to the interpreter's exit, which printed a second traceback about a killed worker)
+    abort2 = [a if a != str(tmp_path / "abort") else str(tmp_path / "abort2") for a in abort]
+    abort2[abort2.index("--workers") + 1] = "2"
+    for attempt in range(3):  # the race it had was lost about half the time
+        log = tmp_path / f"abort2-{attempt}.log"
+        code, text = finish(launch(abort2, log), log)
+        assert code == 1 and "unreadable images out of" in text, text[-3000:]
+        assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+        listed = (tmp_path / "abort2" / "bad_images.txt").read_text(encoding="utf-8").splitlines()
+        assert len(listed) == len(set(listed))  # written by the workers, deduplicated after they stopped
 
 
 def test_partial_resume_of_a_file_missing_a_tensor_says_so(tmp_path, caplog):
