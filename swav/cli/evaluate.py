@@ -362,6 +362,18 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _check_labelled(dataset: Any, split: str) -> None:
+    """An image folder with files outside the class sub-folders cannot be evaluated: say which, before any
+    image is decoded."""
+    samples = getattr(dataset, "samples", None)
+    if not isinstance(samples, (list, tuple)):
+        return
+    loose = [path for path, label in samples if label < 0]
+    if loose:
+        raise ValueError(f"{split} data: {len(loose)} image(s) are not in a class sub-folder (e.g. {loose[0]!r}); "
+                         "evaluation needs one sub-folder per class: move or remove them")
+
+
 _UNREADABLE = -2  # the label of a row whose file could not be read (the data set handed out a stand-in)
 
 
@@ -440,6 +452,8 @@ class _Setup:
             if args.val_data
             else build_dataset(args.data, split="test", transform=test_tf, channels=channels)
         )
+        for name, dataset in (("train", train), ("test", test)):
+            _check_labelled(dataset, name)
         return train, _match_classes(train, test)
 
     def features(self, dataset: Any, split: str) -> tuple[Any, Any]:

@@ -250,3 +250,20 @@ def test_unreadable_images_are_left_out_of_the_evaluation(tmp_path, workers):
     result = json.loads((tmp_path / "eval-knn.json").read_text())
     assert (result["num_train"], result["num_test"]) == (12, 12)  # 14 files each, the 2 empty ones left out
     assert result["unreadable_left_out"] == {"train": 2, "test": 2}
+
+
+def test_images_outside_class_folders_are_named_before_any_decoding(tmp_path, capsys):
+    from PIL import Image
+
+    from swav.checkpoint import save_model_file
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(tmp_path / "data" / "a" / f"{i}.png")
+    Image.new("RGB", (12, 12)).save(tmp_path / "data" / "loose.png")
+    spec = ModelSpec("resnet18", small_images=True, hidden_dim=0, output_dim=8, num_prototypes=(5,))
+    checkpoint = save_model_file(tmp_path / "m.pt", build_model(spec), spec.to_dict())
+    data = str(tmp_path / "data")
+    assert _main(["eval-knn", *_common(checkpoint, tmp_path, "--train-data", data, "--val-data", data)]) == 1
+    err = capsys.readouterr().err
+    assert "1 image(s) are not in a class sub-folder" in err and "loose.png" in err
