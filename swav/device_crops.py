@@ -80,7 +80,7 @@ def read_header(data: bytes | memoryview, label: str = "<bytes>", max_pixels: in
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 width, height = image.size
-                orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(label, f"refused as a decompression bomb ({exc})", "too_large") from exc
     except UnidentifiedImageError as exc:
@@ -94,7 +94,7 @@ def read_header(data: bytes | memoryview, label: str = "<bytes>", max_pixels: in
     if limit and width * height > limit:
         raise ImageDecodeError(label, f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} "
                                "(decompression-bomb guard)", "too_large")
-    if orientation not in range(1, 9):
+    if not isinstance(orientation, int) or not 1 <= orientation <= 8:  # what PIL's exif_transpose acts on
         orientation = 1
     return (width, height, orientation) if orientation >= 5 else (height, width, orientation)
 
@@ -189,16 +189,19 @@ class EncodedImageDataset(Dataset):
             raise TooManyBadImagesError(f"none of the {n} image files can be read; run `swav scan` on the folder")
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if self.cropper is None:
-            return encoded, i, epoch
-        boxes = draw_boxes(self.cropper, self.seed, height, width, i, epoch)
-        return encoded, i, epoch, boxes, torch.tensor([height, width, orientation])
+            return encoded, index, epoch
+        # crops keyed by the requested index (a stand-in gets crops of its own, as in the other pipelines);
+        # the file actually read is the last column
+        boxes = draw_boxes(self.cropper, self.seed, height, width, index, epoch)
+        return encoded, index, epoch, boxes, torch.tensor([height, width, orientation, i])
 
 
 def encoded_collate(items: Sequence[tuple]) -> tuple:
     """``(buffer, ends, indices, epoch)``: the batch's encoded files end to end in one uint8 tensor (a worker
     hands one shared-memory block to the main process instead of one per file), where each file ends, the
     sample indices, and the batch's epoch; items with boxes add ``boxes`` ``(B, V, 4)`` and ``sizes``
-    ``(B, 3)`` (height and width as displayed, EXIF orientation). :func:`split_encoded` gives the files back."""
+    ``(B, 4)`` (height and width as displayed, EXIF orientation, the index of the file read: another than the
+    sample's where that one was unreadable). :func:`split_encoded` gives the files back."""
     buffer = torch.cat([item[0] for item in items])
     ends = torch.tensor([len(item[0]) for item in items]).cumsum(0).tolist()
     batch = (buffer, ends, [item[1] for item in items], items[0][2])

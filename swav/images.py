@@ -11,12 +11,13 @@ and the reason. Global Pillow settings (``ImageFile.LOAD_TRUNCATED_IMAGES``,
 What a dataset does with an unreadable file is decided here too (:class:`BadImageTracker`): the
 file is logged, remembered and skipped, and the run is aborted with
 :class:`TooManyBadImagesError` once at least ``min_bad_count`` (default 10) distinct bad files were
-met *and* they make up more than ``max_bad_fraction`` (default 1%) of the files (when their number is
-known: a folder) or of the decode attempts made so far in this process (a stream of shards, where it is
-not). Against the number of files the rule is exact, whatever the order the files are met in (bad files
-in one sub-folder are met in a row, as a folder substitutes the next file for an unreadable one); the
-count threshold keeps an early unlucky streak of a stream (1 bad of the first 3) from stopping a run.
-Each data-loader worker keeps its own counts. Because workers are separate processes, bad paths reach the main
+met *and* they make up more than ``max_bad_fraction`` (default 1%) of the files used (when their number
+is known, a folder, and the processes share ``bad_list_path``, so that the bad files of every worker and
+rank are counted together, or one process reads alone) or of the decode attempts made so far in this
+process (a stream of shards, or a data-loader worker without a shared list). Against the number of files the rule is exact, whatever the order the files are met in
+(bad files in one sub-folder are met in a row, as a folder substitutes the next file for an unreadable
+one); the count threshold keeps an early unlucky streak (1 bad of the first 3) from stopping a run.
+Because workers are separate processes, bad paths reach the main
 process through ``bad_list_path``: every process appends one line per new bad file (a single
 ``write`` on a file opened in append mode, which POSIX keeps whole on local disks);
 :attr:`BadImageTracker.bad_files` reads it back deduplicated. On a shared network file system
@@ -291,8 +292,9 @@ class BadImageTracker:
         self.min_bad_count = int(min_bad_count)
         self.bad_list_path = os.fspath(bad_list_path) if bad_list_path is not None else None
         self.attempted = 0
-        # the number of files when it is known (a folder): the rule then compares the distinct bad files with it,
-        # exactly; otherwise (a stream) with the decode attempts so far, an estimate
+        # the number of files used when it is known (a folder): with bad_list_path (shared by every process) the
+        # rule then compares all processes' distinct bad files with it, exactly; otherwise each process compares
+        # its own with its decode attempts so far, an estimate
         self.total = total
         self.bad: dict[str, str] = {}  # path -> reason, in order of discovery
 
@@ -318,11 +320,17 @@ class BadImageTracker:
             fh.write(line)
 
     def check(self) -> None:
-        n_bad = len(self.bad)
-        base = self.total if self.total else self.attempted
+        from torch.utils.data import get_worker_info
+
+        # with the number of files known, the distinct bad files are compared with it: those of every process
+        # (workers, ranks) through the shared list, or this process's when it reads alone (not a data-loader
+        # worker); a worker without a shared list sees a share only and compares with its attempts (an estimate)
+        exact = bool(self.total) and (self.bad_list_path is not None or get_worker_info() is None)
+        n_bad = len(self.bad_files) if exact else len(self.bad)
+        base = self.total if exact else self.attempted
         if n_bad >= self.min_bad_count and n_bad > self.max_bad_fraction * base:
             examples = "; ".join(f"{p} ({r})" for p, r in list(self.bad.items())[:3])
-            what = f"{base} image files" if self.total else f"{base} decode attempts in this process"
+            what = f"{base} image files" if exact else f"{base} decode attempts in this process"
             raise TooManyBadImagesError(
                 f"{n_bad} unreadable images out of {what} ({n_bad / base:.1%} > max_bad_fraction="
                 f"{self.max_bad_fraction}); e.g. {examples}. Run `swav scan` on the data to list "

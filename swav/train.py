@@ -146,7 +146,11 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
         raise
     finally:
         if log_handler is not None:
-            bad = count_bad_images(out, deduplicate=True)
+            try:
+                bad = count_bad_images(out, deduplicate=True)
+            except OSError as exc:  # a full disk must not hide the run's own outcome (or error)
+                logger.warning("could not rewrite %s without duplicates: %s", out / "bad_images.txt", exc)
+                bad = count_bad_images(out)
             if bad:
                 logger.warning("%d unreadable image files skipped, listed in %s", bad, out / "bad_images.txt")
             logging.getLogger("swav").removeHandler(log_handler)
@@ -183,6 +187,9 @@ def _build_dataset(config: Config, out: Path, dataset: Dataset | None) -> Datase
                          "(swav pack-shards) or select some with a brace pattern, "
                          "shards:DIR/shard-{000000..000003}.tar")
     if limit and limit < len(dataset):  # type: ignore[arg-type]
+        tracker = getattr(dataset, "tracker", None)
+        if tracker is not None:
+            tracker.total = limit  # the abort rule counts against the files used
         dataset = Subset(dataset, range(limit))
     return dataset
 

@@ -367,8 +367,8 @@ def _device_loader(config: Config, dataset: Dataset, sampler: ResumableSampler, 
 
     def device_batches() -> Iterator[list[torch.Tensor]]:
         for b, (buffer, ends, indices, epoch, boxes, sizes) in enumerate(loader):
-            crops = cropper(split_encoded(buffer, ends), indices, epoch, names=[encoded.paths[i] for i in indices],
-                            boxes=boxes, sizes=sizes)
+            names = [encoded.paths[i] for i in sizes[:, 3].tolist()]  # the files read (stand-ins included)
+            crops = cropper(split_encoded(buffer, ends), indices, epoch, names=names, boxes=boxes, sizes=sizes)
             augment.generator = batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b)
             yield augment(crops)
     return TrainLoader(sampler, device_batches, device, prefetch=prefetch_depth(config, "device", device),

@@ -326,3 +326,33 @@ def test_bad_files_in_a_row_are_judged_against_the_whole_folder(tmp_path):
     with pytest.raises(TooManyBadImagesError, match="out of 412 image files"):
         for i in range(len(strict)):
             strict[i]
+
+
+def test_bad_files_of_all_processes_count_together_against_the_files_used(tmp_path):
+    # two data-loader workers each meet half of the bad files: with the shared list the rule sees them all
+    from swav.images import BadImageTracker
+    shared = tmp_path / "bad_images.txt"
+    a = BadImageTracker(0.02, 10, shared, total=500)
+    b = BadImageTracker(0.02, 10, shared, total=500)
+    for i in range(6):
+        a.record_bad(f"a{i}.jpg", "empty")
+    for i in range(4):
+        b.record_bad(f"b{i}.jpg", "empty")  # 10 distinct of 500: not above 2%
+    with pytest.raises(TooManyBadImagesError, match="11 unreadable images out of 500 image files"):
+        b.record_bad("b4.jpg", "empty")
+    # a single process without a list: its own bad files against the files (exact)
+    alone = BadImageTracker(0.02, 10, None, total=500)
+    for i in range(10):
+        alone.record_bad(f"c{i}.jpg", "empty")
+    with pytest.raises(TooManyBadImagesError, match="11 unreadable images out of 500 image files"):
+        alone.record_bad("c10.jpg", "empty")
+
+
+def test_data_limit_sets_the_number_of_files_the_rule_counts_against(tmp_path):
+    from swav.config import with_values
+    from swav.config import Config
+    from swav.train import _build_dataset
+    make_bad_folder(tmp_path / "data", 30, ["empty"])
+    config = with_values(Config(), {"data.path": str(tmp_path / "data"), "data.limit": 12})
+    dataset = _build_dataset(config, tmp_path / "run", None)
+    assert len(dataset) == 12 and dataset.dataset.tracker.total == 12

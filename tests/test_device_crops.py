@@ -125,7 +125,7 @@ def test_boxes_drawn_in_workers_give_the_same_crops(tmp_path) -> None:
     (tmp_path / "4.png").write_bytes(bytes(encode(smooth_image(4, (50, 80)), "PNG").numpy()))
     dataset = EncodedImageDataset(ImageFolderDataset(tmp_path), GROUPS, seed=7)
     buffer, ends, indices, epoch, boxes, header = encoded_collate([dataset[(3, i)] for i in range(5)])
-    assert tuple(boxes.shape) == (5, 5, 4) and header.tolist() == [[h, w, 1] for w, h in sizes + [(50, 80)]]
+    assert tuple(boxes.shape) == (5, 5, 4) and header.tolist() == [[h, w, 1, i] for i, (w, h) in enumerate(sizes + [(50, 80)])]
     encoded = split_encoded(buffer, ends)
     inline = DeviceMultiCrop(GROUPS, seed=7)(encoded, indices, epoch)
     from_workers = DeviceMultiCrop(GROUPS, seed=7)(encoded, indices, epoch, boxes=boxes, sizes=header)
@@ -237,3 +237,28 @@ def test_unreadable_files_are_skipped_and_listed_in_the_device_pipeline(tmp_path
     assert result.status == "complete"
     listed = sorted((tmp_path / "run" / "bad_images.txt").read_text().splitlines())
     assert listed == sorted(str(folder / name) for name in ("empty.jpg", "page.jpg", "truncated.jpg"))
+
+
+def test_a_stand_in_for_an_unreadable_file_gets_crops_of_its_own(tmp_path) -> None:
+    from swav.datasets import ImageFolderDataset
+    (tmp_path / "0.jpg").write_bytes(b"")  # unreadable: file 1 stands in for it
+    for i in (1, 2):
+        smooth_image(i).save(tmp_path / f"{i}.jpg")
+    dataset = EncodedImageDataset(ImageFolderDataset(tmp_path, max_bad_fraction=1.0), GROUPS, seed=3)
+    stand_in, own = dataset[(0, 0)], dataset[(0, 1)]
+    assert stand_in[1] == 0 and stand_in[4].tolist()[3] == 1  # the sample index, and the file read
+    assert bytes(stand_in[0].numpy()) == bytes(own[0].numpy())
+    assert not torch.equal(stand_in[3], own[3])  # boxes keyed by the requested index, as in the other pipelines
+
+
+def test_an_orientation_tag_that_is_not_a_number_is_ignored_as_pil_ignores_it() -> None:
+    from swav.device_crops import read_header
+    import struct
+    image = smooth_image(0, (30, 20))
+    # raw EXIF: one IFD entry, Orientation (0x0112) of type ASCII holding "6"
+    ifd = struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", 1) + struct.pack("<HHI4s", 0x0112, 2, 2, b"6\0\0\0")
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=b"Exif\0\0" + ifd + struct.pack("<I", 0))
+    with Image.open(io.BytesIO(buffer.getvalue())) as check:
+        assert check.getexif().get(0x0112) == "6"
+    assert read_header(buffer.getvalue()) == (20, 30, 1)

@@ -540,6 +540,10 @@ class _RelabelledDataset:
     def _map(self, label: int) -> int:
         return self.mapping.get(label, label) if label >= 0 else label
 
+    @property
+    def tracker(self) -> Any:  # the folder's record of unreadable files (read where items are loaded)
+        return getattr(self.dataset, "tracker", None)
+
     def __len__(self) -> int:
         return len(self.dataset)
 

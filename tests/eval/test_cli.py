@@ -267,3 +267,27 @@ def test_images_outside_class_folders_are_named_before_any_decoding(tmp_path, ca
     assert _main(["eval-knn", *_common(checkpoint, tmp_path, "--train-data", data, "--val-data", data)]) == 1
     err = capsys.readouterr().err
     assert "1 image(s) are not in a class sub-folder" in err and "loose.png" in err
+
+
+def test_unreadable_images_are_left_out_when_classes_are_matched_by_name(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from swav.checkpoint import save_model_file
+
+    rng = np.random.default_rng(1)
+    for split, classes in (("train", ("a", "b")), ("val", ("b",))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "val" / "b" / "broken.png").write_bytes(b"")  # val's class b is train's class 1: relabelled
+    spec = ModelSpec("resnet18", small_images=True, hidden_dim=0, output_dim=8, num_prototypes=(5,))
+    checkpoint = save_model_file(tmp_path / "m.pt", build_model(spec), spec.to_dict())
+    argv = ["eval-knn", *_common(checkpoint, tmp_path, "--train-data", str(tmp_path / "train"),
+                                 "--val-data", str(tmp_path / "val"), "--k", "3")]
+    assert _main(argv) == 0
+    result = json.loads((tmp_path / "eval-knn.json").read_text())
+    assert (result["num_train"], result["num_test"]) == (12, 6)
+    assert result["unreadable_left_out"] == {"train": 0, "test": 1}
