@@ -184,6 +184,7 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     """
     arr = np.asarray(img)
     if img.mode.startswith("I;16") or (img.mode == "I" and arr.min() >= 0 and arr.max() <= 65535):
+        _warn_if_low_bit_depth(int(arr.max()) if arr.size else 0)
         out = (arr.astype(np.uint32) * 255 + 32767) // 65535
     else:
         arr = arr.astype(np.float64)
@@ -193,6 +194,21 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         out = np.rint((arr - lo) * scale)
     return Image.fromarray(out.astype(np.uint8))  # 2-D uint8 -> mode L
+
+
+_low_bit_depth_warned = False
+
+
+def _warn_if_low_bit_depth(maximum: int) -> None:
+    """Once per process: 16-bit images whose values stay below 4096 (12-bit medical data, 10-bit sensors) come
+    out nearly black from the x / 257 scaling (at most 16 of 255), and training on them learns little."""
+    global _low_bit_depth_warned
+    if 0 < maximum < 4096 and not _low_bit_depth_warned:
+        _low_bit_depth_warned = True
+        logger.warning("a 16-bit image holds values up to %d only (12-bit or lower data?): scaled to 8 bits as "
+                       "16-bit data (x / 257) it is nearly black (at most %d of 255). Convert such images to "
+                       "8 bits with the windowing your data needs before training (e.g. x * 255 / 4095 for "
+                       "12-bit data)", maximum, (maximum * 255 + 32767) // 65535)
 
 
 def _has_alpha(img: Image.Image) -> bool:

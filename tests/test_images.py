@@ -276,3 +276,16 @@ def test_large_images_below_the_limit_load_without_pillows_warning(tmp_path):
         image = load_image(tmp_path / "large.png", channels=1)
     assert image.size == (9500, 9500)
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_twelve_bit_data_in_sixteen_bit_files_is_warned_about_once(caplog, monkeypatch):
+    import swav.images as images
+    monkeypatch.setattr(images, "_low_bit_depth_warned", False)
+    twelve = encode(Image.fromarray(np.array([[0, 1000, 4095]], np.uint16)), "PNG")
+    full = encode(Image.fromarray(np.array([[0, 1000, 65535]], np.uint16)), "PNG")
+    with caplog.at_level("WARNING", logger="swav.images"):
+        load_image(full, channels=1)
+        assert "12-bit" not in caplog.text
+        assert np.asarray(load_image(twelve, channels=1)).max() == 16  # what the warning is about
+        load_image(twelve, channels=1)
+    assert caplog.text.count("holds values up to 4095 only") == 1
