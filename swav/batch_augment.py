@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover
 
 from swav.color_ops import (JITTER_FNS, dense_color_stage, device_constant, flip_batch, gaussian_blur_batch,
                              grayscale_batch)
+from swav.images import apply_orientation, exif_orientation, load_image
 from swav.multicrop import (BLUR_SIGMA_RANGE, CropBox, CropGroup, blur_kernel_size, check_groups,
                             check_probability, crop_generator, jitter_ranges, mix_seed,
                             resolve_normalization, sample_crop_box, to_uint8_image)
@@ -53,7 +54,9 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
 def decode_image_source(source: ImageSource, channels: int) -> torch.Tensor:
-    """Path, bytes, PIL image or uint8 tensor -> uint8 ``(channels, H, W)``; JPEG via libjpeg-turbo.
+    """Path, bytes, PIL image or uint8 tensor -> uint8 ``(channels, H, W)``; JPEG via libjpeg-turbo (rotated by
+    its EXIF orientation), other encoded files by :func:`swav.images.load_image`, so that both give what the
+    data sets give.
 
     >>> decode_image_source(torch.zeros(3, 4, 5, dtype=torch.uint8), 1).shape
     torch.Size([1, 4, 5])
@@ -65,11 +68,14 @@ def decode_image_source(source: ImageSource, channels: int) -> torch.Tensor:
         if decode_jpeg is not None and source[:3] == b"\xff\xd8\xff":
             mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
             try:
-                return decode_jpeg(torch.frombuffer(bytearray(source), dtype=torch.uint8), mode=mode)
+                decoded = decode_jpeg(torch.frombuffer(bytearray(source), dtype=torch.uint8), mode=mode)
             except RuntimeError:  # unusual JPEG flavours: let PIL try
                 pass
-        with Image.open(io.BytesIO(source)) as image:
-            return to_uint8_image(image, channels)
+            else:  # as load_image: rotated by the EXIF orientation (read from the header)
+                with Image.open(io.BytesIO(source)) as header:
+                    return apply_orientation(decoded, exif_orientation(header))
+        # every other file as the data sets decode it (transparency on white, 16-bit scaled, known formats)
+        return TF.pil_to_tensor(load_image(bytes(source), channels=channels))
     return to_uint8_image(source, channels)
 
 

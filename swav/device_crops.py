@@ -39,8 +39,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from swav.batch_augment import MultiCropCropper
-from swav.images import (_EXIF_ORIENTATION, IMAGE_FORMATS, BadImageTracker, ImageDecodeError, TooManyBadImagesError,
-                         default_max_pixels, load_image)
+from swav.images import (IMAGE_FORMATS, BadImageTracker, ImageDecodeError, TooManyBadImagesError,
+                         apply_orientation, default_max_pixels, exif_orientation, load_image)
 from swav.multicrop import CropGroup, check_groups, crop_generator
 
 try:  # deprecated in torchvision 0.29 (moving to torchcodec); everything is decoded by PIL without it
@@ -80,7 +80,7 @@ def read_header(data: bytes | memoryview, label: str = "<bytes>", max_pixels: in
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 width, height = image.size
-                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+                orientation = exif_orientation(image)
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(label, f"refused as a decompression bomb ({exc})", "too_large") from exc
     except UnidentifiedImageError as exc:
@@ -94,8 +94,6 @@ def read_header(data: bytes | memoryview, label: str = "<bytes>", max_pixels: in
     if limit and width * height > limit:
         raise ImageDecodeError(label, f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} "
                                "(decompression-bomb guard)", "too_large")
-    if not isinstance(orientation, int) or not 1 <= orientation <= 8:  # what PIL's exif_transpose acts on
-        orientation = 1
     return (width, height, orientation) if orientation >= 5 else (height, width, orientation)
 
 
@@ -107,26 +105,6 @@ def header_size(data: bytes | memoryview) -> tuple[int, int]:
         return height, width
     except ImageDecodeError:
         return -1, -1
-
-
-def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
-    """Rotate/flip a ``(C, H, W)`` image as EXIF orientation ``orientation`` asks (what PIL's
-    ``ImageOps.exif_transpose`` does to the decoded pixels; 1 or unknown: unchanged)."""
-    if orientation == 2:
-        return image.flip(-1)
-    if orientation == 3:
-        return image.flip(-2, -1)
-    if orientation == 4:
-        return image.flip(-2)
-    if orientation == 5:
-        return image.transpose(-2, -1)
-    if orientation == 6:
-        return torch.rot90(image, -1, (-2, -1))
-    if orientation == 7:
-        return image.transpose(-2, -1).flip(-2, -1)
-    if orientation == 8:
-        return torch.rot90(image, 1, (-2, -1))
-    return image
 
 
 class EncodedImageDataset(Dataset):

@@ -43,11 +43,12 @@ import zlib
 from typing import Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "ImageDecodeError", "load_image", "default_max_pixels", "ImageSource",
-    "TooManyBadImagesError", "BadImageTracker", "IMAGE_FORMATS",
+    "TooManyBadImagesError", "BadImageTracker", "IMAGE_FORMATS", "apply_orientation", "exif_orientation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -280,6 +281,37 @@ def load_image(
         raise ImageDecodeError(label, f"cannot convert mode {img.mode} ({exc})", "corrupt") from exc
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image, 1 when absent or not an integer 1-8 (what PIL's
+    ``ImageOps.exif_transpose`` acts on); reads the header only."""
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except _DECODER_ERRORS:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Rotate/flip a ``(C, H, W)`` image as EXIF orientation ``orientation`` asks (what PIL's
+    ``ImageOps.exif_transpose`` does to the decoded pixels; 1 or unknown: unchanged)."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, -1, (-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(image, 1, (-2, -1))
+    return image
+
+
+
 class TooManyBadImagesError(RuntimeError):
     """Too many unreadable images: the data set is probably broken (wrong folder, bad copy).
 
@@ -336,12 +368,10 @@ class BadImageTracker:
             fh.write(line)
 
     def check(self) -> None:
-        from torch.utils.data import get_worker_info
-
         # with the number of files known, the distinct bad files are compared with it: those of every process
         # (workers, ranks) through the shared list, or this process's when it reads alone (not a data-loader
         # worker); a worker without a shared list sees a share only and compares with its attempts (an estimate)
-        exact = bool(self.total) and (self.bad_list_path is not None or get_worker_info() is None)
+        exact = bool(self.total) and (self.bad_list_path is not None or torch.utils.data.get_worker_info() is None)
         n_bad = len(self.bad_files) if exact else len(self.bad)
         base = self.total if exact else self.attempted
         if n_bad >= self.min_bad_count and n_bad > self.max_bad_fraction * base:

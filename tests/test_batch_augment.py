@@ -315,3 +315,19 @@ def test_engine_compiles_the_colour_stage_only_on_a_gpu_with_run_compile() -> No
     assert colour_stage(compiled, torch.device("cuda")).compile
     assert not colour_stage(compiled, torch.device("cpu")).compile  # on a CPU the grouped strategy is faster
     assert not colour_stage(Config(), torch.device("cuda")).compile
+
+
+def test_encoded_sources_decode_as_the_data_sets_decode_them(tmp_path):
+    import numpy as np
+    from swav.images import load_image
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6  # shown rotated: 20 wide, 30 high
+    image.save(tmp_path / "r.jpg", quality=95, exif=exif)
+    decoded = decode_image_source(tmp_path / "r.jpg", 3)
+    expected = TF.pil_to_tensor(load_image(tmp_path / "r.jpg"))
+    assert decoded.shape == expected.shape == (3, 30, 20)
+    assert (decoded.float() - expected.float()).abs().mean() < 1.0
+    keyed = io.BytesIO()
+    image.save(keyed, "PNG", transparency=(0, 0, 0))
+    assert torch.equal(decode_image_source(keyed.getvalue(), 3), TF.pil_to_tensor(load_image(keyed.getvalue())))
