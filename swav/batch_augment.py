@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover
 
 from swav.color_ops import (JITTER_FNS, dense_color_stage, device_constant, flip_batch, gaussian_blur_batch,
                              grayscale_batch)
-from swav.images import apply_orientation, exif_orientation, load_image
+from swav.images import apply_orientation, load_image
 from swav.multicrop import (BLUR_SIGMA_RANGE, CropBox, CropGroup, blur_kernel_size, check_groups,
                             check_probability, crop_generator, jitter_ranges, mix_seed,
                             resolve_normalization, sample_crop_box, to_uint8_image)
@@ -61,21 +61,26 @@ def decode_image_source(source: ImageSource, channels: int) -> torch.Tensor:
     >>> decode_image_source(torch.zeros(3, 4, 5, dtype=torch.uint8), 1).shape
     torch.Size([1, 4, 5])
     """
+    name = None
     if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
         with open(source, "rb") as f:
             source = f.read()
     if isinstance(source, (bytes, bytearray)):
         if decode_jpeg is not None and source[:3] == b"\xff\xd8\xff":
+            from swav.device_crops import read_header  # size checked and orientation read before decoding
+
             mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+            _, _, orientation = read_header(source, name or "<bytes>")
             try:
                 decoded = decode_jpeg(torch.frombuffer(bytearray(source), dtype=torch.uint8), mode=mode)
             except RuntimeError:  # unusual JPEG flavours: let PIL try
                 pass
-            else:  # as load_image: rotated by the EXIF orientation (read from the header)
-                with Image.open(io.BytesIO(source)) as header:
-                    return apply_orientation(decoded, exif_orientation(header))
-        # every other file as the data sets decode it (transparency on white, 16-bit scaled, known formats)
-        return TF.pil_to_tensor(load_image(bytes(source), channels=channels))
+            else:  # as load_image: rotated by the EXIF orientation
+                return apply_orientation(decoded, orientation)
+        # every other file as the data sets decode it (transparency on white, 16-bit scaled, and only the formats
+        # of swav.images.IMAGE_FORMATS: TGA, ICO, JPEG 2000, ... are refused)
+        return TF.pil_to_tensor(load_image(bytes(source), channels=channels, name=name))
     return to_uint8_image(source, channels)
 
 

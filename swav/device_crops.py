@@ -112,9 +112,10 @@ class EncodedImageDataset(Dataset):
 
     Item ``(epoch, index)`` (the :class:`~swav.train_data.ResumableSampler` key) -> ``(bytes, index, epoch)``;
     with ``groups`` also the crop boxes drawn from the header's image size (:func:`draw_boxes`, float
-    ``(V, 4)``) and that size (int ``(2,)``; ``(-1, -1)`` and zero boxes if the header is unreadable), so the
-    workers, not the main process, spend the Python time. A file that cannot be read is reported with its
-    path and the fix.
+    ``(V, 4)``) and int ``(4,)``: that size as displayed, the EXIF orientation and the index of the file read,
+    so the workers, not the main process, spend the Python time. A file whose header cannot be read is
+    skipped and listed; the next readable file stands in (the index of the file read says which), with
+    crops of the requested index.
     """
 
     def __init__(self, folder: Dataset, groups: Sequence[CropGroup] | None = None, *, seed: int | None = None,
@@ -129,7 +130,7 @@ class EncodedImageDataset(Dataset):
         self.max_pixels = getattr(folder, "max_pixels", None)
         tracker = getattr(folder, "tracker", None)  # unreadable files: skipped, listed, counted as the folder does
         self.tracker = BadImageTracker(tracker.max_bad_fraction, tracker.min_bad_count, tracker.bad_list_path,
-                                       total=len(self.paths)) if tracker is not None else \
+                                       total=tracker.total or len(self.paths)) if tracker is not None else \
             BadImageTracker(total=len(self.paths))
         self._known_bad: set[int] = set()
 
@@ -295,8 +296,8 @@ class DeviceMultiCrop:
     def __call__(self, encoded: Sequence[torch.Tensor], indices: Sequence[int], epoch: int = 0,
                  names: Sequence[str] | None = None, boxes: torch.Tensor | None = None,
                  sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """``boxes`` ``(B, V, 4)`` and ``sizes`` ``(B, 3)`` (height and width as displayed, EXIF orientation:
-        from :class:`EncodedImageDataset` with groups; ``(B, 2)`` without the orientation) are used for every
+        """``boxes`` ``(B, V, 4)`` and ``sizes`` ``(B, 4)`` (height and width as displayed, EXIF orientation, file
+        index: from :class:`EncodedImageDataset` with groups; ``(B, 2)`` or ``(B, 3)`` work too) are used for every
         image whose decoded size equals ``sizes``; the others' boxes are drawn here. With a tracker, a file
         that cannot be decoded is replaced by the next decodable image of the batch, cropped with boxes drawn
         for its own index (as a folder replaces it by the next readable file)."""

@@ -11,17 +11,20 @@ and the reason. Global Pillow settings (``ImageFile.LOAD_TRUNCATED_IMAGES``,
 What a dataset does with an unreadable file is decided here too (:class:`BadImageTracker`): the
 file is logged, remembered and skipped, and the run is aborted with
 :class:`TooManyBadImagesError` once at least ``min_bad_count`` (default 10) distinct bad files were
-met *and* they make up more than ``max_bad_fraction`` (default 1%) of the files used (when their number
-is known, a folder, and the processes share ``bad_list_path``, so that the bad files of every worker and
-rank are counted together, or one process reads alone) or of the decode attempts made so far in this
-process (a stream of shards, or a data-loader worker without a shared list). Against the number of files the rule is exact, whatever the order the files are met in
-(bad files in one sub-folder are met in a row, as a folder substitutes the next file for an unreadable
-one); the count threshold keeps an early unlucky streak (1 bad of the first 3) from stopping a run.
-Because workers are separate processes, bad paths reach the main
-process through ``bad_list_path``: every process appends one line per new bad file (a single
-``write`` on a file opened in append mode, which POSIX keeps whole on local disks);
-:attr:`BadImageTracker.bad_files` reads it back deduplicated. On a shared network file system
-give each rank its own path.
+met *and* they make up more than ``max_bad_fraction`` (default 1%) of the files used, when their number
+is known (a folder; with a shared ``bad_list_path`` the bad files every worker and rank met in this run
+count together, exactly; without one, a data-loader worker counts its share only, a lenient bound), or of
+the decode attempts made so far in this process (a stream of shards, whose size is unknown). Against the
+number of files the rule does not depend on the order the files are met in (bad files in one sub-folder
+are met in a row, as a folder substitutes the next file for an unreadable one); the count threshold keeps
+an early unlucky streak (1 bad of the first 3) from stopping a run. A resumed run's list still names the
+files of earlier runs: the rule counts only what was written after its tracker was made.
+
+Because workers are separate processes, bad paths reach the main process through ``bad_list_path``:
+every process appends one line per new bad file (a single ``write`` on a file opened in append mode,
+which POSIX keeps whole on local disks); :attr:`BadImageTracker.bad_files` reads it back deduplicated.
+On a network file system without atomic appends, give each rank its own path (the rule then counts
+per rank, leniently).
 
 Example:
     >>> import io
@@ -281,14 +284,17 @@ def load_image(
         raise ImageDecodeError(label, f"cannot convert mode {img.mode} ({exc})", "corrupt") from exc
 
 
+_ORIENTATIONS = {k: k for k in range(1, 9)}
+
+
 def exif_orientation(image: Image.Image) -> int:
     """The EXIF orientation (1-8) of an opened image, 1 when absent or not an integer 1-8 (what PIL's
     ``ImageOps.exif_transpose`` acts on); reads the header only."""
     try:
         value = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except _DECODER_ERRORS:
+        return _ORIENTATIONS.get(value, 1)  # as exif_transpose looks it up (6.0 counts, "6" does not)
+    except (TypeError, *_DECODER_ERRORS):  # TypeError: an unhashable value
         return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -340,11 +346,33 @@ class BadImageTracker:
         self.min_bad_count = int(min_bad_count)
         self.bad_list_path = os.fspath(bad_list_path) if bad_list_path is not None else None
         self.attempted = 0
-        # the number of files used when it is known (a folder): with bad_list_path (shared by every process) the
-        # rule then compares all processes' distinct bad files with it, exactly; otherwise each process compares
-        # its own with its decode attempts so far, an estimate
+        # the number of files used when it is known (a folder): the rule then compares the distinct bad files
+        # with it (with bad_list_path, those every process met since this tracker was made); unknown (a stream):
+        # this process's bad files with its decode attempts so far, an estimate
         self.total = total
         self.bad: dict[str, str] = {}  # path -> reason, in order of discovery
+        # the rule's view of the shared list: only what was written after this tracker was made (a resumed run's
+        # list still holds the files of earlier runs, fixed since, perhaps), read incrementally
+        self._list_offset = self._list_size()
+        self._met: set[str] = set()
+
+    def _list_size(self) -> int:
+        try:
+            return os.path.getsize(self.bad_list_path) if self.bad_list_path is not None else 0
+        except OSError:
+            return 0
+
+    def _met_so_far(self) -> int:
+        """Distinct bad files met in this run by this process and, through the shared list, by the others."""
+        self._met.update(self.bad)
+        if self.bad_list_path is not None and self._list_size() > self._list_offset:
+            with open(self.bad_list_path, "rb") as fh:
+                fh.seek(self._list_offset)
+                chunk = fh.read()
+            complete = chunk[:chunk.rfind(b"\n") + 1]  # a line being written by another process: next time
+            self._list_offset += len(complete)
+            self._met.update(line for line in complete.decode("utf-8", "surrogateescape").splitlines() if line)
+        return len(self._met)
 
     def record_ok(self) -> None:
         self.attempted += 1
@@ -368,11 +396,11 @@ class BadImageTracker:
             fh.write(line)
 
     def check(self) -> None:
-        # with the number of files known, the distinct bad files are compared with it: those of every process
-        # (workers, ranks) through the shared list, or this process's when it reads alone (not a data-loader
-        # worker); a worker without a shared list sees a share only and compares with its attempts (an estimate)
-        exact = bool(self.total) and (self.bad_list_path is not None or torch.utils.data.get_worker_info() is None)
-        n_bad = len(self.bad_files) if exact else len(self.bad)
+        # the number of files known: the distinct bad files met in this run against it (every process's through
+        # the shared list: exact; without a list, a data-loader worker counts its share only, a lenient bound);
+        # unknown (a stream): this process's bad files against its decode attempts
+        exact = bool(self.total)
+        n_bad = self._met_so_far() if exact else len(self.bad)
         base = self.total if exact else self.attempted
         if n_bad >= self.min_bad_count and n_bad > self.max_bad_fraction * base:
             examples = "; ".join(f"{p} ({r})" for p, r in list(self.bad.items())[:3])

@@ -331,3 +331,10 @@ def test_encoded_sources_decode_as_the_data_sets_decode_them(tmp_path):
     keyed = io.BytesIO()
     image.save(keyed, "PNG", transparency=(0, 0, 0))
     assert torch.equal(decode_image_source(keyed.getvalue(), 3), TF.pil_to_tensor(load_image(keyed.getvalue())))
+
+
+def test_an_undecodable_path_is_named(tmp_path):
+    from swav.images import ImageDecodeError
+    (tmp_path / "icon.png").write_bytes(b"\0\0\1\0" + bytes(60))  # an ICO header named .png
+    with pytest.raises(ImageDecodeError, match="icon.png"):
+        decode_image_source(tmp_path / "icon.png", 3)

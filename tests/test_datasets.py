@@ -356,3 +356,27 @@ def test_data_limit_sets_the_number_of_files_the_rule_counts_against(tmp_path):
     config = with_values(Config(), {"data.path": str(tmp_path / "data"), "data.limit": 12})
     dataset = _build_dataset(config, tmp_path / "run", None)
     assert len(dataset) == 12 and dataset.dataset.tracker.total == 12
+
+
+def test_a_worker_without_a_shared_list_never_stops_on_bad_files_in_a_row(tmp_path):
+    # evaluation and extraction read folders in order, with workers and no run folder (no shared list): bad
+    # files met in a row must not look like a high fraction of the few files read so far
+    for i in range(200):
+        save_png(tmp_path / f"a{i:03d}.png", i % 256)
+    for i in range(12):
+        (tmp_path / f"b{i:02d}.png").write_bytes(b"")
+    for i in range(200):
+        save_png(tmp_path / f"c{i:03d}.png", i % 256)
+    ds = ImageFolderDataset(tmp_path, max_bad_fraction=0.05)
+    seen = sum(len(labels) for _, labels in DataLoader(ds, batch_size=32, num_workers=2, collate_fn=lambda b: (None, [x[1] for x in b])))
+    assert seen == 412
+
+
+def test_a_resumed_run_does_not_count_the_bad_files_of_earlier_runs(tmp_path):
+    from swav.images import BadImageTracker
+    shared = tmp_path / "bad_images.txt"
+    shared.write_text("".join(f"old{i}.jpg\n" for i in range(15)))  # fixed since the first run
+    tracker = BadImageTracker(0.05, 10, shared, total=100)
+    for i in range(3):
+        tracker.record_bad(f"new{i}.jpg", "empty")  # 3 of 100: no stop
+    assert len(tracker.bad_files) == 18  # the list itself still names them all (the run's report)

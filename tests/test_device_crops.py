@@ -262,3 +262,28 @@ def test_an_orientation_tag_that_is_not_a_number_is_ignored_as_pil_ignores_it() 
     with Image.open(io.BytesIO(buffer.getvalue())) as check:
         assert check.getexif().get(0x0112) == "6"
     assert read_header(buffer.getvalue()) == (20, 30, 1)
+
+
+def test_device_pipeline_counts_bad_files_against_the_files_used(tmp_path) -> None:
+    from swav.datasets import ImageFolderDataset
+    for i in range(6):
+        smooth_image(i).save(tmp_path / f"{i}.jpg")
+    folder = ImageFolderDataset(tmp_path)
+    folder.tracker.total = 4  # data.limit=4
+    assert EncodedImageDataset(folder, GROUPS).tracker.total == 4
+
+
+def test_an_orientation_stored_as_a_fraction_counts_as_pil_counts_it() -> None:
+    import struct
+
+    from swav.device_crops import read_header
+    from swav.images import load_image
+    image = smooth_image(0, (30, 20))
+    # Orientation (0x0112) of type RATIONAL (5), 6/1, stored after the IFD
+    ifd = (struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 5, 1, 26)
+           + struct.pack("<I", 0) + struct.pack("<II", 6, 1))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=b"Exif\0\0" + ifd)
+    shown = load_image(buffer.getvalue()).size  # (width, height) after PIL's exif_transpose
+    height, width, orientation = read_header(buffer.getvalue())
+    assert shown == (20, 30) and (width, height, orientation) == (20, 30, 6)
