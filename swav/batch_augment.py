@@ -21,7 +21,6 @@ Legend: B batch, V crops, C channels, S crop size.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from dataclasses import dataclass, fields

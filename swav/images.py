@@ -317,7 +317,6 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-
 class TooManyBadImagesError(RuntimeError):
     """Too many unreadable images: the data set is probably broken (wrong folder, bad copy).
 
