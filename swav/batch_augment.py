@@ -39,8 +39,8 @@ try:  # deprecated in torchvision 0.29 (moving to torchcodec); PIL decodes when 
 except ImportError:  # pragma: no cover
     decode_jpeg = None
 
-from swav.color_ops import (JITTER_FNS, dense_color_stage, device_constant, flip_batch, gaussian_blur_batch,
-                             grayscale_batch)
+from swav.color_ops import (JITTER_FNS, _hue_shift_into, adjust_hue_batch, dense_color_stage, device_constant,
+                             flip_batch, gaussian_blur_batch, grayscale_batch)
 from swav.images import apply_orientation, load_image
 from swav.multicrop import (BLUR_SIGMA_RANGE, CropBox, CropGroup, blur_kernel_size, check_groups,
                             check_probability, crop_generator, jitter_ranges, mix_seed,
@@ -161,10 +161,6 @@ class ColorParams:
     blur: torch.Tensor
     sigma: torch.Tensor
 
-    def take(self, indices: torch.Tensor) -> ColorParams:
-        """The parameters of the samples at ``indices`` (a CPU index tensor)."""
-        return ColorParams(**{f.name: getattr(self, f.name)[indices] for f in fields(self)})
-
 
 def _apply_subset(x: torch.Tensor, idx: list[int], fn: Callable[..., torch.Tensor],
                   *per_sample: torch.Tensor) -> None:
@@ -178,6 +174,23 @@ def _apply_subset(x: torch.Tensor, idx: list[int], fn: Callable[..., torch.Tenso
     args = [a[selected] for a in per_sample]
     selected = selected.to(x.device, non_blocking=True)
     x.index_copy_(0, selected, fn(x.index_select(0, selected), *args, inplace=True))
+
+
+class _PieceLists:
+    """A batch's per-sample decisions as Python lists, read once per batch rather than once per piece."""
+
+    def __init__(self, params: ColorParams) -> None:
+        self.flip = params.flip.tolist()
+        self.jitter = params.jitter.tolist()
+        self.order = params.order.tolist()
+        self.grayscale = params.grayscale.tolist()
+        self.blur = params.blur.tolist()
+
+
+def _warn_compile_failed(exc: BaseException) -> None:
+    first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+    logger.warning("compiling the colour stage failed (%s: %s); it runs eagerly instead (same values, slower)",
+                   type(exc).__name__, first_line)
 
 
 class BatchColorAugment(nn.Module):
@@ -194,9 +207,14 @@ class BatchColorAugment(nn.Module):
     ``chunk_elements`` floats (default 2**18), so every op runs on a whole piece; "masked"
     (default on other devices) runs each op once on the whole batch's subset that needs it;
     "dense" (:func:`dense_color_stage`) runs every op on every sample with identity parameters
-    where it is not drawn, shapes independent of the draws, made for ``compile=True``
-    (``torch.compile`` fuses the stage into a few kernels: the GPU stage issues ~600 small kernels
-    and spends more host time issuing them than the GPU spends running them).
+    where it is not drawn, shapes independent of the draws. ``compile=True`` compiles what pays on
+    the crops' device: elsewhere than on a CPU (strategy "auto" or "dense"), the whole dense stage
+    (``torch.compile`` fuses it into a few kernels: the GPU stage issues ~600 small kernels and spends
+    more host time issuing them than the GPU spends running them); on a CPU (strategy "auto" or
+    "grouped"), the hue rotation inside the grouped strategy, its costliest op (about 40 passes over
+    the pixels eagerly, one compiled; the stage 1.1x faster in ``benchmarks/colour_stage.py``, after two
+    compilations of about 10 s each on first use). A compiler failure falls back to the eager ops, with a
+    warning; the values are the same.
 
     >>> aug = BatchColorAugment(seed=0)
     >>> out = aug([torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)])
@@ -224,13 +242,14 @@ class BatchColorAugment(nn.Module):
         if strategy not in ("auto", "grouped", "masked", "dense"):
             raise ValueError(f"strategy={strategy!r} is invalid: expected 'auto', 'grouped', 'masked' "
                              "or 'dense'")
-        if compile and strategy not in ("auto", "dense"):
-            raise ValueError(f"compile=True needs strategy='dense' (got {strategy!r}): only the dense "
-                             "strategy has shapes that do not change with the draws")
+        if compile and strategy == "masked":
+            raise ValueError("compile=True needs strategy 'auto', 'dense' or 'grouped' (got 'masked'): the "
+                             "masked strategy's subsets change shape with every draw")
         self.chunk_elements = chunk_elements
-        self.strategy = "dense" if compile else strategy
+        self.strategy = strategy
         self.compile = compile
         self._dense_fn: Callable[..., torch.Tensor] | None = None
+        self._hue_fn: Callable[..., None] | None = None
         self._compiled_shapes: set[tuple] = set()
         self.generator = None if seed is None else torch.Generator().manual_seed(mix_seed(seed))
 
@@ -255,15 +274,17 @@ class BatchColorAugment(nn.Module):
         if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != self.channels:
             raise ValueError(f"crops of dtype {crops.dtype} and shape {tuple(crops.shape)} are "
                              f"invalid: expected uint8 (B, {self.channels}, S, S)")
-        if self.strategy == "dense":
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = "grouped" if crops.device.type == "cpu" else "dense" if self.compile else "masked"
+        if strategy == "dense":
             return self._apply_dense(crops, params)
-        grouped = self.strategy == "grouped" or (self.strategy == "auto"
-                                                 and crops.device.type == "cpu")
-        if not grouped:
+        if strategy == "masked":
             return self._apply_masked(crops, params)
         out = torch.empty(crops.shape, dtype=torch.float32, device=crops.device)
+        lists = _PieceLists(params)
         for piece in self._groups(params, crops[0].numel()):
-            self._augment_piece(crops, params, piece, out)
+            self._augment_piece(crops, params, lists, piece, out)
         return out
 
     def dense_plan(self, params: ColorParams) -> torch.Tensor:
@@ -299,9 +320,9 @@ class BatchColorAugment(nn.Module):
         try:  # compiles for this shape; an optimisation, so a compiler failure falls back to the same values
             out = self._dense_fn(*args)
         except Exception as exc:  # noqa: BLE001  (inductor/triton raise many types)
-            logger.warning("compiling the colour stage failed (%s: %s); it runs eagerly instead (same values, "
-                           "slower on a GPU)", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            self.compile, self.strategy = False, "masked"
+            _warn_compile_failed(exc)
+            self.compile = False
+            self.strategy = "masked" if self.strategy == "dense" else self.strategy
             return self._apply_masked(crops, params)
         self._compiled_shapes.add(key)
         return out
@@ -360,38 +381,59 @@ class BatchColorAugment(nn.Module):
         return [members[i:i + size] for members in by_key.values()
                 for i in range(0, len(members), size)]
 
-    def _augment_piece(self, crops: torch.Tensor, params: ColorParams, piece: list[int],
+    def _augment_piece(self, crops: torch.Tensor, params: ColorParams, lists: _PieceLists, piece: list[int],
                        out: torch.Tensor) -> None:
-        """SPEC §7 order on samples ``piece``: flip, jitter (own order), grayscale, blur, norm."""
-        indices = torch.tensor(piece)
-        p = params.take(indices)
-        flags = {name: getattr(p, name).tolist() for name in ("flip", "jitter", "grayscale", "blur")}
-        order = p.order.tolist()
+        """SPEC §7 order on samples ``piece``: flip, jitter (own order), grayscale, blur, norm.
+
+        The samples of a piece share their op sequence (:meth:`_groups`) and differ only in the flip, which is
+        done on the uint8 crops (a quarter of the bytes) before the conversion: flips commute with it."""
+        cpu_indices = torch.tensor(piece)
         contiguous = piece == list(range(piece[0], piece[0] + len(piece)))
+        indices = cpu_indices if contiguous else cpu_indices.to(crops.device, non_blocking=True)
+        source = crops[piece[0]:piece[0] + len(piece)] if contiguous else crops.index_select(0, indices)
+        flipped = [i for i, sample in enumerate(piece) if lists.flip[sample]]
+        if len(flipped) == len(piece):
+            source = source.flip(-1)
+        elif flipped:
+            source = source.clone() if contiguous else source
+            _apply_subset(source, flipped, flip_batch)
         if contiguous:
-            x = out[piece[0]:piece[0] + len(piece)].copy_(crops[piece[0]:piece[0] + len(piece)])
+            x = out[piece[0]:piece[0] + len(piece)].copy_(source)
         else:
-            indices = indices.to(crops.device, non_blocking=True)
-            x = crops.index_select(0, indices).to(torch.float32)
+            x = source.to(torch.float32)
         x.div_(255.0)
-
-        def where(name: str) -> list[int]:
-            return [i for i, flag in enumerate(flags[name]) if flag]
-
-        _apply_subset(x, where("flip"), flip_batch)
-        jittered = where("jitter")
-        for position in range(len(self.jitter_ops)):
-            for j, name in enumerate(self.jitter_ops):
-                idx = [i for i in jittered if order[i][position] == j]
-                _apply_subset(x, idx, JITTER_FNS[name], p.factors[:, j])
-        _apply_subset(x, where("grayscale"), grayscale_batch)
-        kernel_size = blur_kernel_size(min(x.shape[-2:]))
-        _apply_subset(x, where("blur"), partial(gaussian_blur_batch, kernel_size=kernel_size),
-                      p.sigma)
+        first = piece[0]
+        if lists.jitter[first]:
+            factors = params.factors.index_select(0, cpu_indices)
+            for j in lists.order[first]:
+                name = self.jitter_ops[j]
+                fn = self._hue if name == "hue" else JITTER_FNS[name]
+                fn(x, factors[:, j], inplace=True)
+        if lists.grayscale[first]:
+            grayscale_batch(x, inplace=True)
+        if lists.blur[first]:
+            gaussian_blur_batch(x, params.sigma.index_select(0, cpu_indices), blur_kernel_size(min(x.shape[-2:])),
+                                inplace=True)
         x.sub_(device_constant(self.mean, x.device, x.dtype).view(1, -1, 1, 1))
         x.div_(device_constant(self.std, x.device, x.dtype).view(1, -1, 1, 1))
         if not contiguous:
             out.index_copy_(0, indices, x)
+
+    def _hue(self, x: torch.Tensor, factor: torch.Tensor, *, inplace: bool = True) -> torch.Tensor:
+        """:func:`~swav.color_ops.adjust_hue_batch` in place; with ``compile=True`` on a CPU, compiled (one loop
+        over the pixels instead of ~40 passes; the same values up to float rounding, ``tests/test_batch_augment.py``)."""
+        if not self.compile or x.shape[1] != 3:
+            return adjust_hue_batch(x, factor, inplace=True)
+        if self._hue_fn is None:
+            logger.info("compiling the colour stage's hue rotation (torch.compile, once per process: about 10-30 s)")
+            self._hue_fn = torch.compile(_hue_shift_into, dynamic=True)
+        try:
+            self._hue_fn(x, factor.to(device=x.device, dtype=x.dtype).view(-1, 1, 1))
+        except Exception as exc:  # noqa: BLE001  (inductor raises many types; an optimisation only)
+            _warn_compile_failed(exc)
+            self.compile = False
+            return adjust_hue_batch(x, factor, inplace=True)
+        return x
 
     def forward(self, batches: Sequence[torch.Tensor], return_params: bool = False
                 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[ColorParams]]:

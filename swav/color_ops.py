@@ -100,20 +100,19 @@ def adjust_hue_batch(x: torch.Tensor, factor: torch.Tensor, *,
     maxc = x.amax(dim=1, keepdim=True)
     minc = x.amin(dim=1, keepdim=True)
     chroma = maxc - minc
-    is_max = (x - maxc).sign_().add_(1.0)  # 1.0 where the channel is maximal, else 0.0
-    r_max, g_max, _ = is_max.unbind(1)
-    g_max.mul_(1.0 - r_max)  # red wins ties, then green
     r, g, b = x.unbind(1)
-    c = chroma[:, 0]
+    m, c = maxc[:, 0], chroma[:, 0]
+    r_max = (r - m).sign_().add_(1.0)  # 1.0 where red is maximal, else 0.0
+    g_max = (g - m).sign_().add_(1.0).mul_(1.0 - r_max)  # red wins ties, then green
     hue6 = (r - g).add_(c, alpha=4.0)  # blue is maximal: (r - g) / C + 4
     hue6.add_(((g - b) - hue6).mul_(r_max))  # red: (g - b) / C
     hue6.add_(((b - r).add_(c, alpha=2.0) - hue6).mul_(g_max))  # green: (b - r) / C + 2
     hue6.div_(c.clamp_min(1e-30)).add_(_per_sample(factor, hue6) * 6.0)
     hue6.sub_(torch.floor(hue6 * (1.0 / 6.0)).mul_(6.0))  # now in [0, 6)
     centres = device_constant((0.0, 2.0, 4.0), x.device, x.dtype).view(1, 3, 1, 1)
-    ramp = (hue6.unsqueeze(1) - centres).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-    out = ramp.mul_(chroma).add_(minc)
-    return x.copy_(out) if inplace else out
+    # x is no longer read: in place, the three ramps are written straight into it
+    ramp = torch.sub(hue6.unsqueeze(1), centres, out=x) if inplace else hue6.unsqueeze(1) - centres
+    return ramp.abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0).mul_(chroma).add_(minc)
 
 
 def grayscale_batch(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
@@ -133,8 +132,8 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int, 
     """Separable Gaussian blur with one sigma per sample, reflect padding (torchvision's blur).
 
     Each 1-D pass is a matrix product with a per-sample banded matrix that holds the kernel and
-    the reflect padding: dense BLAS beats depthwise convolution on CPU by far, and the whole batch
-    takes two batched calls on any device.
+    the reflect padding: dense BLAS beats depthwise convolution on CPU by far. The whole batch
+    takes two batched calls (on a CPU, one per block of 48 outputs above 96 pixels).
 
     >>> gaussian_blur_batch(torch.ones(2, 3, 8, 8), torch.tensor([0.5, 2.0]), 5).allclose(
     ...     torch.ones(2, 3, 8, 8))
@@ -152,10 +151,47 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int, 
     kernel = torch.exp(-0.5 * (distance / _per_sample(sigma, distance).view(-1, 1)) ** 2)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     kernel = kernel.masked_fill_(kernel < 1e-12, 0.0)  # denormal weights would slow BLAS 20x
-    rows = torch.bmm(x.reshape(n, c * h, w), _blur_matrix(kernel, offsets, w))
-    columns = _blur_matrix(kernel, offsets, h).transpose(1, 2).unsqueeze(1)  # (n, 1, h, h)
-    blurred = torch.matmul(columns, rows.view(n, c, h, w))
-    return x.copy_(blurred) if inplace else blurred
+    return _separable_blur(x, kernel, offsets, out=x if inplace else None)
+
+
+# Output columns (then rows) per matrix product of the CPU blur. A band of 13 taps in a 224-wide matrix is 94%
+# zeros; products of 48 outputs from their 60 inputs skip most of them (1.4-1.5x faster at 224 on the
+# development CPU, benchmarks/blur_blocks.py; the same values bit for bit in its check). Smaller images, and
+# GPUs, where launches cost more than arithmetic, take one product per pass.
+_BLUR_BLOCK = 48
+
+
+def _separable_blur(x: torch.Tensor, kernel: torch.Tensor, offsets: torch.Tensor, *,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``(n, c, h, w)`` convolved with the per-sample 1-D ``kernel`` ``(n, k)`` (taps at ``offsets``) along
+    the width, then the height, with reflect padding; written to ``out`` (may be ``x``) or a new tensor."""
+    n, c, h, w = x.shape
+    half = offsets.numel() // 2
+    cpu = x.device.type == "cpu"
+    along_w = _blur_matrix(kernel, offsets, w)  # (n, w, w): row @ matrix
+    source = x.reshape(n, c * h, w)
+    if cpu and w > 2 * _BLUR_BLOCK:
+        rows = torch.empty(source.shape, dtype=x.dtype, device=x.device)
+        for start in range(0, w, _BLUR_BLOCK):
+            stop = min(w, start + _BLUR_BLOCK)
+            lo, hi = max(0, start - half), min(w, stop + half)
+            rows[:, :, start:stop] = torch.bmm(source[:, :, lo:hi], along_w[:, lo:hi, start:stop])
+    else:
+        rows = torch.bmm(source, along_w)
+    along_h = _blur_matrix(kernel, offsets, h).transpose(1, 2)  # (n, h, h): matrix @ column
+    if c > 1:
+        along_h = along_h.unsqueeze(1).expand(n, c, h, h).reshape(n * c, h, h)
+    rows = rows.view(n * c, h, w)
+    result = out if out is not None and out.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    target = result.view(n * c, h, w)
+    if cpu and h > 2 * _BLUR_BLOCK:
+        for start in range(0, h, _BLUR_BLOCK):
+            stop = min(h, start + _BLUR_BLOCK)
+            lo, hi = max(0, start - half), min(h, stop + half)
+            target[:, start:stop] = torch.bmm(along_h[:, start:stop, lo:hi], rows[:, lo:hi])
+    else:
+        torch.bmm(along_h, rows, out=target)
+    return result if out is None or out is result else out.copy_(result)
 
 
 def _blur_matrix(kernel: torch.Tensor, offsets: torch.Tensor, size: int) -> torch.Tensor:
@@ -171,25 +207,29 @@ def _blur_matrix(kernel: torch.Tensor, offsets: torch.Tensor, size: int) -> torc
 
 
 def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """:func:`adjust_hue_batch` without in-place updates or cached constants (``shift``: ``(B, 1, 1)``
-    turns), so that ``torch.compile`` fuses it into one element-wise kernel. Both are kept: eagerly on a CPU
-    the in-place version is faster (fewer temporaries); the values are equal
-    bit for bit (the dense stage equals the masked one exactly, ``tests/test_batch_augment.py``)."""
-    maxc = x.amax(dim=1, keepdim=True)
-    minc = x.amin(dim=1, keepdim=True)
-    chroma = maxc - minc
-    is_max = (x - maxc).sign() + 1.0
-    r_max, g_max = is_max[:, 0], is_max[:, 1] * (1.0 - is_max[:, 0])
+    """:func:`adjust_hue_batch` as a pure function of ``x`` ``(B, 3, ...)`` and ``shift`` ``(B, 1, ...)`` turns
+    (one value per sample, broadcast over the pixels), made of element-wise ops only: no reductions and no
+    in-place updates, so that ``torch.compile`` turns it into one loop over the pixels. Eagerly on a CPU the
+    in-place version is faster (fewer temporaries); the values are equal bit for bit (the same arithmetic on
+    every element: the dense stage equals the masked one exactly, ``tests/test_batch_augment.py``)."""
     r, g, b = x.unbind(1)
-    c = chroma[:, 0]
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    c = maxc - minc
+    r_max = (r - maxc).sign() + 1.0
+    g_max = ((g - maxc).sign() + 1.0) * (1.0 - r_max)
     hue6 = r - g + 4.0 * c
     hue6 = hue6 + (g - b - hue6) * r_max
     hue6 = hue6 + (b - r + 2.0 * c - hue6) * g_max
     hue6 = hue6 / c.clamp_min(1e-30) + 6.0 * shift
     hue6 = hue6 - torch.floor(hue6 * (1.0 / 6.0)) * 6.0
-    centres = torch.arange(3, device=x.device, dtype=x.dtype).mul(2.0).view(1, 3, 1, 1)
-    ramp = ((hue6.unsqueeze(1) - centres).abs() - 3.0).abs().sub(1.0).clamp(0.0, 1.0)
-    return ramp * chroma + minc
+    return torch.stack([((hue6 - centre).abs() - 3.0).abs().sub(1.0).clamp(0.0, 1.0) * c + minc
+                        for centre in (0.0, 2.0, 4.0)], dim=1)
+
+
+def _hue_shift_into(x: torch.Tensor, shift: torch.Tensor) -> None:
+    """``x[:] = _hue_shift(x, shift)``: compiled, the result is written straight into ``x`` (no extra pass)."""
+    x.copy_(_hue_shift(x, shift))
 
 
 def dense_color_stage(crops: torch.Tensor, plan: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
@@ -230,7 +270,6 @@ def dense_color_stage(crops: torch.Tensor, plan: torch.Tensor, mean: torch.Tenso
     grayscale, blur, sigma = column[tail:tail + 3]
     if channels == 3:
         x = torch.where(grayscale.unsqueeze(1) > 0.5, _gray(x).expand_as(x), x)
-    h, w = x.shape[-2:]
     half = kernel_size // 2
     offsets = torch.arange(-half, half + 1, device=x.device)
     distance = offsets.to(x.dtype).view(1, -1)
@@ -239,9 +278,7 @@ def dense_color_stage(crops: torch.Tensor, plan: torch.Tensor, mean: torch.Tenso
     gauss = gauss.masked_fill(gauss < 1e-12, 0.0)
     blurred = blur.view(-1, 1) > 0.5
     kernel = torch.where(blurred, gauss, (offsets == 0).to(x.dtype).view(1, -1))
-    rows = torch.bmm(x.reshape(n, channels * h, w), _blur_matrix(kernel, offsets, w))
-    columns = _blur_matrix(kernel, offsets, h).transpose(1, 2).unsqueeze(1)
-    x = torch.where(blurred.view(-1, 1, 1, 1), torch.matmul(columns, rows.view(n, channels, h, w)), x)
+    x = torch.where(blurred.view(-1, 1, 1, 1), _separable_blur(x, kernel, offsets), x)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 

@@ -62,6 +62,10 @@ class DataConfig:
     # make this many batches ahead in a background thread (0 = inline; not for shards); null = auto: 1 for the
     # device pipeline on a GPU (torchvision's GPU decoder blocks the calling thread until the batch is decoded)
     prefetch_batches: int | None = None
+    # torch.compile the batched colour stage: true = on any device (on a CPU its hue rotation: the stage 1.1x
+    # faster, compiling for 20-30 s at start; needs a C++ compiler, falls back to eager), false = never,
+    # null = auto: with run.compile on a GPU (the dense stage: a few fused kernels instead of ~600)
+    compile_colour: bool | None = None
     limit: int = 0  # use only the first N images (0 = all); for tests and quick checks
     download: bool = False  # allow torchvision to download a named data set
     max_bad_fraction: float = 0.01  # abort when more of the images are unreadable

@@ -269,13 +269,17 @@ def prefetch_depth(config: Config, pipeline: str, device: torch.device) -> int:
 
 
 def colour_stage(config: Config, device: torch.device | None = None) -> Any:
-    """The batched colour stage (:class:`~swav.batch_augment.BatchColorAugment`) of ``config``. With
-    ``run.compile`` on a CUDA device it is the dense strategy under ``torch.compile`` (a few fused kernels
-    instead of ~600 small ones); elsewhere the device's default strategy (same values either way)."""
+    """The batched colour stage (:class:`~swav.batch_augment.BatchColorAugment`) of ``config``, compiled with
+    ``data.compile_colour: true``, or when it is null (auto) with ``run.compile`` on a CUDA device: there the
+    dense strategy under ``torch.compile`` (a few fused kernels instead of ~600 small ones), on a CPU the
+    grouped strategy with a compiled hue rotation. Same values either way."""
     from swav.batch_augment import BatchColorAugment
     c, d = config.crops, config.data
     mean, std = resolve_normalization(d.channels, d.mean, d.std)
-    compiled = bool(config.run.compile) and device is not None and device.type == "cuda"
+    if d.compile_colour is not None:
+        compiled = bool(d.compile_colour)
+    else:
+        compiled = bool(config.run.compile) and device is not None and device.type == "cuda"
     return BatchColorAugment(channels=d.channels, mean=mean, std=std, color_jitter_strength=c.color_jitter_strength,
                              grayscale_prob=c.grayscale_prob, blur_prob=c.blur_prob, compile=compiled)
 

@@ -92,14 +92,29 @@ def test_compiled_dense_stage_in_a_background_thread_matches_eager(device: str) 
             aug.generator = torch.Generator().manual_seed(b)
             yield aug(batches)
 
-    compiled = list(prefetched(made(BatchColorAugment(compile=True)), depth=1))
+    compiled = list(prefetched(made(BatchColorAugment(strategy="dense", compile=True)), depth=1))
     eager = list(made(BatchColorAugment(strategy="masked")))
     assert len(compiled) == 3
     for ours, reference in zip(compiled, eager, strict=True):
         for a, b in zip(ours, reference, strict=True):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
-    with pytest.raises(ValueError, match="compile=True needs strategy='dense'"):
-        BatchColorAugment(strategy="grouped", compile=True)
+    with pytest.raises(ValueError, match="compile=True needs strategy 'auto', 'dense' or 'grouped'"):
+        BatchColorAugment(strategy="masked", compile=True)
+
+
+def test_compiled_hue_on_a_cpu_gives_the_grouped_strategys_values() -> None:
+    """``compile=True`` on a CPU: the grouped strategy with its hue rotation compiled (pieces of one sample and
+    of several, both crop sizes); the same values as eager, where three passes of the compiled loop and ~40
+    eager passes do the same float arithmetic on every element."""
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, 256, (12, 3, s, s), dtype=torch.uint8, generator=g) for s in (24, 24, 12, 12)]
+    compiled, eager = BatchColorAugment(compile=True, seed=3), BatchColorAugment(seed=3)
+    for _ in range(2):
+        ours, (reference, params) = compiled(batches), eager(batches, return_params=True)
+        assert compiled.compile and compiled._hue_fn is not None  # it compiled, and it ran compiled
+        assert any(p.jitter.any() for p in params)
+        for a, b in zip(ours, reference, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
 def test_a_colour_stage_that_fails_to_compile_runs_eagerly_with_the_same_values(monkeypatch, caplog) -> None:
@@ -110,12 +125,16 @@ def test_a_colour_stage_that_fails_to_compile_runs_eagerly_with_the_same_values(
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     crops = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    compiled, eager = BatchColorAugment(compile=True, seed=3), BatchColorAugment(strategy="masked", seed=3)
-    params = eager.sample_params(8)
-    with caplog.at_level("WARNING", logger="swav.batch_augment"):
-        out = compiled.apply(crops, params)
-    assert "compiling the colour stage failed (RuntimeError: backend compiler failed)" in caplog.text
-    assert torch.equal(out, eager.apply(crops, params)) and not compiled.compile
+    for strategy, reference in (("dense", "masked"), ("auto", "grouped")):  # the GPU's and the CPU's compiled stages
+        compiled, eager = BatchColorAugment(compile=True, seed=3, strategy=strategy), BatchColorAugment(
+            strategy=reference, seed=3)
+        params = eager.sample_params(8)
+        assert params.jitter.any()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="swav.batch_augment"):
+            out = compiled.apply(crops, params)
+        assert "compiling the colour stage failed (RuntimeError: backend compiler failed)" in caplog.text
+        assert torch.equal(out, eager.apply(crops, params)) and not compiled.compile
 
 
 def test_forward_merges_equal_shapes_but_keeps_each_crops_parameters() -> None:
@@ -311,10 +330,12 @@ def test_engine_compiles_the_colour_stage_only_on_a_gpu_with_run_compile() -> No
     from swav.train_data import colour_stage
 
     compiled = with_values(Config(), {"run.compile": True})
-    assert colour_stage(compiled, torch.device("cuda")).strategy == "dense"
     assert colour_stage(compiled, torch.device("cuda")).compile
-    assert not colour_stage(compiled, torch.device("cpu")).compile  # on a CPU the grouped strategy is faster
+    assert not colour_stage(compiled, torch.device("cpu")).compile  # compiling the model does not pay on a CPU
     assert not colour_stage(Config(), torch.device("cuda")).compile
+    # data.compile_colour decides when it is set: on a CPU the grouped strategy with a compiled hue
+    assert colour_stage(with_values(Config(), {"data.compile_colour": True}), torch.device("cpu")).compile
+    assert not colour_stage(with_values(compiled, {"data.compile_colour": False}), torch.device("cuda")).compile
 
 
 def test_encoded_sources_decode_as_the_data_sets_decode_them(tmp_path):

@@ -61,3 +61,23 @@ def test_blur_rejects_bad_kernel() -> None:
         gaussian_blur_batch(torch.zeros(1, 3, 8, 8), torch.ones(1), 4)
     with pytest.raises(ValueError, match="kernel_size"):
         gaussian_blur_batch(torch.zeros(1, 3, 4, 4), torch.ones(1), 9)
+
+
+@pytest.mark.parametrize("height, width", [(224, 224), (100, 230), (224, 97), (1, 3)])
+def test_blocked_cpu_blur_matches_torchvision_and_works_in_place(height: int, width: int) -> None:
+    """Above 96 pixels the CPU blur multiplies blocks of 48 outputs by their inputs only (the band of the
+    13-tap kernel); rectangular crops exercise a blocked and an unblocked pass together, the last block short."""
+    torch.manual_seed(0)
+    kernel_size = min(13, 2 * min(height, width) - 1)
+    x = torch.rand(3, 3, height, width)
+    x[1] = x[1, :1]  # a gray image among colour ones
+    sigma = torch.tensor([0.1, 1.3, 2.0])
+    expected = torch.stack([TF.gaussian_blur(x[i], [kernel_size] * 2, [float(sigma[i])] * 2)
+                            for i in range(len(x))])
+    assert torch.allclose(gaussian_blur_batch(x, sigma, kernel_size), expected, atol=2e-6)
+    in_place = x.clone()
+    assert gaussian_blur_batch(in_place, sigma, kernel_size, inplace=True) is in_place
+    assert torch.equal(in_place, gaussian_blur_batch(x, sigma, kernel_size))
+    strided = x.clone().transpose(-1, -2)  # not contiguous: written back through a temporary
+    gaussian_blur_batch(strided, sigma, kernel_size, inplace=True)
+    assert torch.allclose(strided, gaussian_blur_batch(x.transpose(-1, -2).contiguous(), sigma, kernel_size))

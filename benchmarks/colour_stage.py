@@ -1,0 +1,131 @@
+"""The batched colour stage alone on a CPU: where its time goes, eager and with ``compile=True``.
+
+``data_pipeline.py`` times whole pipelines (decode, crops, colour) against the per-image chains; its rounds
+last seconds, and this machine's speed drifts by tens of percent within that, which hides differences of
+10-20% in one stage. This times only :class:`~swav.batch_augment.BatchColorAugment` on the crops of real
+photos (2x224 + 6x96, batches of 64 images), alternating the variants batch by batch so that a drift hits
+them alike, and splits the eager grouped strategy's time by op (the ops are wrapped with timers; the rest is
+conversion, normalisation, gathering and scattering pieces, and Python).
+
+Variants: ``grouped`` (the CPU default), ``compiled`` (``compile=True``: the grouped strategy with the hue
+rotation compiled; compiled before timing) and ``masked`` (the GPU default, each op once over the whole
+batch's subset).
+
+    PYTHONPATH=. python benchmarks/colour_stage.py --data .bench_photos --json benchmarks/results_cpu2_colour_stage.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import swav.batch_augment as batch_augment
+from swav.batch_augment import BatchColorAugment, FastMultiCrop, multicrop_collate
+from swav.multicrop import crop_groups_from_lists
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "photos-500x375"
+GROUPS = crop_groups_from_lists([2, 6], [224, 96], [0.14, 0.05], [1.0, 0.14])
+WRAPPED = ("adjust_hue_batch", "gaussian_blur_batch", "grayscale_batch", "flip_batch")
+
+
+def wrap_ops(spent: collections.Counter) -> Callable[[], None]:
+    """Time every op the grouped strategy calls; returns a function that undoes it."""
+    saved_module = {name: getattr(batch_augment, name) for name in WRAPPED}
+    saved_jitter = dict(batch_augment.JITTER_FNS)
+
+    def timer(name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.process_time() - start
+        return timed
+
+    for name, fn in saved_module.items():
+        setattr(batch_augment, name, timer(name.replace("_batch", "").replace("adjust_", ""), fn))
+    for name, fn in saved_jitter.items():
+        batch_augment.JITTER_FNS[name] = timer(name, fn)
+
+    def undo() -> None:
+        for name, fn in saved_module.items():
+            setattr(batch_augment, name, fn)
+        batch_augment.JITTER_FNS.update(saved_jitter)
+    return undo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--batches", type=int, default=8, help="distinct batches of crops, cycled")
+    parser.add_argument("--rounds", type=int, default=5, help="passes over the batches")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--variants", nargs="+", default=["grouped", "compiled", "masked"],
+                        choices=["grouped", "compiled", "masked"])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    files = sorted(p for p in args.data.resolve().iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        raise SystemExit(f"no JPEG files in {args.data}")
+    cropper = FastMultiCrop(GROUPS, seed=0).cropper
+    batches = [multicrop_collate([cropper(files[(b * args.batch_size + i) % len(files)])
+                                  for i in range(args.batch_size)]) for b in range(args.batches)]
+    augments = {"grouped": BatchColorAugment(seed=1, strategy="grouped"),
+                "compiled": BatchColorAugment(seed=1, compile=True),
+                "masked": BatchColorAugment(seed=1, strategy="masked")}
+    augments = {name: augments[name] for name in args.variants}
+    compile_s = {}
+    for name, augment in augments.items():  # warm-up; compiles the compiled variant
+        start = time.perf_counter()
+        augment(batches[0])
+        compile_s[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in augments}
+    for _ in range(args.rounds):
+        for batch in batches:
+            for name, augment in augments.items():
+                start = time.process_time()
+                augment(batch)
+                times[name].append(time.process_time() - start)
+    per_image = {name: statistics.median(t) * 1e3 / args.batch_size for name, t in times.items()}
+    ratios = {name: statistics.median(a / b for a, b in zip(times[args.variants[0]], t)) for name, t in times.items()}
+    spent: collections.Counter = collections.Counter()
+    breakdown: dict[str, float] = {}
+    if "grouped" in augments:
+        undo = wrap_ops(spent)
+        try:
+            total = 0.0
+            for _ in range(args.rounds):
+                for batch in batches:
+                    start = time.process_time()
+                    augments["grouped"](batch)
+                    total += time.process_time() - start
+        finally:
+            undo()
+        images = args.rounds * len(batches) * args.batch_size
+        breakdown = {name: seconds * 1e3 / images for name, seconds in spent.most_common()}
+        breakdown["rest (conversion, normalisation, pieces, Python)"] = (total - sum(spent.values())) * 1e3 / images
+    print(f"colour stage, {len(batches)} batches of {args.batch_size} photos x (2x224 + 6x96) crops, "
+          f"{args.rounds} rounds, one thread; process CPU time, medians over batches")
+    print(f"{'variant':<10} {'ms per image':>13} {f'speed vs {args.variants[0]}':>18} {'first call s':>13}")
+    for name in augments:
+        print(f"{name:<10} {per_image[name]:>13.2f} {ratios[name]:>17.2f}x {compile_s[name]:>13.1f}")
+    if breakdown:
+        print("\ngrouped (eager), ms per image by op (a timed pass of its own):")
+        for name, ms in breakdown.items():
+            print(f"  {name:<50} {ms:6.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"torch": torch.__version__, "batches": len(batches), "batch_size": args.batch_size,
+                                         "rounds": args.rounds, "ms_per_image": per_image, "speed_vs_first": ratios,
+                                         "first_call_s": compile_s, "grouped_breakdown_ms_per_image": breakdown},
+                                        indent=2))
+
+
+if __name__ == "__main__":
+    main()
