@@ -393,18 +393,30 @@ class ShardDataset(IterableDataset):
         rng = random.Random(f"swav-buffer-{self.seed}-{self.epoch}-{self.rank}-{worker}")
         samples = tarfile_samples([{"url": url} for url in mine], handler=_damaged_shard)
         last, owed = None, 0  # owed: unreadable samples met before the first readable one (fill_bad)
+        stand_ins = 0
         for sample in self._shuffled(samples, rng):
             item = self._decode(sample)
             if item is None:
                 if self.fill_bad and last is not None:
-                    yield last
+                    stand_ins += 1
+                    yield self._stand_in(last, stand_ins)
                 elif self.fill_bad:
                     owed += 1
                 continue
             yield item
             for _ in range(owed):
-                yield item
+                stand_ins += 1
+                yield self._stand_in(item, stand_ins)
             last, owed = item, 0
+
+    def _stand_in(self, item: tuple, number: int) -> tuple:
+        """A readable sample standing in for an unreadable one (``fill_bad``). With keys it gets a key of its own,
+        ``<key>#stand-in-<n>``: training seeds each sample's crops by its key, so the stand-in is cropped afresh
+        rather than repeating the crops of the sample it copies."""
+        if not self.return_key:
+            return item
+        image, label, key = item
+        return image, label, f"{key}#stand-in-{number}"
 
 
 class DamagedShardError(ValueError):

@@ -141,3 +141,11 @@ def test_unreadable_samples_in_shards_keep_every_epoch_full_length(images, tmp_p
     # outside training (extraction, scans) the stream leaves them out
     plain = ShardDataset(shards, rank=0, world_size=1, return_key=True, max_bad_fraction=0.5)
     assert len(list(plain)) == 14
+    # in training each stand-in has a key of its own, so its crops (seeded by the key) are not a repeat
+    filled = ShardDataset(shards, rank=0, world_size=1, return_key=True, max_bad_fraction=0.5)
+    filled.fill_bad = True
+    keys = [key for _, _, key in filled]
+    stand_ins = [key for key in keys if "#stand-in-" in key]
+    assert len(keys) == len(set(keys)) == 16 and len(stand_ins) == 2
+    assert all(key.split("#")[0] in keys for key in stand_ins)
+    assert len({sample_index(key) for key in keys}) == 16
