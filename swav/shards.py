@@ -408,6 +408,10 @@ class ShardDataset(IterableDataset):
                 stand_ins += 1
                 yield self._stand_in(item, stand_ins)
             last, owed = item, 0
+        if owed:  # nothing readable to stand in: this stream ends short, and so does the rank's epoch
+            logger.error("rank %d worker %d: none of the %d samples of its shards %s could be read (listed in "
+                         "bad_images.txt), so this epoch lacks them and training stops at its end; check or "
+                         "rewrite those shards with `swav pack-shards`", self.rank, worker, owed, mine)
 
     def _stand_in(self, item: tuple, number: int) -> tuple:
         """A readable sample standing in for an unreadable one (``fill_bad``). With keys it gets a key of its own,

@@ -149,3 +149,16 @@ def test_unreadable_samples_in_shards_keep_every_epoch_full_length(images, tmp_p
     assert len(keys) == len(set(keys)) == 16 and len(stand_ins) == 2
     assert all(key.split("#")[0] in keys for key in stand_ins)
     assert len({sample_index(key) for key in keys}) == 16
+
+
+def test_a_stream_with_nothing_readable_says_so(tmp_path, caplog):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"img.{i}.png").write_bytes(b"not a png")
+    shards = _pack(folder, tmp_path / "shards", num_shards=1, verify=False)
+    stream = ShardDataset(shards, rank=0, world_size=1, return_key=True, max_bad_fraction=1.0)
+    stream.fill_bad = True
+    with caplog.at_level("ERROR", logger="swav.shards"):
+        assert list(stream) == []
+    assert "none of the 3 samples of its shards" in caplog.text and "pack-shards" in caplog.text
