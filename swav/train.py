@@ -101,6 +101,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
                            dist_url=run.dist_url, timeout_minutes=run.dist_timeout_minutes)
     configure_rank_logging(ctx.rank)
     log_handler, lock = None, RunLock(out)
+    workers_stopped = ctx.world_size == 1  # no process may append to bad_images.txt any more (see finally)
     try:
         resume = check_run_folder(out, resume=resume, overwrite=overwrite, config=config)
         found = find_latest_checkpoint(out) if resume else None
@@ -135,8 +136,12 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
         if resume and found is None:
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", out)
         with StopSignals() as stop:
-            return _fit(config, ctx, out, found, dataset, model_builder, stop, partial,
-                        prepare_folder if replace else None)
+            result = _fit(config, ctx, out, found, dataset, model_builder, stop, partial,
+                          prepare_folder if replace else None)
+        if ctx.world_size > 1:
+            _barrier()  # every rank has stopped its data-loader workers, which append to bad_images.txt
+            workers_stopped = True
+        return result
     except Exception as exc:
         if ctx.world_size > 1 and not isinstance(exc, (NonFiniteError, CheckpointError)):  # those: all ranks agree
             logger.error("rank %d of %d stopped: %s: %s. The other ranks stop at their next collective operation "
@@ -146,8 +151,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
         raise
     finally:
         if log_handler is not None:
-            try:
-                bad = count_bad_images(out, deduplicate=True)
+            try:  # rewritten without duplicates only once nothing appends to it (else counted as it is)
+                bad = count_bad_images(out, deduplicate=workers_stopped)
             except OSError as exc:  # a full disk must not hide the run's own outcome (or error)
                 logger.warning("could not rewrite %s without duplicates: %s", out / "bad_images.txt", exc)
                 bad = count_bad_images(out)

@@ -3,6 +3,8 @@ resumes bit-identically at the same world size, and a NaN on one rank stops both
 The heavier equivalence tests (2 processes vs 1 process) live with the distributed work."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,3 +58,27 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, check_sync)
     assert results[0][0] == results[1][0] == 3
     assert "loss per rank" in results[0][1] and "nan" in results[0][1]
     assert [p.name for p in list_checkpoints(tmp_path / "nan")] == []  # nothing written after the NaN
+
+
+def _folder_with_bad_files(rank: int, world_size: int, root: str):
+    values = {"data.pipeline": "batched", "data.max_bad_fraction": 0.5, "optim.epochs": 3}
+    result = train(tiny_config(f"{root}/run", f"{root}/photos", **values), model_builder=tiny_model)
+    return result.status, result.step
+
+
+@pytest.mark.distributed
+def test_two_ranks_list_each_bad_file_once_after_both_stopped(tmp_path):
+    """Both ranks append the bad files they meet (each epoch reshuffles which rank meets which); rank 0 rewrites
+    the list without duplicates only after the barrier that follows every rank's last batch."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(22):
+        Image.new("RGB", (20, 16), (11 * i, 40, 200 - 5 * i)).save(photos / f"img{i:02d}.png")
+    (photos / "broken1.jpg").write_bytes(b"")
+    (photos / "broken2.png").write_text("not an image")
+    results = run_distributed(_folder_with_bad_files, 2, str(tmp_path))
+    assert results[0] == results[1] == ("complete", 9)  # 24 files / 2 ranks / batch 4 = 3 steps x 3 epochs
+    listed = (tmp_path / "run" / "bad_images.txt").read_text(encoding="utf-8").splitlines()
+    assert sorted(Path(p).name for p in listed) == ["broken1.jpg", "broken2.png"]
