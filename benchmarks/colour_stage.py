@@ -9,16 +9,23 @@ conversion, normalisation, gathering and scattering pieces, and Python).
 
 Variants: ``grouped`` (the CPU default), ``compiled`` (``compile=True``: the grouped strategy with the hue
 rotation compiled; compiled before timing) and ``masked`` (the GPU default, each op once over the whole
-batch's subset).
+batch's subset). ``--compare-with REV`` adds the grouped strategy of an earlier git revision of this
+repository (its ``swav/color_ops.py`` and ``swav/batch_augment.py``, loaded beside the current ones), to
+measure a change side by side rather than across sessions.
 
     PYTHONPATH=. python benchmarks/colour_stage.py --data .bench_photos --json benchmarks/results_cpu2_colour_stage.json
+    PYTHONPATH=. python benchmarks/colour_stage.py --data .bench_photos --compare-with e84b754
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +39,23 @@ from swav.multicrop import crop_groups_from_lists
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "photos-500x375"
 GROUPS = crop_groups_from_lists([2, 6], [224, 96], [0.14, 0.05], [1.0, 0.14])
 WRAPPED = ("adjust_hue_batch", "gaussian_blur_batch", "grayscale_batch", "flip_batch")
+
+
+def colour_stage_at(revision: str):
+    """``BatchColorAugment`` of an earlier revision, as a module of its own (``swav_at_revision``)."""
+    root = Path(__file__).resolve().parent.parent
+    package = Path(tempfile.mkdtemp(prefix="swav-colour-")) / "swav_at_revision"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("color_ops", "batch_augment"):
+        shown = subprocess.run(["git", "-C", str(root), "show", f"{revision}:swav/{name}.py"], capture_output=True,
+                               text=True)
+        if shown.returncode:
+            raise SystemExit(f"--compare-with {revision}: {shown.stderr.strip()}")
+        (package / f"{name}.py").write_text(shown.stdout.replace("from swav.color_ops import",
+                                                                 "from swav_at_revision.color_ops import"))
+    sys.path.insert(0, str(package.parent))
+    return importlib.import_module("swav_at_revision.batch_augment").BatchColorAugment
 
 
 def wrap_ops(spent: collections.Counter) -> Callable[[], None]:
@@ -68,6 +92,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--variants", nargs="+", default=["grouped", "compiled", "masked"],
                         choices=["grouped", "compiled", "masked"])
+    parser.add_argument("--compare-with", metavar="REV", default=None,
+                        help="also time the grouped strategy of this git revision (e.g. a commit before a change)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -81,6 +107,8 @@ def main() -> None:
                 "compiled": BatchColorAugment(seed=1, compile=True),
                 "masked": BatchColorAugment(seed=1, strategy="masked")}
     augments = {name: augments[name] for name in args.variants}
+    if args.compare_with:
+        augments[f"{args.compare_with} grouped"] = colour_stage_at(args.compare_with)(seed=1, strategy="grouped")
     compile_s = {}
     for name, augment in augments.items():  # warm-up; compiles the compiled variant
         start = time.perf_counter()
@@ -94,7 +122,8 @@ def main() -> None:
                 augment(batch)
                 times[name].append(time.process_time() - start)
     per_image = {name: statistics.median(t) * 1e3 / args.batch_size for name, t in times.items()}
-    ratios = {name: statistics.median(a / b for a, b in zip(times[args.variants[0]], t)) for name, t in times.items()}
+    first = next(iter(times))
+    ratios = {name: statistics.median(a / b for a, b in zip(times[first], t)) for name, t in times.items()}
     spent: collections.Counter = collections.Counter()
     breakdown: dict[str, float] = {}
     if "grouped" in augments:
@@ -113,16 +142,16 @@ def main() -> None:
         breakdown["rest (conversion, normalisation, pieces, Python)"] = (total - sum(spent.values())) * 1e3 / images
     print(f"colour stage, {len(batches)} batches of {args.batch_size} photos x (2x224 + 6x96) crops, "
           f"{args.rounds} rounds, one thread; process CPU time, medians over batches")
-    print(f"{'variant':<10} {'ms per image':>13} {f'speed vs {args.variants[0]}':>18} {'first call s':>13}")
+    print(f"{'variant':<18} {'ms per image':>13} {f'speed vs {first}':>18} {'first call s':>13}")
     for name in augments:
-        print(f"{name:<10} {per_image[name]:>13.2f} {ratios[name]:>17.2f}x {compile_s[name]:>13.1f}")
+        print(f"{name:<18} {per_image[name]:>13.2f} {ratios[name]:>17.2f}x {compile_s[name]:>13.1f}")
     if breakdown:
         print("\ngrouped (eager), ms per image by op (a timed pass of its own):")
         for name, ms in breakdown.items():
             print(f"  {name:<50} {ms:6.2f}")
     if args.json:
         args.json.write_text(json.dumps({"torch": torch.__version__, "batches": len(batches), "batch_size": args.batch_size,
-                                         "rounds": args.rounds, "ms_per_image": per_image, "speed_vs_first": ratios,
+                                         "rounds": args.rounds, "compare_with": args.compare_with, "ms_per_image": per_image, "speed_vs_first": ratios,
                                          "first_call_s": compile_s, "grouped_breakdown_ms_per_image": breakdown},
                                         indent=2))
 

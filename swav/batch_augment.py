@@ -208,13 +208,13 @@ class BatchColorAugment(nn.Module):
     (default on other devices) runs each op once on the whole batch's subset that needs it;
     "dense" (:func:`dense_color_stage`) runs every op on every sample with identity parameters
     where it is not drawn, shapes independent of the draws. ``compile=True`` compiles what pays on
-    the crops' device: elsewhere than on a CPU (strategy "auto" or "dense"), the whole dense stage
-    (``torch.compile`` fuses it into a few kernels: the GPU stage issues ~600 small kernels and spends
-    more host time issuing them than the GPU spends running them); on a CPU (strategy "auto" or
-    "grouped"), the hue rotation inside the grouped strategy, its costliest op (about 40 passes over
-    the pixels eagerly, one compiled; the stage 1.1x faster in ``benchmarks/colour_stage.py``, after two
-    compilations of about 10 s each on first use). A compiler failure falls back to the eager ops, with a
-    warning; the values are the same.
+    the crops' device. With the dense strategy (strategy "dense", or "auto" elsewhere than on a CPU) it
+    compiles the whole dense stage: ``torch.compile`` fuses it into a few kernels, where the eager GPU
+    stage issues ~600 small kernels and spends more host time issuing them than the GPU spends running
+    them. With the grouped strategy (strategy "grouped", or "auto" on a CPU) it compiles the hue
+    rotation, the costliest op: about 40 passes over the pixels eagerly, one compiled. The stage runs
+    1.1x faster in ``benchmarks/colour_stage.py``, after two compilations of about 10 s each on first
+    use. A compiler failure falls back to the eager ops, with a warning; the values are the same.
 
     >>> aug = BatchColorAugment(seed=0)
     >>> out = aug([torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)])
@@ -274,6 +274,8 @@ class BatchColorAugment(nn.Module):
         if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != self.channels:
             raise ValueError(f"crops of dtype {crops.dtype} and shape {tuple(crops.shape)} are "
                              f"invalid: expected uint8 (B, {self.channels}, S, S)")
+        if crops.shape[0] == 0:
+            return torch.empty(crops.shape, dtype=torch.float32, device=crops.device)
         strategy = self.strategy
         if strategy == "auto":
             strategy = "grouped" if crops.device.type == "cpu" else "dense" if self.compile else "masked"
@@ -283,7 +285,7 @@ class BatchColorAugment(nn.Module):
             return self._apply_masked(crops, params)
         out = torch.empty(crops.shape, dtype=torch.float32, device=crops.device)
         lists = _PieceLists(params)
-        for piece in self._groups(params, crops[0].numel()):
+        for piece in self._groups(lists, crops[0].numel()):
             self._augment_piece(crops, params, lists, piece, out)
         return out
 
@@ -312,12 +314,12 @@ class BatchColorAugment(nn.Module):
                 blur_kernel_size(min(crops.shape[-2:])))
         if not self.compile:
             return dense_color_stage(*args)
-        if self._dense_fn is None:
-            self._dense_fn = torch.compile(dense_color_stage, dynamic=False)
         key = (tuple(crops.shape), crops.device.type)
         if key in self._compiled_shapes:
             return self._dense_fn(*args)
         try:  # compiles for this shape; an optimisation, so a compiler failure falls back to the same values
+            if self._dense_fn is None:  # torch.compile itself raises where dynamo is unsupported
+                self._dense_fn = torch.compile(dense_color_stage, dynamic=False)
             out = self._dense_fn(*args)
         except Exception as exc:  # noqa: BLE001  (inductor/triton raise many types)
             _warn_compile_failed(exc)
@@ -370,10 +372,9 @@ class BatchColorAugment(nn.Module):
         std = device_constant(self.std, device, torch.float32).view(1, -1, 1, 1)
         return x.sub_(mean).div_(std)
 
-    def _groups(self, params: ColorParams, sample_elements: int) -> list[list[int]]:
-        """Samples with identical op sequences, in pieces of at most ``chunk_elements``."""
-        keys = zip(params.blur.tolist(), params.grayscale.tolist(), params.jitter.tolist(),
-                   params.order.tolist())
+    def _groups(self, lists: _PieceLists, sample_elements: int) -> list[list[int]]:
+        """Samples with identical op sequences (all but the flip), in pieces of at most ``chunk_elements``."""
+        keys = zip(lists.blur, lists.grayscale, lists.jitter, lists.order)
         by_key: dict[tuple, list[int]] = {}
         for i, (blur, gray, jitter, order) in enumerate(keys):
             by_key.setdefault((blur, gray, tuple(order) if jitter else ()), []).append(i)
@@ -420,14 +421,15 @@ class BatchColorAugment(nn.Module):
             out.index_copy_(0, indices, x)
 
     def _hue(self, x: torch.Tensor, factor: torch.Tensor, *, inplace: bool = True) -> torch.Tensor:
-        """:func:`~swav.color_ops.adjust_hue_batch` in place; with ``compile=True`` on a CPU, compiled (one loop
+        """:func:`~swav.color_ops.adjust_hue_batch` in place; with ``compile=True``, compiled (one loop
         over the pixels instead of ~40 passes; the same values up to float rounding, ``tests/test_batch_augment.py``)."""
         if not self.compile or x.shape[1] != 3:
             return adjust_hue_batch(x, factor, inplace=True)
-        if self._hue_fn is None:
-            logger.info("compiling the colour stage's hue rotation (torch.compile, once per process: about 10-30 s)")
-            self._hue_fn = torch.compile(_hue_shift_into, dynamic=True)
         try:
+            if self._hue_fn is None:  # torch.compile itself raises where dynamo is unsupported
+                logger.info("compiling the colour stage's hue rotation (torch.compile, once per process: about "
+                            "10-30 s)")
+                self._hue_fn = torch.compile(_hue_shift_into, dynamic=True)
             self._hue_fn(x, factor.to(device=x.device, dtype=x.dtype).view(-1, 1, 1))
         except Exception as exc:  # noqa: BLE001  (inductor raises many types; an optimisation only)
             _warn_compile_failed(exc)

@@ -155,9 +155,10 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int, 
 
 
 # Output columns (then rows) per matrix product of the CPU blur. A band of 13 taps in a 224-wide matrix is 94%
-# zeros; products of 48 outputs from their 60 inputs skip most of them (1.4-1.5x faster at 224 on the
-# development CPU, benchmarks/blur_blocks.py; the same values bit for bit in its check). Smaller images, and
-# GPUs, where launches cost more than arithmetic, take one product per pass.
+# zeros; products of 48 outputs from their 60 inputs skip most of them (1.3-1.6x faster at 224 on the
+# development CPU, benchmarks/blur_blocks.py; the same values up to float rounding, within 1 ulp, as fewer zero
+# terms enter the sums). Smaller images, and GPUs, where launches cost more than arithmetic, take one product
+# per pass.
 _BLUR_BLOCK = 48
 
 

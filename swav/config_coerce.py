@@ -33,13 +33,20 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
         (False, 1e-06)
         >>> coerce_value([2, "6"], tuple[int, ...], "crops.counts"), coerce_value("null", int | None, "x")
         ((2, 6), None)
+        >>> coerce_value("auto", bool | None, "data.compile_colour") is None
+        True
     """
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
             return None
         inner = [a for a in args if a is not type(None)][0]
-        return coerce_value(value, inner, key)
+        if inner is not str and isinstance(value, str) and value.strip().lower() == "auto":
+            return None  # null means "automatic" for every optional setting that is not itself a word
+        try:
+            return coerce_value(value, inner, key)
+        except ValueError as exc:
+            raise ValueError(f"{exc} or null (auto)") from None
     if origin is tuple:
         item_type = args[0]
         if isinstance(value, str):

@@ -57,7 +57,7 @@ FATAL_KEYS = ("model.backbone", "model.small_images", "model.hidden_dim", "model
               "model.num_prototypes", "model.head_batch_norm", "data.channels", "crops.counts", "crops.sizes",
               "swav.crops_for_assign")
 _IGNORED_SECTIONS = ("run", "debug")
-_IGNORED_KEYS = ("data.workers", "data.pipeline", "data.download")
+_IGNORED_KEYS = ("data.workers", "data.pipeline", "data.download", "data.compile_colour")
 #: keys that may differ between the processes of one job, or name the folder itself: ignored when deciding
 #: whether a folder holds "this same run" (everything else must be equal for an automatic resume)
 SAME_RUN_IGNORED_KEYS = ("run.output_dir", "run.rank", "run.local_rank")
@@ -195,7 +195,9 @@ def _norm(value: Any) -> Any:
 
 def resume_differences(saved_config: dict[str, Any], config: Config) -> tuple[list[str], list[str]]:
     """``(fatal, soft)`` lists of ``'key: checkpoint X, config Y'`` between a checkpoint's config and ``config``."""
-    old, new = _flatten(saved_config), _flatten(config_to_dict(config))
+    # a key the checkpoint lacks was added to swav after it was written: the run had its default's behaviour
+    old = {**_flatten(config_to_dict(Config())), **_flatten(saved_config)}
+    new = _flatten(config_to_dict(config))
     fatal, soft = [], []
     for key in sorted(set(old) | set(new), key=lambda k: list(new).index(k) if k in new else len(new)):
         if key.split(".")[0] in _IGNORED_SECTIONS or key in _IGNORED_KEYS:

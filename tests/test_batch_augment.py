@@ -73,8 +73,9 @@ def test_dense_strategy_equals_masked_exactly(channels: int, strength: float) ->
     kwargs = {"channels": channels, "color_jitter_strength": strength, "seed": 5}
     masked, dense = BatchColorAugment(strategy="masked", **kwargs), BatchColorAugment(strategy="dense", **kwargs)
     g = torch.Generator().manual_seed(6)
-    for size in (20, 9):
-        crops = torch.randint(0, 256, (48, channels, size, size), dtype=torch.uint8, generator=g)
+    for size in (20, 9, 100):  # 100: the CPU blur by blocks in both
+        crops = torch.randint(0, 256, (48 if size < 100 else 12, channels, size, size), dtype=torch.uint8,
+                              generator=g)
         params = masked.sample_params(len(crops))
         assert torch.equal(dense.apply(crops, params), masked.apply(crops, params))
 
@@ -117,10 +118,14 @@ def test_compiled_hue_on_a_cpu_gives_the_grouped_strategys_values() -> None:
             assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
-def test_a_colour_stage_that_fails_to_compile_runs_eagerly_with_the_same_values(monkeypatch, caplog) -> None:
+@pytest.mark.parametrize("when", ["first call", "torch.compile"])
+def test_a_colour_stage_that_fails_to_compile_runs_eagerly_with_the_same_values(monkeypatch, caplog, when) -> None:
+    """The compiler fails on the first call (inductor), or torch.compile itself refuses (dynamo unsupported)."""
     def broken_compile(fn, **kwargs):
         def compiled(*args):
             raise RuntimeError("backend compiler failed\ndetails")
+        if when == "torch.compile":
+            raise RuntimeError("backend compiler failed: dynamo is not supported here")
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -133,7 +138,7 @@ def test_a_colour_stage_that_fails_to_compile_runs_eagerly_with_the_same_values(
         caplog.clear()
         with caplog.at_level("WARNING", logger="swav.batch_augment"):
             out = compiled.apply(crops, params)
-        assert "compiling the colour stage failed (RuntimeError: backend compiler failed)" in caplog.text
+        assert "compiling the colour stage failed (RuntimeError: backend compiler failed" in caplog.text
         assert torch.equal(out, eager.apply(crops, params)) and not compiled.compile
 
 
@@ -325,7 +330,7 @@ def test_augment_rejects_wrong_input() -> None:
         BatchColorAugment(strategy="fast")
 
 
-def test_engine_compiles_the_colour_stage_only_on_a_gpu_with_run_compile() -> None:
+def test_engine_compiles_the_colour_stage_with_run_compile_on_a_gpu_or_with_data_compile_colour() -> None:
     from swav.config import Config, with_values
     from swav.train_data import colour_stage
 
@@ -359,3 +364,16 @@ def test_an_undecodable_path_is_named(tmp_path):
     (tmp_path / "icon.png").write_bytes(b"\0\0\1\0" + bytes(60))  # an ICO header named .png
     with pytest.raises(ImageDecodeError, match="icon.png"):
         decode_image_source(tmp_path / "icon.png", 3)
+
+
+def test_grouped_strategy_above_the_blur_block_threshold_and_empty_batches() -> None:
+    g = torch.Generator().manual_seed(9)
+    crops = torch.randint(0, 256, (6, 3, 100, 130), dtype=torch.uint8, generator=g)  # one side blocked, one not
+    grouped, masked = BatchColorAugment(seed=2, strategy="grouped", blur_prob=1.0), BatchColorAugment(
+        seed=2, strategy="masked", blur_prob=1.0)
+    params = grouped.sample_params(len(crops))
+    assert torch.allclose(grouped.apply(crops, params), masked.apply(crops, params), atol=1e-5, rtol=0)
+    for strategy in ("grouped", "masked", "dense"):
+        empty = BatchColorAugment(strategy=strategy).apply(torch.zeros(0, 3, 8, 8, dtype=torch.uint8),
+                                                           BatchColorAugment().sample_params(0))
+        assert empty.shape == (0, 3, 8, 8) and empty.dtype == torch.float32

@@ -257,3 +257,14 @@ def test_an_old_run_with_log_domain_false_is_the_same_run_where_the_exp_form_run
     saved = config_to_dict(with_values(Config(), {**small, "swav.log_domain": False}))
     assert run_differences(saved, with_values(Config(), small)) == [
         "swav.log_domain: folder False, this command True"]
+
+
+def test_a_checkpoint_written_before_a_setting_existed_compares_as_its_default():
+    from swav.config import config_to_dict
+    from swav.run_folder import resume_differences
+    saved = config_to_dict(Config())
+    del saved["data"]["compile_colour"], saved["data"]["prefetch_batches"]  # added by later versions
+    assert resume_differences(saved, Config()) == ([], [])
+    changed = with_values(Config(), {"data.prefetch_batches": 2})
+    assert resume_differences(saved, changed) == ([], ["data.prefetch_batches: checkpoint None, config 2"])
+    assert resume_differences(saved, with_values(Config(), {"data.compile_colour": True})) == ([], [])  # ignored
