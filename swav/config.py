@@ -186,7 +186,9 @@ class OptimConfig:
             value = getattr(self, key)
             _check(value >= 0 and math.isfinite(value), f"optim.{key}", value, "a finite value >= 0")
         _check(0 <= self.warmup_epochs <= self.epochs, "optim.warmup_epochs", self.warmup_epochs,
-               f"a value in [0, optim.epochs={self.epochs}]")
+               f"a value in [0, optim.epochs={self.epochs}] (the warm-up defaults to 10 epochs, as in the official "
+               f"recipes: with fewer epochs set --warmup_epochs or --set optim.warmup_epochs=N, e.g. "
+               f"{min(self.epochs, max(0.0, round(self.epochs / 10, 2))):g})")
         _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a value in [0, 1)")
         _check(self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient, "a value > 0")
 

@@ -25,7 +25,7 @@ from swav.model import SwAVModel, build_model
 from swav.multicrop import resolve_normalization
 from swav.train_data import in_memory_images
 
-__all__ = ["knn_summary", "format_summary", "KnnMonitor"]
+__all__ = ["knn_summary", "format_summary", "KnnMonitor", "check_summary_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +38,21 @@ def _split_images(config: Config, split: str, limit: int) -> tuple[torch.Tensor,
     images = in_memory_images(dataset, config.data.channels)
     targets = getattr(dataset, "targets", None)
     if images is None or targets is None:
-        raise ValueError(f"the k-NN summary needs a labelled data set held in memory (Fashion-MNIST, MNIST, "
-                         f"CIFAR); {config.data.path!r} is not one: evaluate with `swav eval-knn --checkpoint MODEL --train-data DIR --val-data DIR` "
-                         "(and pass --no-summary to `swav pretrain`)")
+        raise ValueError(f"the k-NN accuracy of `swav pretrain` (its summary, and run.knn_every_epochs) needs a labelled "
+                         f"data set held in memory (Fashion-MNIST, MNIST, CIFAR); {config.data.path!r} is not one: "
+                         "pass --no-summary and leave run.knn_every_epochs at 0, and evaluate with "
+                         "`swav eval-knn --checkpoint MODEL --train-data DIR --val-data DIR`")
     labels = torch.as_tensor(targets, dtype=torch.long)
     if limit:
         images, labels = images[:limit], labels[:limit]
     return images, labels
+
+
+def check_summary_data(config: Config) -> None:
+    """Raise the error :func:`knn_summary` would raise at the end of a run if ``config``'s data has no labelled
+    train and test splits held in memory (one image of each is read)."""
+    for split in ("train", "test"):
+        _split_images(config, split, 1)
 
 
 def _normalised(images: torch.Tensor, config: Config) -> torch.Tensor:

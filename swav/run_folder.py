@@ -60,7 +60,9 @@ _IGNORED_SECTIONS = ("run", "debug")
 _IGNORED_KEYS = ("data.workers", "data.pipeline", "data.download", "data.compile_colour")
 #: keys that may differ between the processes of one job, or name the folder itself: ignored when deciding
 #: whether a folder holds "this same run" (everything else must be equal for an automatic resume)
-SAME_RUN_IGNORED_KEYS = ("run.output_dir", "run.rank", "run.local_rank")
+SAME_RUN_IGNORED_KEYS = ("run.output_dir", "run.rank", "run.local_rank",
+                         # limits of one invocation (never taken over from config.yaml), and debug hooks
+                         "run.max_steps", "run.time_budget_minutes")
 
 
 class RunExistsError(FileExistsError):
@@ -211,12 +213,13 @@ def resume_differences(saved_config: dict[str, Any], config: Config) -> tuple[li
 def run_differences(saved_config: dict[str, Any], config: Config) -> list[str]:
     """Every ``'key: folder X, this command Y'`` between a saved config and ``config`` (all sections).
 
-    Only :data:`SAME_RUN_IGNORED_KEYS` are left out: an empty list means "the same command again".
+    Only :data:`SAME_RUN_IGNORED_KEYS` and ``debug.*`` are left out: an empty list means "the same command again".
     """
     old, new = _flatten(saved_config), _flatten(config_to_dict(config))
+    keys = [key for key in sorted(set(old) | set(new))
+            if key not in SAME_RUN_IGNORED_KEYS and not key.startswith("debug.")]
     return [f"{key}: folder {_norm(old.get(key, '<absent>'))}, this command {_norm(new.get(key, '<absent>'))}"
-            for key in sorted(set(old) | set(new)) if key not in SAME_RUN_IGNORED_KEYS
-            and _norm(old.get(key, "<absent>")) != _norm(new.get(key, "<absent>"))]
+            for key in keys if _norm(old.get(key, "<absent>")) != _norm(new.get(key, "<absent>"))]
 
 
 def resume_refusal(ckpt: dict[str, Any], config: Config, spec: dict[str, Any], path: str) -> str:

@@ -51,7 +51,7 @@ from swav.run_folder import (RunLock, check_run_folder, clear_run, count_bad_ima
 from swav.schedule import warmup_cosine_schedule
 from swav.train_data import TrainLoader, build_train_loader, data_sizes, resolve_pipeline
 from swav.train_state import Progress, ResumeMismatchError, restore_training_state, save_training_state
-from swav.train_step import SwAVStep, bf16_gradients_agree, resolve_precision
+from swav.train_step import SwAVStep, autocast_dtype, bf16_gradients_agree, resolve_precision
 
 __all__ = ["TrainResult", "train", "model_spec_from_config"]
 
@@ -277,7 +277,12 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
                             samples_per_rank=samples_per_rank, device=str(ctx.device), precision=precision,
                             pipeline=pipeline)
     logger.info("derived values: %s", json.dumps(derived.to_dict()))
-    if prepare_folder is not None:  # --overwrite: the old run goes only now that data, model and config are good
+    _check_model_takes_crops(raw, config, ctx.device)
+    knn_monitor = KnnMonitor(config, device=ctx.device, amp_dtype=autocast_dtype(precision)) \
+        if config.run.knn_every_epochs and ctx.is_main else None  # its labelled data is checked here
+    # the folder is written only now that data, model, crops and monitors are known to work: with --overwrite the
+    # old run goes only now, and a fresh folder keeps no config.yaml that would refuse the corrected command
+    if prepare_folder is not None:
         prepare_folder()
     if ctx.is_main:
         save_config(config, out / "config.yaml")
@@ -307,11 +312,34 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
                 spec.backbone, derived.dataset_size, derived.steps_per_epoch, derived.total_steps,
                 derived.global_batch_size, precision, pipeline,
                 f" (batches made {ahead} ahead in a background thread)" if ahead else "")
-    return _loop(config, derived, step_fn, loader, progress, out, ctx, stop)
+    return _loop(config, derived, step_fn, loader, progress, out, ctx, stop, knn_monitor)
+
+
+def _check_model_takes_crops(raw: SwAVModel, config: Config, device: torch.device) -> None:
+    """One forward of one blank crop per crop size, in eval mode without gradients (no state changes), so that
+    a network that cannot take these sizes is named before anything in the run folder is written."""
+    was_training = raw.training
+    raw.eval()
+    try:
+        with torch.no_grad():
+            for size in sorted(set(config.crops.sizes)):
+                try:
+                    raw([torch.zeros(1, config.data.channels, size, size, device=device)])
+                except torch.OutOfMemoryError:
+                    raise
+                except (RuntimeError, AssertionError, ValueError) as exc:
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise ValueError(
+                        f"model.backbone={config.model.backbone!r} cannot take {size}x{size} crops "
+                        f"(crops.sizes={list(config.crops.sizes)}): {reason}. Choose crop sizes this network accepts "
+                        "(torchvision's vision transformers take only their image size, 224, so every crop would "
+                        "have to be 224) or a convolutional backbone") from None
+    finally:
+        raw.train(was_training)
 
 
 def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: TrainLoader, progress: Progress,
-          out: Path, ctx: DistContext, stop: StopSignals) -> TrainResult:
+          out: Path, ctx: DistContext, stop: StopSignals, knn_monitor: KnnMonitor | None) -> TrainResult:
     run = config.run
     writer = MetricsWriter(out, enabled=ctx.is_main, tensorboard=run.tensorboard)
     meter = RateMeter(derived.global_batch_size, derived.total_steps, progress.step)
@@ -321,8 +349,6 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
     deadline = time.monotonic() + 60 * run.time_budget_minutes if run.time_budget_minutes else None
     last: Path | None = None
     loss_value: float | None = None
-    knn_monitor = KnnMonitor(config, device=ctx.device, amp_dtype=step_fn.dtype) \
-        if run.knn_every_epochs and ctx.is_main else None
 
     def check_state() -> None:
         """No file may hold NaN/Inf weights: the NaN check sees losses and gradients, not what an update or a

@@ -46,7 +46,7 @@ def test_image_folder_run_resume_and_complete(tmp_path, folder, capsys):
             "--workers", "0", "--seed", "3", *TINY]
     code, stdout, _ = run_cli(capsys, *base, "--set", "run.max_steps=2")
     assert code == 0 and "stopped at step 2 (max_steps)" in stdout
-    code, _, err = run_cli(capsys, *base)
+    code, _, err = run_cli(capsys, *base, "--seed", "4")  # another run (a limit like run.max_steps is not)
     assert code == 1 and "already holds a run" in err and "--resume" in err and "Traceback" not in err
     # the README's bare form continues with the run's own config.yaml, not as the Fashion-MNIST demo (whose
     # k-NN summary refused an image folder); worker processes do not change the data
@@ -137,3 +137,11 @@ def test_resume_with_an_unexpanded_home_output_dir_uses_the_runs_config(tmp_path
     config, demo = resolve_config(build_parser().parse_args(["pretrain", "--output-dir=~/run", "--resume"]))
     assert not demo and config.data.path == "/data/photos" and config.optim.epochs == 17
     assert config.run.output_dir == str(tmp_path / "run")
+
+
+def test_a_summary_asked_for_on_unlabelled_data_is_refused_before_training(tmp_path, folder, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "pretrain", "--data", str(folder), "--output-dir", str(out), "--epochs", "1",
+                           "--workers", "0", *TINY, "--summary")
+    assert code == 1 and "--no-summary" in err and "run.knn_every_epochs" in err and "Traceback" not in err
+    assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()

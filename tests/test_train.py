@@ -163,7 +163,44 @@ def test_run_folder_lifecycle(tmp_path, image_folder):
     with pytest.raises(ValueError, match="backbone"):
         train(with_values(cfg, {"model.backbone": "resnet5O"}), overwrite=True)
     assert saved() == {p: t for p, t in before.items() if p.name != ".swav.lock"}
+    # ... nor with a k-NN monitor that needs labelled data this folder does not have, nor with a network that
+    # cannot take the crops (checked by one forward per crop size before anything is written)
+    with pytest.raises(ValueError, match="run.knn_every_epochs"):
+        train(with_values(cfg, {"run.knn_every_epochs": 1}), model_builder=tiny_model, overwrite=True)
+    assert saved() == {p: t for p, t in before.items() if p.name != ".swav.lock"}
+    with pytest.raises(ValueError, match=r"cannot take 8x8 crops \(crops.sizes=\[12, 8\]\): needs 12 px"):
+        train(cfg, model_builder=_only_takes_12_pixels, overwrite=True)
+    assert saved() == {p: t for p, t in before.items() if p.name != ".swav.lock"}
     assert train(cfg, model_builder=tiny_model, overwrite=True).status == "complete"
+
+
+class _FixedSize(torch.nn.Module):  # as torchvision's vision transformers take only their own image size
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        assert x.shape[-1] == 12, "needs 12 px"
+        return self.inner(x)
+
+
+def _only_takes_12_pixels(spec):
+    model = tiny_model(spec)
+    model.backbone = _FixedSize(model.backbone)
+    return model
+
+
+def test_a_failed_first_start_leaves_no_config_that_refuses_the_corrected_command(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, **{"optim.epochs": 1})
+    with pytest.raises(ValueError, match="run.knn_every_epochs"):
+        train(with_values(cfg, {"run.knn_every_epochs": 1}), model_builder=tiny_model)
+    assert not (tmp_path / "config.yaml").exists()
+    assert train(cfg, model_builder=tiny_model).status == "complete"
+    # limits of one invocation are not part of "the same run": the plain command continues a limited one
+    other = tmp_path / "limited"
+    limited = tiny_config(other, image_folder, **{"optim.epochs": 2, "run.max_steps": 3})
+    assert train(limited, model_builder=tiny_model).status == "max_steps"
+    assert train(with_values(limited, {"run.max_steps": 0}), model_builder=tiny_model).status == "complete"
 
 
 def test_resume_refuses_a_different_model(tmp_path, image_folder):

@@ -140,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from swav.train import train
 
+    if args.summary and not demo:  # asked for: its labelled data is checked before training, not after
+        from swav.pretrain_summary import check_summary_data
+        check_summary_data(config)
     result = train(config, resume=args.resume, overwrite=args.overwrite, partial=args.partial)
     if result.status == "already_complete":
         print(f"the run in {result.output_dir} is already complete (step {result.step}); nothing to do")
