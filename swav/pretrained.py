@@ -195,6 +195,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Loade
     path = Path(path)
     if is_safetensors_file(path):
         return _from_safetensors(path, map_location)
+    if path.is_file():  # torch.load ignores the records' CRC-32: a flipped bit would load (and export) silently
+        from swav.checkpoint import verify_record_checksums
+        verify_record_checksums(path)
     obj = load_state_file(path, map_location=map_location)
     if not isinstance(obj, Mapping):
         raise NotAStateDictError(

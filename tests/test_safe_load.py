@@ -214,3 +214,22 @@ def test_real_checkpoints_and_pickles_are_not_mistaken_for_other_files(tmp_path)
     whole = (tmp_path / "ok0.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(whole[:2])
     assert describe_non_checkpoint(tmp_path / "cut.pt") is None
+
+
+def test_a_flipped_bit_in_a_model_file_is_refused_by_every_command_that_loads_it(tmp_path):
+    """eval, export, extract and cluster read models through read_checkpoint: its CRC-32 check catches a bit
+    flipped in a tensor, which torch.load itself returns silently (and an export would re-save with good CRCs)."""
+    from swav.pretrained import load_pretrained, read_checkpoint
+
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.arange(4096, dtype=torch.float32)}, path)
+    data = bytearray(path.read_bytes())
+    start = data.find(torch.arange(4096, dtype=torch.float32).numpy().tobytes()[:64])
+    assert start > 0
+    data[start + 1000] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(4096, dtype=torch.float32))
+    with pytest.raises(CorruptCheckpointError, match="weights.pt.*damaged.*CRC"):
+        read_checkpoint(path)
+    with pytest.raises(CorruptCheckpointError):
+        load_pretrained(path)

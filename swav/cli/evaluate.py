@@ -108,6 +108,8 @@ def _add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: st
     )
     parser.add_argument("--val-data", help="test images (folder or any --data form); overrides --data's test split")
     parser.add_argument("--output-dir", default=".", help=f"where {name}.json is written (default: .)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an existing {name}.json there (without: refused before any work)")
     parser.add_argument("--batch-size", type=int, default=256, help="default: 256")
     parser.add_argument("--workers", type=int, default=4, help="data-loading processes (default: 4)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -212,18 +214,22 @@ def _check_args(command: str, args: argparse.Namespace) -> None:
                              f"got {args.label_fraction:g}")
         if args.subset_file and not Path(args.subset_file).is_file():
             raise ValueError(f"--subset-file: {args.subset_file!r} does not exist or is not a file")
-    _check_output_dir(Path(args.output_dir).expanduser(), f"{command}.json")
+    _check_output_dir(Path(args.output_dir).expanduser(), f"{command}.json", overwrite=args.overwrite)
 
 
-def _check_output_dir(output_dir: Path, file_name: str) -> None:
+def _check_output_dir(output_dir: Path, file_name: str, *, overwrite: bool = False) -> None:
     """``output_dir`` is (or can be created as) a writable folder (:func:`swav.output_paths.check_output_folder`)
-    where ``file_name`` is not a folder; creates nothing."""
+    where ``file_name`` is not a folder, nor an earlier result unless ``overwrite``; creates nothing."""
     from swav.output_paths import check_output_folder
 
     check_output_folder(output_dir, "--output-dir")
-    if (output_dir / file_name).is_dir():
-        raise ValueError(f"--output-dir {os.fspath(output_dir)!r}: {os.fspath(output_dir / file_name)!r} is a "
+    target = output_dir / file_name
+    if target.is_dir():
+        raise ValueError(f"--output-dir {os.fspath(output_dir)!r}: {os.fspath(target)!r} is a "
                          f"folder, so {file_name} cannot be written: choose another folder")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{os.fspath(target)!r} already holds a result: choose another --output-dir, or pass "
+                              "--overwrite to replace it")
 
 
 def _knn(args: argparse.Namespace) -> dict[str, Any]:

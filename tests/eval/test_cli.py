@@ -77,6 +77,7 @@ def _common(checkpoint, out, *extra):
         "--device",
         "cpu",
         "--no-progress",
+        "--overwrite",  # these tests run several evaluations into one folder
         *extra,
     ]
 
@@ -291,3 +292,15 @@ def test_unreadable_images_are_left_out_when_classes_are_matched_by_name(tmp_pat
     result = json.loads((tmp_path / "eval-knn.json").read_text())
     assert (result["num_train"], result["num_test"]) == (12, 6)
     assert result["unreadable_left_out"] == {"train": 0, "test": 1}
+
+
+def test_an_earlier_result_is_not_replaced_without_overwrite(tmp_path, gray_checkpoint, idx_data, capsys):
+    argv = ["eval-knn", *_common(gray_checkpoint, tmp_path, "--data", str(idx_data), "--k", "3")]
+    assert _main(argv) == 0
+    first = (tmp_path / "eval-knn.json").read_bytes()
+    again = [a for a in argv if a != "--overwrite"] + ["--k", "5"]
+    capsys.readouterr()
+    assert _main(again) == 1
+    err = capsys.readouterr().err
+    assert "already holds a result" in err and "--overwrite" in err and "Traceback" not in err
+    assert (tmp_path / "eval-knn.json").read_bytes() == first
