@@ -289,6 +289,24 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
         writer.writerows(rows)
 
 
+def _refuse_untrained(freshly_initialised: list[str], checkpoint: object, where: str = "") -> None:
+    untrained = [name for name in freshly_initialised if name.startswith(("prototypes.", "projection_head."))]
+    if untrained:
+        raise ValueError(f"{where}the prototypes or projection head were not in the checkpoint {checkpoint!r} (a "
+                         f"backbone-only file, or loaded with --partial; initialised at random: "
+                         f"{', '.join(untrained[:4])}{' ...' if len(untrained) > 4 else ''}), so the clusters would "
+                         "be random directions; cluster with a checkpoint that holds them (a training checkpoint, "
+                         "model.pt or a full export, not --backbone-only)")
+
+
+def check_clusterable_checkpoint(checkpoint: str | os.PathLike, *, strict: bool = True) -> None:
+    """Refuse, before any extraction, a checkpoint whose prototypes or projection head would start at random."""
+    from swav.pretrained import load_pretrained
+
+    model = load_pretrained(checkpoint, strict=strict)
+    _refuse_untrained(list(getattr(model, "freshly_initialised", [])), os.fspath(checkpoint))
+
+
 def cluster_extracted(
     extract_dir: str | os.PathLike, output_dir: str | os.PathLike, *, method: str = "argmax",
     epsilon: float = 0.05, iterations: int = 3, head: int = 0, merge_threshold: float = 0.99,
@@ -325,15 +343,9 @@ def cluster_extracted(
     data = load_extracted(extract_dir)
     if data.embeddings is None or not data.prototypes:
         raise ValueError(f"extract_dir {extract_dir}: holds no embeddings/prototypes; extract with "
-                         "what='embeddings' or 'both'")
-    untrained = [name for name in data.meta.get("freshly_initialised") or []
-                 if name.startswith(("prototypes.", "projection_head."))]
-    if untrained:
-        raise ValueError(f"extract_dir {extract_dir}: the prototypes or projection head were not in the checkpoint "
-                         f"{data.meta.get('checkpoint')!r} (a backbone-only file, or loaded with --partial; initialised at random: "
-                         f"{', '.join(untrained[:4])}{' ...' if len(untrained) > 4 else ''}), so the clusters would "
-                         "be random directions; cluster with a checkpoint that holds them (a training checkpoint, "
-                         "model.pt or a full export, not --backbone-only)")
+                         "--what embeddings or --what both")
+    _refuse_untrained(data.meta.get("freshly_initialised") or [], data.meta.get("checkpoint"),
+                      f"extract_dir {extract_dir}: ")
     if not 0 <= head < len(data.prototypes):
         raise ValueError(f"head must be in [0, {len(data.prototypes) - 1}], got {head}")
     prototypes = data.prototypes[head]

@@ -356,5 +356,10 @@ def test_cluster_refuses_prototypes_that_the_checkpoint_did_not_hold(tmp_path, c
     err = capsys.readouterr().err
     assert "were not in the checkpoint" in err and "prototypes.weight" in err
     assert not (tmp_path / "c" / "clusters.csv").exists()
+    # from a checkpoint and images, the refusal comes before the extraction (which can take hours)
+    assert _run_cli(["cluster", "--checkpoint", str(partial), "--partial", "--data", str(tmp_path / "imgs"),
+                     "--output-dir", str(tmp_path / "c2"), "--device", "cpu", "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "were not in the checkpoint" in err and not (tmp_path / "c2" / "extract").exists()
     # a complete checkpoint records that nothing was initialised at random
     assert json.loads((tmp_path / "feats" / "meta.json").read_text())["freshly_initialised"] == []

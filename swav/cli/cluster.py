@@ -88,6 +88,8 @@ def run_cluster(args: argparse.Namespace) -> int:
         if args.features_dir:
             features_dir = args.features_dir
         elif args.checkpoint and args.data:
+            from swav.cluster import check_clusterable_checkpoint
+            check_clusterable_checkpoint(args.checkpoint, strict=not args.partial)  # not after hours of extraction
             features_dir = extract_job(args.checkpoint, args.data, Path(args.output_dir) / "extract",
                                        what="embeddings", **job_kwargs(args))
         else:

@@ -243,10 +243,13 @@ def _knn(args: argparse.Namespace) -> dict[str, Any]:
     num_classes = setup.num_classes(train_ds, train[1], test[1])
     on_device = [t.to(setup.device) for t in (*train, *test)]  # the similarity matmuls run there
     results = []
-    for k in args.k:
-        acc = knn_accuracy(*on_device, k=k, temperature=args.temperature, num_classes=num_classes)
-        results.append({"k": k, "temperature": args.temperature, **acc})
-        print(f"k-NN  k={k:<4d} T={args.temperature:g}  top-1 {acc['top1']:6.2f}  top-5 {acc['top5']:6.2f}")
+    for asked in args.k:
+        acc = knn_accuracy(*on_device, k=asked, temperature=args.temperature, num_classes=num_classes)
+        k = min(asked, len(train[1]))  # knn_accuracy uses at most every training sample (and warns)
+        results.append({"k": k, **({"k_asked": asked} if k != asked else {}), "temperature": args.temperature,
+                        **acc})
+        note = f" (asked {asked}: only {k} training samples)" if k != asked else ""
+        print(f"k-NN  k={k:<4d} T={args.temperature:g}  top-1 {acc['top1']:6.2f}  top-5 {acc['top5']:6.2f}{note}")
     return setup.report(
         "eval-knn", num_classes, train[1].numel(), test[1].numel(), time.perf_counter() - start, results=results
     )

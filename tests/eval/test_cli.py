@@ -304,3 +304,11 @@ def test_an_earlier_result_is_not_replaced_without_overwrite(tmp_path, gray_chec
     err = capsys.readouterr().err
     assert "already holds a result" in err and "--overwrite" in err and "Traceback" not in err
     assert (tmp_path / "eval-knn.json").read_bytes() == first
+
+
+def test_knn_reports_the_k_it_used(tmp_path, gray_checkpoint, idx_data, capsys):
+    assert _main(["eval-knn", *_common(gray_checkpoint, tmp_path, "--data", str(idx_data), "--k", "3", "100000")]) == 0
+    rows = json.loads((tmp_path / "eval-knn.json").read_text())["results"]
+    assert rows[0]["k"] == 3 and "k_asked" not in rows[0]
+    assert rows[1]["k_asked"] == 100000 and rows[1]["k"] < 100000
+    assert f"(asked 100000: only {rows[1]['k']} training samples)" in capsys.readouterr().out
