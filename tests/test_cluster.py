@@ -363,3 +363,21 @@ def test_cluster_refuses_prototypes_that_the_checkpoint_did_not_hold(tmp_path, c
     assert "were not in the checkpoint" in err and not (tmp_path / "c2" / "extract").exists()
     # a complete checkpoint records that nothing was initialised at random
     assert json.loads((tmp_path / "feats" / "meta.json").read_text())["freshly_initialised"] == []
+
+
+def test_cluster_and_report_keep_earlier_results_without_overwrite(tmp_path, capsys):
+    checkpoint, folder = _small_extraction(tmp_path)
+    out = tmp_path / "c"
+    assert _run_cli(["cluster", "--features-dir", str(folder), "--output-dir", str(out)]) == 0
+    first = (out / "clusters.csv").read_bytes()
+    capsys.readouterr()
+    assert _run_cli(["cluster", "--features-dir", str(folder), "--output-dir", str(out),
+                     "--assignment", "equipartition"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a clustering" in err and "--overwrite" in err and (out / "clusters.csv").read_bytes() == first
+    assert _run_cli(["cluster", "--features-dir", str(folder), "--output-dir", str(out), "--assignment",
+                     "equipartition", "--overwrite"]) == 0
+    page = tmp_path / "r.html"
+    page.write_text("an earlier report")
+    assert _run_cli(["report", "--cluster-dir", str(out), "--output", str(page), "--map", "none"]) == 1
+    assert "--overwrite" in capsys.readouterr().err and page.read_text() == "an earlier report"

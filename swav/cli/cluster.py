@@ -62,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--run-dir", help="training run folder holding metrics.jsonl")
     report.add_argument("--features-dir", help="a `swav extract` folder (default: the one the clustering used)")
     report.add_argument("--output", required=True, help="HTML file to write")
+    report.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     report.add_argument("--data", help="where the images come from (default: as recorded at extraction)")
     report.add_argument("--split", default=None, choices=("train", "test", "val"), help="split for --data")
     report.add_argument("--top-clusters", type=int, default=12, help="largest clusters shown (default: 12)")
@@ -85,6 +86,11 @@ def run_cluster(args: argparse.Namespace) -> int:
 
     try:
         check_output_dir(args.output_dir, "--output-dir")
+        earlier = [name for name in ("clusters.csv", "cluster_sizes.csv", "cluster_metrics.json")
+                   if (Path(args.output_dir) / name).exists()]
+        if earlier and not args.overwrite:
+            raise FileExistsError(f"--output-dir {args.output_dir!r} already holds a clustering ({', '.join(earlier)}): "
+                                  "choose another --output-dir, or pass --overwrite to replace it")
         if args.features_dir:
             features_dir = args.features_dir
         elif args.checkpoint and args.data:
@@ -98,7 +104,7 @@ def run_cluster(args: argparse.Namespace) -> int:
                                     iterations=args.sinkhorn_iterations, head=args.head,
                                     merge_threshold=args.merge_threshold, kmeans=args.kmeans_baseline,
                                     kmeans_size=args.kmeans_size, seed=args.seed)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError,
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
             TooManyBadImagesError) as error:
         from swav.cli import user_message
         print(f"swav cluster: error: {user_message(error)}", file=sys.stderr)
@@ -121,6 +127,9 @@ def run_report(args: argparse.Namespace) -> int:
     from swav.report import build_report
 
     try:
+        if Path(args.output).is_file() and not args.overwrite:
+            raise FileExistsError(f"--output {args.output!r} already exists: choose another file name, or pass "
+                                  "--overwrite to replace it")
         dataset = None
         if args.data:
             from swav.datasets import build_dataset
@@ -132,7 +141,7 @@ def run_report(args: argparse.Namespace) -> int:
                            images_per_cluster=args.images_per_cluster, thumb_size=args.thumb_size,
                            map_method=args.map, map_points=args.map_points, color_by=args.color_by,
                            seed=args.seed, title=args.title)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as error:
         from swav.cli import user_message
         print(f"swav report: error: {user_message(error)}", file=sys.stderr)
         return 1

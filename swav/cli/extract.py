@@ -33,7 +33,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser, *, required: bool = T
     parser.add_argument("--workers", type=int, default=4, help="data-loading processes (default: 4)")
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (default: none)")
     parser.add_argument("--partial", action="store_true", help="accept a checkpoint that only partly fits the model")
-    parser.add_argument("--overwrite", action="store_true", help="discard an earlier (partial) extraction there")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard an earlier (partial) extraction there (swav cluster: and replace an earlier "
+                             "clustering)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
