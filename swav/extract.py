@@ -613,7 +613,9 @@ def extract_job(
     # normalised and sized as in pretraining (its stored config), like the evaluation commands
     _, test_transform = transforms_for_checkpoint(checkpoint, spec)
     dataset = build_dataset(data, split=split, transform=test_transform, channels=spec.in_channels)
-    metadata = {"checkpoint": str(checkpoint), "data": os.fspath(data), "split": split,
+    # absolute where it is a path, so that `swav report` (run from another folder) finds the images again
+    where = os.path.abspath(data) if os.path.exists(data) else os.fspath(data)
+    metadata = {"checkpoint": str(checkpoint), "data": where, "split": split,
                 "channels": spec.in_channels, "model_spec": spec.to_dict(), "limit": limit,
                 # model tensors that were not in the checkpoint (--partial), initialised at random
                 "freshly_initialised": list(getattr(model, "freshly_initialised", []))}

@@ -364,7 +364,7 @@ def test_cli_extract_unreadable_images_overwrite_validation_and_file_output_dir(
     assert afile.read_text() == "keep me"
 
 
-def test_a_small_image_model_extracts_a_folder_of_mixed_sizes(tmp_path):
+def test_a_small_image_model_extracts_a_folder_of_mixed_sizes(tmp_path, monkeypatch):
     """Small-image models (Fashion-MNIST, CIFAR) take images whole; a folder of photos of other sizes is
     resized and centre-cropped to the pretraining's crop size (or --crop-size) so that it can be batched."""
     from PIL import Image
@@ -384,6 +384,10 @@ def test_a_small_image_model_extracts_a_folder_of_mixed_sizes(tmp_path):
                                  config={"crops": {"sizes": [32, 16]}})
     out = extract_job(checkpoint, folder, tmp_path / "feats", batch_size=8, device="cpu", progress=False)
     assert np.load(out / "features.npy").shape[0] == 5
+    # a relative --data is recorded as an absolute path: `swav report` run elsewhere finds the images
+    monkeypatch.chdir(tmp_path)
+    again = extract_job(checkpoint, folder.name, "feats-relative", batch_size=8, device="cpu", progress=False)
+    assert json.loads((again / "meta.json").read_text())["data"] == str(folder.resolve())
     _, test = transforms_for_checkpoint(checkpoint, spec)
     assert tuple(test(Image.open(folder / "4.png")).shape) == (3, 32, 32)
     assert tuple(test(Image.open(folder / "3.png")).shape) == (3, 32, 32)
