@@ -142,7 +142,12 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
             _barrier()  # every rank has stopped its data-loader workers, which append to bad_images.txt
             workers_stopped = True
         return result
+    except KeyboardInterrupt:
+        _note_in_log(log_handler, "interrupted by the user (Ctrl-C); the newest checkpoint is kept")
+        raise
     except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        _note_in_log(log_handler, f"stopped by an error: {type(exc).__name__}: {reason}")  # the console has it too
         if ctx.world_size > 1 and not isinstance(exc, (NonFiniteError, CheckpointError)):  # those: all ranks agree
             logger.error("rank %d of %d stopped: %s: %s. The other ranks stop at their next collective operation "
                          "(it fails, or times out after run.dist_timeout_minutes=%g); under torchrun the launcher "
@@ -162,6 +167,12 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
             log_handler.close()
         lock.release()
         shutdown_distributed(ctx)
+
+
+def _note_in_log(handler: logging.Handler | None, message: str) -> None:
+    """Write ``message`` to train.log only: the console shows the error (or the interruption) once already."""
+    if handler is not None:
+        handler.handle(logging.LogRecord("swav.train", logging.ERROR, __file__, 0, message, None, None))
 
 
 def _barrier() -> None:

@@ -282,3 +282,11 @@ def test_resume_with_another_global_batch_keeps_the_new_checkpoints_ahead(tmp_pa
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "superseded").iterdir()) == ["step_00000003.pt",
                                                                                        "step_00000004.pt"]
     assert train(with_values(bigger, {"run.max_steps": 0}), model_builder=tiny_model, resume=True).step == 6
+
+
+def test_an_error_is_noted_in_train_log(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, **{"optim.epochs": 1, "debug.inject_error_step": 2})
+    with pytest.raises(RuntimeError):
+        train(cfg, model_builder=tiny_model)
+    log = (tmp_path / "train.log").read_text()
+    assert "stopped by an error: InjectedFailure" in log

@@ -147,7 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.device = check_device(args.device)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("swav: interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "pretrain":  # Ctrl-C stops at once (SIGTERM/SIGUSR1 save at the next step instead)
+            hint = (": the run keeps its last checkpoint; continue with the same command (or --resume). To stop "
+                    "at the next step with a checkpoint of it, send SIGTERM instead (kill PID)")
+        print(f"swav: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - user errors get a message, bugs keep their traceback
         if not is_user_error(exc):
