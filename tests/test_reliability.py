@@ -372,9 +372,10 @@ def test_non_finite_buffers_are_named(tmp_path):
 def test_inf_gradients_with_a_finite_loss_name_exactly_the_parameters_hit(tmp_path, idx_data, check_sync):
     cfg = tiny_config(tmp_path, **{"data.path": str(idx_data), "data.channels": 1, "run.checkpoint_every_steps": 1,
                                    "run.check_sync": check_sync})
-    # two backbone passes per step (12 and 8 px crops): calls 5 and 6 are step 3
+    # the check that the network takes every crop size makes calls 1 and 2 (one blank crop per size), then two
+    # backbone passes per step (12 and 8 px crops): calls 7 and 8 are step 3
     with pytest.raises(NonFiniteError) as info:
-        train(cfg, model_builder=lambda spec: poisonable_model(spec, lambda call: call > 4))
+        train(cfg, model_builder=lambda spec: poisonable_model(spec, lambda call: call > 6))
     error = info.value
     assert error.step == 3 and np.isfinite(error.loss) and error.parameter_names == ["backbone.0.weight",
                                                                                      "backbone.0.bias"]
