@@ -111,7 +111,8 @@ def _add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: st
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace an existing {name}.json there (without: refused before any work)")
     parser.add_argument("--batch-size", type=int, default=256, help="default: 256")
-    parser.add_argument("--workers", type=int, default=4, help="data-loading processes (default: 4)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data-loading processes (default: 4, or the number of CPUs if fewer)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument(
         "--amp", choices=tuple(_AMP), default="none", help="autocast dtype for the backbone (default: none)"

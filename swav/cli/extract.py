@@ -11,6 +11,7 @@ Interrupted? Run the same command again: it continues after the last complete ch
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["AMP_DTYPES", "add_extract_arguments", "register", "run", "unreadable_note"]
@@ -30,7 +31,8 @@ def add_extract_arguments(parser: argparse.ArgumentParser, *, required: bool = T
     parser.add_argument("--chunk-rows", type=int,
                         help="rows per resumable chunk (default: 16 batches; a resumed run keeps the first run's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--workers", type=int, default=4, help="data-loading processes (default: 4)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data-loading processes (default: 4, or the number of CPUs if fewer)")
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (default: none)")
     parser.add_argument("--partial", action="store_true", help="accept a checkpoint that only partly fits the model")
     parser.add_argument("--overwrite", action="store_true",
