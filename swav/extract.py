@@ -614,8 +614,9 @@ def extract_job(
     _, test_transform = transforms_for_checkpoint(checkpoint, spec)
     dataset = build_dataset(data, split=split, transform=test_transform, channels=spec.in_channels)
     # absolute where it is a path, so that `swav report` (run from another folder) finds the images again
-    where = os.path.abspath(data) if os.path.exists(data) else os.fspath(data)
-    metadata = {"checkpoint": str(checkpoint), "data": where, "split": split,
+    expanded = os.path.expanduser(os.fspath(data))
+    where = os.path.abspath(expanded) if os.path.exists(expanded) else os.fspath(data)
+    metadata = {"checkpoint": os.path.abspath(os.path.expanduser(os.fspath(checkpoint))), "data": where, "split": split,
                 "channels": spec.in_channels, "model_spec": spec.to_dict(), "limit": limit,
                 # model tensors that were not in the checkpoint (--partial), initialised at random
                 "freshly_initialised": list(getattr(model, "freshly_initialised", []))}

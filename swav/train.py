@@ -336,15 +336,17 @@ def _check_model_takes_crops(raw: SwAVModel, config: Config, device: torch.devic
             for size in sorted(set(config.crops.sizes)):
                 try:
                     raw([torch.zeros(1, config.data.channels, size, size, device=device)])
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:
                     raise
                 except (RuntimeError, AssertionError, ValueError) as exc:
                     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    vit = str(config.model.backbone).startswith("vit")
                     raise ValueError(
-                        f"model.backbone={config.model.backbone!r} cannot take {size}x{size} crops "
-                        f"(crops.sizes={list(config.crops.sizes)}): {reason}. Choose crop sizes this network accepts "
-                        "(torchvision's vision transformers take only their image size, 224, so every crop would "
-                        "have to be 224) or a convolutional backbone") from None
+                        f"model.backbone={config.model.backbone!r} fails on a {size}x{size} crop "
+                        f"(crops.sizes={list(config.crops.sizes)}, data.channels={config.data.channels}): {reason}. "
+                        + ("torchvision's vision transformers take only their image size, 224: make every crop 224 "
+                           "or choose a convolutional backbone" if vit else
+                           "Check that this network takes these crop sizes and channels")) from None
     finally:
         raw.train(was_training)
 

@@ -168,7 +168,7 @@ def test_run_folder_lifecycle(tmp_path, image_folder):
     with pytest.raises(ValueError, match="run.knn_every_epochs"):
         train(with_values(cfg, {"run.knn_every_epochs": 1}), model_builder=tiny_model, overwrite=True)
     assert saved() == {p: t for p, t in before.items() if p.name != ".swav.lock"}
-    with pytest.raises(ValueError, match=r"cannot take 8x8 crops \(crops.sizes=\[12, 8\]\): needs 12 px"):
+    with pytest.raises(ValueError, match=r"fails on a 8x8 crop \(crops.sizes=\[12, 8\], data.channels=3\): needs 12"):
         train(cfg, model_builder=_only_takes_12_pixels, overwrite=True)
     assert saved() == {p: t for p, t in before.items() if p.name != ".swav.lock"}
     assert train(cfg, model_builder=tiny_model, overwrite=True).status == "complete"

@@ -149,8 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = ""
         if args.command == "pretrain":  # Ctrl-C stops at once (SIGTERM/SIGUSR1 save at the next step instead)
-            hint = (": the run keeps its last checkpoint; continue with the same command (or --resume). To stop "
-                    "at the next step with a checkpoint of it, send SIGTERM instead (kill PID)")
+            again = "the command without --overwrite, with --resume" if getattr(args, "overwrite", False) else \
+                "the same command (or --resume)"
+            hint = (f": the run keeps its last checkpoint; continue with {again}. To stop at the next step with a "
+                    "checkpoint of it, send SIGTERM instead (kill PID)")
         print(f"swav: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - user errors get a message, bugs keep their traceback

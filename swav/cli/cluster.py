@@ -89,8 +89,13 @@ def run_cluster(args: argparse.Namespace) -> int:
         earlier = [name for name in ("clusters.csv", "cluster_sizes.csv", "cluster_metrics.json")
                    if (Path(args.output_dir) / name).exists()]
         if earlier and not args.overwrite:
-            raise FileExistsError(f"--output-dir {args.output_dir!r} already holds a clustering ({', '.join(earlier)}): "
-                                  "choose another --output-dir, or pass --overwrite to replace it")
+            again = Path(args.output_dir) / "extract"
+            raise FileExistsError(
+                f"--output-dir {args.output_dir!r} already holds a clustering ({', '.join(earlier)}): choose another "
+                "--output-dir, or pass --overwrite to replace it" + (
+                    f" (with --checkpoint and --data, --overwrite also extracts again; to cluster the finished "
+                    f"extraction again instead: --features-dir {str(again)!r} --overwrite)"
+                    if (again / "meta.json").exists() else ""))
         if args.features_dir:
             features_dir = args.features_dir
         elif args.checkpoint and args.data:
