@@ -299,11 +299,9 @@ def _refuse_untrained(freshly_initialised: list[str], checkpoint: object, where:
                          "model.pt or a full export, not --backbone-only)")
 
 
-def check_clusterable_checkpoint(checkpoint: str | os.PathLike, *, strict: bool = True) -> None:
-    """Refuse, before any extraction, a checkpoint whose prototypes or projection head would start at random."""
-    from swav.pretrained import load_pretrained
-
-    model = load_pretrained(checkpoint, strict=strict)
+def refuse_untrained_model(model: torch.nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Refuse a model whose prototypes or projection head were not in ``checkpoint`` (they started at random):
+    ``extract_job(..., check_model=...)`` calls it right after loading, before any extraction."""
     _refuse_untrained(list(getattr(model, "freshly_initialised", [])), os.fspath(checkpoint))
 
 

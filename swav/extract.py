@@ -29,7 +29,7 @@ import logging
 import os
 import shlex
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -590,7 +590,7 @@ def extract_job(
     split: str = "train", what: str = "both", batch_size: int = 256, device: str | torch.device = "auto",
     workers: int = 0, amp_dtype: torch.dtype | None = None, limit: int | None = None,
     chunk_rows: int | None = None, write_safetensors: bool = False, overwrite: bool = False,
-    strict: bool = True, progress: bool = True,
+    strict: bool = True, progress: bool = True, check_model: Callable[[SwAVModel], None] | None = None,
 ) -> Path:
     """What ``swav extract`` does: load any file :func:`swav.load_pretrained` reads, build the
     data set (``--data`` forms of :func:`swav.datasets.build_dataset`) with the evaluation
@@ -609,6 +609,8 @@ def extract_job(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_pretrained(checkpoint, strict=strict).to(device)
+    if check_model is not None:  # the caller's own refusal (e.g. swav cluster: untrained prototypes), before any work
+        check_model(model)
     spec = model.spec
     # normalised and sized as in pretraining (its stored config), like the evaluation commands
     _, test_transform = transforms_for_checkpoint(checkpoint, spec)

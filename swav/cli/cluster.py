@@ -99,10 +99,10 @@ def run_cluster(args: argparse.Namespace) -> int:
         if args.features_dir:
             features_dir = args.features_dir
         elif args.checkpoint and args.data:
-            from swav.cluster import check_clusterable_checkpoint
-            check_clusterable_checkpoint(args.checkpoint, strict=not args.partial)  # not after hours of extraction
+            from swav.cluster import refuse_untrained_model
             features_dir = extract_job(args.checkpoint, args.data, Path(args.output_dir) / "extract",
-                                       what="embeddings", **job_kwargs(args))
+                                       what="embeddings", **job_kwargs(args),  # checked before hours of extraction
+                                       check_model=lambda model: refuse_untrained_model(model, args.checkpoint))
         else:
             raise ValueError("give --features-dir, or both --checkpoint and --data")
         metrics = cluster_extracted(features_dir, args.output_dir, method=args.assignment, epsilon=args.epsilon,
