@@ -91,6 +91,9 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        """Take the lock (creating the folder if needed); a no-op when this object holds it already."""
+        if self._fd is not None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -156,9 +159,7 @@ def check_run_folder(output_dir: str | os.PathLike, *, resume: bool, overwrite: 
     folder = os.fspath(output_dir)
     finished = final_checkpoint_path(output_dir).is_file()
     differences = _differences_to_folder(output_dir, config) if config is not None else ["(not compared)"]
-    if not differences and not finished:
-        logger.warning("%s holds an unfinished run of this same config: continuing it from its newest valid "
-                       "checkpoint (pass --overwrite to start again instead)", folder)
+    if not differences and not finished:  # the caller says so once it holds the folder's lock
         return True
     if not differences:
         raise RunExistsError(f"output folder {folder!r} already holds a run of this same config, and it is complete "

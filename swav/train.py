@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import random
 import time
 from collections.abc import Callable
@@ -101,10 +102,12 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
                            dist_url=run.dist_url, timeout_minutes=run.dist_timeout_minutes)
     configure_rank_logging(ctx.rank)
     log_handler, lock = None, RunLock(out)
+    early_log: logging.handlers.MemoryHandler | None = None
     workers_stopped = ctx.world_size == 1  # no process may append to bad_images.txt any more (see finally)
     try:
-        resume = check_run_folder(out, resume=resume, overwrite=overwrite, config=config)
-        found = find_latest_checkpoint(out) if resume else None
+        existing = holds_run(out)
+        continuing = check_run_folder(out, resume=resume, overwrite=overwrite, config=config)
+        found = find_latest_checkpoint(out) if continuing else None
         refusal = resume_refusal(found[1], config, model_spec_from_config(config).to_dict(), str(found[0])) \
             if found is not None and not partial and not found[1].get("finished") else ""
         if refusal:  # before anything in the folder is written (issue 8, item 6)
@@ -114,30 +117,47 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
             logger.info("the run in %s is complete (step %d, epoch %d; %s); nothing to do", out, ckpt["step"],
                         ckpt["epoch"], found[0])
             return TrainResult("already_complete", out, int(ckpt["step"]), int(ckpt["epoch"]), found[0])
+        if ctx.is_main and existing:  # before anything is said about the run there (another may be training it)
+            lock.acquire()  # no second process may train into this folder (issue 8)
+        if continuing and not resume:
+            logger.warning("%s holds an unfinished run of this same config: continuing it from its newest valid "
+                           "checkpoint (pass --overwrite to start again instead)", out)
+        resume = continuing
         _barrier()
-        replace = overwrite and holds_run(out)
+        replace = overwrite and existing
+        # a new run, or one replacing another, writes nothing until its data, model and crops are known to work:
+        # a bad path or config loses nothing saved and leaves no files behind; the log lines until then are kept
+        # in memory for train.log
+        deferred = replace or not existing
+        if ctx.is_main and deferred:
+            early_log = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+            logging.getLogger("swav").addHandler(early_log)
 
         def prepare_folder() -> None:
-            """Clear a run being replaced and open the log file. With --overwrite this waits until the data
-            set, model and derived values are known to be good: a bad path or config loses nothing saved."""
-            nonlocal log_handler
+            """Clear a run being replaced, open the log file (with the lines logged so far) and hold the lock."""
+            nonlocal log_handler, early_log
             if ctx.is_main:
+                lock.acquire()  # a no-op when held already
                 if replace:
                     logger.warning("--overwrite: removed %s from %s", ", ".join(clear_run(out)), out)
                 out.mkdir(parents=True, exist_ok=True)
                 clean_temp_files(out)
                 log_handler = _attach_log_file(out / "train.log")
+                if early_log is not None:
+                    early_log.setTarget(log_handler)
+                    early_log.flush()
+                    logging.getLogger("swav").removeHandler(early_log)
+                    early_log.close()
+                    early_log = None
             _barrier()
 
-        if ctx.is_main:
-            lock.acquire()  # no second process may train into this folder (issue 8)
-        if not replace:
+        if not deferred:
             prepare_folder()
         if resume and found is None:
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", out)
         with StopSignals() as stop:
             result = _fit(config, ctx, out, found, dataset, model_builder, stop, partial,
-                          prepare_folder if replace else None)
+                          prepare_folder if deferred else None)
         if ctx.world_size > 1:
             _barrier()  # every rank has stopped its data-loader workers, which append to bad_images.txt
             workers_stopped = True
@@ -165,6 +185,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
                 logger.warning("%d unreadable image files skipped, listed in %s", bad, out / "bad_images.txt")
             logging.getLogger("swav").removeHandler(log_handler)
             log_handler.close()
+        if early_log is not None:  # stopped before anything was written: the console had these lines
+            logging.getLogger("swav").removeHandler(early_log)
+            early_log.close()
         lock.release()
         shutdown_distributed(ctx)
 
@@ -180,9 +203,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
+_LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def _attach_log_file(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_LOG_FORMAT)
     logging.getLogger("swav").addHandler(handler)
     return handler
 

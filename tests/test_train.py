@@ -191,11 +191,16 @@ def _only_takes_12_pixels(spec):
 
 
 def test_a_failed_first_start_leaves_no_config_that_refuses_the_corrected_command(tmp_path, image_folder):
-    cfg = tiny_config(tmp_path, image_folder, **{"optim.epochs": 1})
+    cfg = tiny_config(tmp_path / "run", image_folder, **{"optim.epochs": 1})
     with pytest.raises(ValueError, match="run.knn_every_epochs"):
         train(with_values(cfg, {"run.knn_every_epochs": 1}), model_builder=tiny_model)
-    assert not (tmp_path / "config.yaml").exists()
+    with pytest.raises(FileNotFoundError):
+        train(with_values(cfg, {"data.path": str(tmp_path / "no-such-folder")}), model_builder=tiny_model)
+    assert not (tmp_path / "run").exists()  # no config.yaml, lock file or log of a run that never started
     assert train(cfg, model_builder=tiny_model).status == "complete"
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "derived values" in log and "training" in log  # the lines logged before the folder was written
+    assert "no-such-folder" not in log and "knn" not in log  # nothing of the failed attempts
     # limits of one invocation are not part of "the same run": the plain command continues a limited one
     other = tmp_path / "limited"
     limited = tiny_config(other, image_folder, **{"optim.epochs": 2, "run.max_steps": 3})
