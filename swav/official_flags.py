@@ -21,6 +21,8 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from swav.usage import UsageError
+
 __all__ = ["OFFICIAL_FLAGS", "add_official_flags", "official_values", "official_to_config_value"]
 
 #: flag name -> (config key, argparse nargs); "+" for the per-resolution lists
@@ -90,7 +92,7 @@ def official_to_config_value(name: str, raw: Any) -> tuple[str, Any]:
     if name == "use_fp16":
         word = str(raw).strip().lower()
         if word not in _TRUE | _FALSE:
-            raise ValueError(f"--use_fp16={raw!r} is invalid: expected true/false, on/off or 1/0")
+            raise UsageError(f"--use_fp16={raw!r} is invalid: expected true/false, on/off or 1/0")
         return key, "fp16" if word in _TRUE else "fp32"
     if name == "sync_bn":
         word = str(raw).strip().lower()
@@ -98,7 +100,7 @@ def official_to_config_value(name: str, raw: Any) -> tuple[str, Any]:
             return key, True
         if word in ("none", "") or word in _FALSE:
             return key, False
-        raise ValueError(f"--sync_bn={raw!r} is invalid: expected pytorch, apex, none or a boolean")
+        raise UsageError(f"--sync_bn={raw!r} is invalid: expected pytorch, apex, none or a boolean")
     return key, raw
 
 

@@ -42,6 +42,7 @@ from torch import nn
 from swav.checkpoint import checkpoint_dir, final_checkpoint_path, list_checkpoints
 from swav.config import Config, config_to_dict, load_config_file
 from swav.sinkhorn import needs_log_domain
+from swav.usage import UsageError
 
 __all__ = ["RunExistsError", "RUN_FILES", "holds_run", "clear_run", "check_run_folder", "resume_differences",
            "run_differences", "resume_refusal", "partial_resume_checkpoint", "count_bad_images", "FATAL_KEYS",
@@ -151,7 +152,7 @@ def check_run_folder(output_dir: str | os.PathLike, *, resume: bool, overwrite: 
     docstring); without ``config`` any run there is refused.
     """
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
+        raise UsageError("--resume and --overwrite exclude each other: continue the run or replace it")
     if resume:
         return True
     if overwrite or not holds_run(output_dir):

@@ -89,17 +89,22 @@ def test_fashion_mnist_slice_with_knn_summary(tmp_path, capsys):
     assert "What was learned" in stdout and "raw pixels" in stdout
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--set", "optim.base_lrr=0.1"], "did you mean 'optim.base_lr'"),
-    (["--nmb_crops", "2", "6", "--size_crops", "224"], "crops.sizes=[224] has 1 entries but crops.counts=[2, 6]"),
-    (["--recipe", "swav_100epochs"], "Did you mean swav_100ep"),
-    (["--data", "/no/such/folder", "--epochs", "10"], "/no/such/folder"),
-    (["--resume"], "holds no run (no config.yaml or checkpoints): check the path"),
-    (["--config", "/no/such.yaml"], "--config '/no/such.yaml' does not exist"),
+@pytest.mark.parametrize("argv,message,status", [
+    (["--set", "optim.base_lrr=0.1"], "did you mean 'optim.base_lr'", 1),
+    (["--nmb_crops", "2", "6", "--size_crops", "224"], "crops.sizes=[224] has 1 entries but crops.counts=[2, 6]", 1),
+    (["--recipe", "swav_100epochs"], "Did you mean swav_100ep", 1),
+    (["--data", "/no/such/folder", "--epochs", "10"], "/no/such/folder", 1),
+    # usage errors (exit status 2): a flag that cannot work as given
+    (["--resume"], "holds no run (no config.yaml or checkpoints): check the path", 2),
+    (["--config", "/no/such.yaml"], "--config '/no/such.yaml' does not exist", 2),
+    (["--partial", "--data", "fashion-mnist"], "--partial applies with --resume only", 2),
+    (["--resume", "--overwrite", "--data", "fashion-mnist"], "--resume and --overwrite exclude each other", 2),
+    (["--use_fp16", "maybe"], "--use_fp16='maybe' is invalid", 2),
 ])
-def test_user_errors_are_one_clear_line(tmp_path, capsys, argv, message):
+def test_user_errors_are_one_clear_line(tmp_path, capsys, argv, message, status):
     code, _, err = run_cli(capsys, "pretrain", "--output-dir", str(tmp_path / "o"), *argv)
-    assert code == 1 and message in err and "Traceback" not in err
+    assert code == status and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_usage_errors_and_module_entry_point(capsys):

@@ -224,7 +224,7 @@ def test_cli_export_errors_are_clear(small_model, tmp_path, capsys):
     assert "missing.pt" in capsys.readouterr().err
     assert export_main(["--checkpoint", str(source), "--output", str(source)]) == 1
     assert "--overwrite" in capsys.readouterr().err
-    assert export_main(["--checkpoint", str(source), "--output", str(tmp_path / "o.pt"), "--backbone-only"]) == 1
+    assert export_main(["--checkpoint", str(source), "--output", str(tmp_path / "o.pt"), "--backbone-only"]) == 2
     assert "--backbone-only" in capsys.readouterr().err
 
 

@@ -203,7 +203,7 @@ def test_cli_extract_fashion_mnist_equals_model(tmp_path, capsys):
     with torch.no_grad():
         np.testing.assert_allclose(got.embeddings, model.forward_embeddings(x).numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got.labels, test.targets[:40].numpy())
-    assert _run_cli(argv[:-3] + ["--output-dir", str(tmp_path / "bad"), "--batch-size", "0"]) == 1
+    assert _run_cli(argv[:-3] + ["--output-dir", str(tmp_path / "bad"), "--batch-size", "0"]) == 2  # usage error
 
 
 # --- unreadable images, validation before overwrite, damaged folders, --output-dir a file ---------

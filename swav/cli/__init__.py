@@ -5,7 +5,8 @@ parser and sets ``func`` (``func(args) -> int`` exit status). A subcommand modul
 is skipped; one that fails to import (a missing optional dependency) still appears and explains why.
 Errors raised by swav itself (``ValueError``, ``OSError``, and swav's own exception classes) are
 printed on stderr without a traceback, with exit status 1; anything else is a bug and keeps its
-traceback. Usage errors exit with 2, Ctrl-C with 130. The commands that run a model on a
+traceback. Usage errors (argparse's own, and :class:`swav.usage.UsageError`: a flag's value, flags that
+exclude each other, a path on the command line that does not exist) exit with 2, Ctrl-C with 130. The commands that run a model on a
 ``--device`` (evaluation, extract, cluster) have it checked before any work (:func:`check_device`).
 
 Example:
@@ -20,7 +21,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-__all__ = ["SUBCOMMAND_MODULES", "build_parser", "check_device", "is_user_error", "main"]
+from swav.usage import UsageError
+
+__all__ = ["SUBCOMMAND_MODULES", "build_parser", "check_device", "error_status", "is_user_error", "main"]
 
 SUBCOMMAND_MODULES = ("pretrain", "evaluate", "scan", "shards", "export", "extract", "cluster")
 #: subcommands whose ``--device`` is checked before they run (with a ``--checkpoint``: the model runs there)
@@ -45,14 +48,14 @@ def check_device(value: str) -> str:
         return device
     kind, sep, index = device.partition(":")
     if kind != "cuda" or (sep and not (index.isdigit() and index.isascii())):
-        raise ValueError(f"--device {value!r} is invalid: use auto, cpu, cuda or cuda:N")
+        raise UsageError(f"--device {value!r} is invalid: use auto, cpu, cuda or cuda:N")
     import torch
 
     if not torch.cuda.is_available():
-        raise ValueError(f"--device {device} but CUDA is not available here; use --device cpu")
+        raise UsageError(f"--device {device} but CUDA is not available here; use --device cpu")
     count = torch.cuda.device_count()
     if sep and int(index) >= count:
-        raise ValueError(f"--device {device} but this machine has {count} CUDA device(s) "
+        raise UsageError(f"--device {device} but this machine has {count} CUDA device(s) "
                          f"(cuda:0 to cuda:{count - 1}); use one of those or --device cuda")
     return device
 
@@ -101,6 +104,12 @@ def is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, (ValueError, OSError)):
         return True
     return any(cls.__module__.startswith("swav.") for cls in type(exc).__mro__)
+
+
+def error_status(exc: BaseException) -> int:
+    """The exit status for a user error: 2 for a command line that cannot work as given
+    (:class:`swav.usage.UsageError`), 1 for everything else."""
+    return 2 if isinstance(exc, UsageError) else 1
 
 
 def user_message(exc: BaseException) -> str:
@@ -159,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not is_user_error(exc):
             raise
         print(f"swav {args.command}: error: {user_message(exc)}", file=sys.stderr)
-        return 1
+        return error_status(exc)
     finally:
         logging.getLogger("swav").removeHandler(handler)
         logging.getLogger("swav").propagate = True

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from swav.cli.extract import add_extract_arguments, job_kwargs
+from swav.usage import UsageError
 
 __all__ = ["register", "run_cluster", "run_report"]
 
@@ -104,16 +105,16 @@ def run_cluster(args: argparse.Namespace) -> int:
                                        what="embeddings", **job_kwargs(args),  # checked before hours of extraction
                                        check_model=lambda model: refuse_untrained_model(model, args.checkpoint))
         else:
-            raise ValueError("give --features-dir, or both --checkpoint and --data")
+            raise UsageError("give --features-dir, or both --checkpoint and --data")
         metrics = cluster_extracted(features_dir, args.output_dir, method=args.assignment, epsilon=args.epsilon,
                                     iterations=args.sinkhorn_iterations, head=args.head,
                                     merge_threshold=args.merge_threshold, kmeans=args.kmeans_baseline,
                                     kmeans_size=args.kmeans_size, seed=args.seed)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
             TooManyBadImagesError) as error:
-        from swav.cli import user_message
+        from swav.cli import error_status, user_message
         print(f"swav cluster: error: {user_message(error)}", file=sys.stderr)
-        return 1
+        return error_status(error)
     if metrics.get("num_unreadable"):
         print(f"swav cluster: warning: {metrics['num_unreadable']} unreadable images not extracted nor clustered, "
               f"listed in {metrics['unreadable_list']}", file=sys.stderr)

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from swav.usage import UsageError
+
 __all__ = ["register", "run_finetune", "run_knn", "run_linear"]
 
 logger = logging.getLogger(__name__)
@@ -155,12 +157,13 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _guarded(command: str, body: Any, args: argparse.Namespace) -> int:
-    """Check the arguments, run ``body``; turn user errors into a one-line message and exit code 1.
+    """Check the arguments, run ``body``; turn user errors into a one-line message and exit code 1 (2 for a
+    usage error).
 
     User errors are those :func:`swav.cli.is_user_error` names (``ValueError``, ``OSError``, swav's
     own exception classes); anything else is a bug and keeps its traceback.
     """
-    from swav.cli import is_user_error, user_message
+    from swav.cli import error_status, is_user_error, user_message
 
     try:
         _check_args(command, args)  # before the model and the data are loaded
@@ -170,7 +173,7 @@ def _guarded(command: str, body: Any, args: argparse.Namespace) -> int:
         if not is_user_error(error):
             raise
         print(f"swav {command}: error: {user_message(error)}", file=sys.stderr)
-        return 1
+        return error_status(error)
     print(f"wrote {path}")
     return 0
 
@@ -181,10 +184,10 @@ def _check_args(command: str, args: argparse.Namespace) -> None:
 
     def at_least(name: str, value: Any, low: float, *, strict: bool = False) -> None:
         if value is not None and (value <= low if strict else value < low):
-            raise ValueError(f"--{name}: must be {'>' if strict else '>='} {low:g}, got {value:g}")
+            raise UsageError(f"--{name}: must be {'>' if strict else '>='} {low:g}, got {value:g}")
 
     if not args.data and not (args.train_data and args.val_data):
-        raise ValueError("--data: required unless both --train-data and --val-data are given")
+        raise UsageError("--data: required unless both --train-data and --val-data are given")
     at_least("batch-size", args.batch_size, 1)
     at_least("workers", args.workers, 0)
     at_least("crop-size", args.crop_size, 1)
@@ -202,7 +205,7 @@ def _check_args(command: str, args: argparse.Namespace) -> None:
         at_least("final-lr", args.final_lr, 0)
         at_least("weight-decay", args.weight_decay, 0)
         if args.standardize and args.mode != "fast":
-            raise ValueError("--standardize: applies to --mode fast only")
+            raise UsageError("--standardize: applies to --mode fast only")
     elif command == "finetune":
         at_least("epochs", args.epochs, 1)
         at_least("trunk-lr", args.trunk_lr, 0)
@@ -211,10 +214,10 @@ def _check_args(command: str, args: argparse.Namespace) -> None:
         for milestone in args.milestones or []:
             at_least("milestones", milestone, 1)
         if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
-            raise ValueError(f"--label-fraction: must be in (0, 1], e.g. 0.01 for 1% of the labels, "
+            raise UsageError(f"--label-fraction: must be in (0, 1], e.g. 0.01 for 1% of the labels, "
                              f"got {args.label_fraction:g}")
         if args.subset_file and not Path(args.subset_file).is_file():
-            raise ValueError(f"--subset-file: {args.subset_file!r} does not exist or is not a file")
+            raise UsageError(f"--subset-file: {args.subset_file!r} does not exist or is not a file")
     _check_output_dir(Path(args.output_dir).expanduser(), f"{command}.json", overwrite=args.overwrite)
 
 
@@ -410,7 +413,6 @@ class _Setup:
 
     def __init__(self, args: argparse.Namespace):
         import torch
-
         from torchvision.transforms import v2
 
         from swav.eval.transforms import transforms_for_checkpoint

@@ -64,9 +64,8 @@ def run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from swav import export
-    from swav.pretrained import load_pretrained
-
     from swav.output_paths import check_output_file
+    from swav.pretrained import load_pretrained
 
     output = Path(args.output)
     try:
@@ -80,7 +79,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.backbone_only and args.format != "safetensors":
         print(f"swav export: error: --backbone-only applies to --format safetensors only, got --format {args.format} "
               "(the torchvision format is always backbone-only)", file=sys.stderr)
-        return 1
+        return 2
     try:
         from swav.eval.transforms import pretraining_config
 

@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from swav.usage import UsageError
+
 __all__ = ["AMP_DTYPES", "add_extract_arguments", "register", "run", "unreadable_note"]
 
 AMP_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -72,7 +74,7 @@ def job_kwargs(args: argparse.Namespace) -> dict:
     for name in ("batch_size", "workers", "limit", "chunk_rows"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "workers" else 1):
-            raise ValueError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'workers' else 1}, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'workers' else 1}, got {value}")
     amp = AMP_DTYPES[args.amp]
     return {"split": args.split, "batch_size": args.batch_size, "device": args.device, "workers": args.workers,
             "amp_dtype": getattr(torch, amp) if amp else None, "limit": args.limit, "chunk_rows": args.chunk_rows,
@@ -98,7 +100,7 @@ def unreadable_note(meta: dict, folder) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the extraction; 0 on success, 1 on a user error (message on stderr)."""
+    """Run the extraction; 0 on success, 1 on a user error, 2 on a usage error (message on stderr)."""
     from swav.extract import check_output_dir, extract_job, load_extracted
     from swav.images import TooManyBadImagesError
 
@@ -108,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
                           write_safetensors=args.safetensors, **job_kwargs(args))
         data = load_extracted(out)
     except (ValueError, FileNotFoundError, NotADirectoryError, TooManyBadImagesError) as error:
-        from swav.cli import user_message
+        from swav.cli import error_status, user_message
         print(f"swav extract: error: {user_message(error)}", file=sys.stderr)
-        return 1
+        return error_status(error)
     shapes = ", ".join(f"{name} {tuple(a.shape)}" for name, a in (("features", data.features),
                        ("embeddings", data.embeddings)) if a is not None)
     print(f"wrote {shapes} for {len(data.labels)} images to {out}")

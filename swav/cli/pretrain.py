@@ -28,6 +28,7 @@ from pathlib import Path
 
 from swav.config import Config, config_to_dict, load_config_file, parse_override, with_values
 from swav.official_flags import add_official_flags, official_values
+from swav.usage import UsageError
 
 __all__ = ["register", "run", "resolve_config", "DEMO_RECIPE", "DEMO_OUTPUT_DIR"]
 
@@ -78,6 +79,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     """The config the command line describes, and whether this is the demo run."""
     from swav.recipes import load_recipe
 
+    if args.partial and not args.resume:  # only a resumed run loads a checkpoint
+        raise UsageError("--partial applies with --resume only (it loads what fits from the run's checkpoint): "
+                         "add --resume to continue the run in --output-dir from a checkpoint of another model or "
+                         "crop set")
     flags = official_values(args)
     # `--output-dir RUN --resume` with nothing else continues RUN with its own config.yaml: not the demo
     explicit_dir = flags.get("run.output_dir")
@@ -88,7 +93,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
             and "data.path" not in flags and not args.recipe and not args.config):
         from swav.run_folder import holds_run
         if not holds_run(Path(explicit_dir)):  # a typo would otherwise start the demo there
-            raise ValueError(f"--resume: {explicit_dir!r} holds no run (no config.yaml or checkpoints): check the "
+            raise UsageError(f"--resume: {explicit_dir!r} holds no run (no config.yaml or checkpoints): check the "
                              "path, or give --data (and --recipe) to start a run there")
     demo = bool(getattr(args, "demo", False)) or ("data.path" not in flags and not args.recipe and not args.config
                                                   and not resumed_run)
@@ -105,7 +110,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
         config = Config()
     if args.config:
         if not Path(args.config).expanduser().is_file():
-            raise ValueError(f"--config {args.config!r} does not exist (or is not a file): give the path of a "
+            raise UsageError(f"--config {args.config!r} does not exist (or is not a file): give the path of a "
                              "YAML config, e.g. a run's config.yaml, or use --recipe NAME")
         config = load_config_file(Path(args.config).expanduser(), base=config)
     if demo and "run.output_dir" not in flags:

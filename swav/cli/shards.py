@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Pack the shards; return the exit status (2 on a bad source or argument)."""
     from swav.datasets import build_dataset
-    from swav.shards import ShardDataset, write_shards
     from swav.output_paths import check_output_folder
+    from swav.shards import ShardDataset, write_shards
     try:
         check_output_folder(args.out, "the output folder")
         source = build_dataset(args.src, split=args.split, download=args.download)

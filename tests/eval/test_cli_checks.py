@@ -186,9 +186,9 @@ def test_device_cuda_without_cuda_is_refused_before_loading(data, tmp_path, caps
     if command == "extract":
         argv = ["extract", "--checkpoint", str(missing), "--data", str(data["train2"]),
                 "--output-dir", str(tmp_path / "x"), "--device", "cuda"]
-        assert main(argv) == 1
+        assert main(argv) == 2  # a usage error
     else:
-        assert _run(command, missing, data["train2"], data["val_cat_dog"], tmp_path, device="cuda") == 1
+        assert _run(command, missing, data["train2"], data["val_cat_dog"], tmp_path, device="cuda") == 2
     line = _one_line_error(capsys, command)
     assert line.endswith("--device cuda but CUDA is not available here; use --device cpu")
 
@@ -199,9 +199,9 @@ def test_invalid_device_name_is_refused(data, tmp_path, capsys, command):
     if command in ("extract", "cluster"):
         argv = [command, "--checkpoint", str(missing), "--data", str(data["train2"]),
                 "--output-dir", str(tmp_path / "x"), "--device", "gpu"]
-        assert main(argv) == 1
+        assert main(argv) == 2
     else:
-        assert _run(command, missing, data["train2"], data["val_cat_dog"], tmp_path, device="gpu") == 1
+        assert _run(command, missing, data["train2"], data["val_cat_dog"], tmp_path, device="gpu") == 2
     assert _one_line_error(capsys, command).endswith("--device 'gpu' is invalid: use auto, cpu, cuda or cuda:N")
 
 
@@ -264,7 +264,7 @@ def test_run_folder_as_checkpoint_points_at_its_model(data, run_folder, tmp_path
 def test_bad_arguments_fail_before_any_loading(tmp_path, capsys, command, extra, message):
     # neither the checkpoint nor the data exist: reaching them would give a different error
     missing = tmp_path / "missing"
-    assert _run(command, missing / "model.pt", missing / "train", missing / "val", tmp_path, *extra) == 1
+    assert _run(command, missing / "model.pt", missing / "train", missing / "val", tmp_path, *extra) == 2  # usage
     line = _one_line_error(capsys, command)
     assert message in line and "missing" not in line
 
