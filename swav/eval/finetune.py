@@ -67,13 +67,20 @@ def default_learning_rates(label_fraction: float) -> tuple[float, float]:
 def scaled_milestones(epochs: int, milestones: Sequence[int] = OFFICIAL_MILESTONES) -> tuple[int, ...]:
     """Decay epochs for a run of ``epochs``: the official (12, 16) of 20 scaled and rounded.
 
+    Only decays that happen are kept: each milestone lies between epoch 1 and the last epoch, and two that
+    round to the same epoch count once (a 3-epoch run decays once, at epoch 2, not twice there; a 1-epoch
+    run keeps its learning rate).
+
     Example:
         >>> scaled_milestones(20), scaled_milestones(10), scaled_milestones(40)
         ((12, 16), (6, 8), (24, 32))
+        >>> scaled_milestones(1), scaled_milestones(2), scaled_milestones(3), scaled_milestones(4)
+        ((), (1,), (2,), (2, 3))
     """
     if epochs < 1:
         raise ValueError(f"epochs: must be >= 1, got {epochs}")
-    return tuple(max(1, round(m * epochs / OFFICIAL_EPOCHS)) for m in milestones)
+    scaled = (min(epochs - 1, max(1, round(m * epochs / OFFICIAL_EPOCHS))) for m in milestones)
+    return tuple(sorted({m for m in scaled if 1 <= m < epochs}))
 
 
 def finetune(

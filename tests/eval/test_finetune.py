@@ -187,6 +187,6 @@ def test_default_learning_rates_and_milestones():
     assert default_learning_rates(0.05) == (0.01, 0.2)
     assert scaled_milestones(20) == (12, 16)
     assert scaled_milestones(5) == (3, 4)
-    assert scaled_milestones(1) == (1, 1)
+    assert scaled_milestones(1) == () and scaled_milestones(2) == (1,) and scaled_milestones(3) == (2,)  # decays that happen, once each
     with pytest.raises(ValueError, match="label_fraction"):
         default_learning_rates(0.0)
