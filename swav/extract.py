@@ -331,7 +331,7 @@ def extract_to_dir(
 def _run_chunks(model: SwAVModel, rows: _SourceRows, out: Path, names: tuple[str, ...],
                 marker: dict[str, Any], *, batch_size: int, device: torch.device, workers: int,
                 amp_dtype: torch.dtype | None, progress: bool) -> None:
-    from tqdm.auto import tqdm
+    from swav.metrics import progress_bar
 
     loader = DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
@@ -342,8 +342,8 @@ def _run_chunks(model: SwAVModel, rows: _SourceRows, out: Path, names: tuple[str
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=rows.stop, initial=rows.start, unit="img", desc="extract",
-                  disable=not progress) as bar, torch.no_grad():
+        with progress_bar(total=rows.stop, initial=rows.start, unit="img", desc="extract",
+                          enabled=progress) as bar, torch.no_grad():
             for source_rows, readable, batch in loader:
                 images, labels = split_batch(batch)
                 keep = readable.to(torch.bool)

@@ -82,9 +82,9 @@ def extract_features(
     features: list[Tensor] = []
     labels: list[Tensor] = []
     try:
-        from tqdm.auto import tqdm
+        from swav.metrics import progress_bar
 
-        bar = tqdm(total=total, unit="img", desc="features", disable=not progress)
+        bar = progress_bar(total=total, unit="img", desc="features", enabled=progress)
         with bar, torch.no_grad(), autocast:
             for batch in loader:
                 images, batch_labels = split_batch(batch)

@@ -21,11 +21,12 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsWriter", "RateMeter", "format_duration", "truncate_metrics"]
+__all__ = ["MetricsWriter", "RateMeter", "format_duration", "progress_bar", "truncate_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +123,57 @@ class RateMeter:
         eta = (self.total_steps - step) / overall if overall > 0 else float("inf")
         self._last_step, self._last_time = step, now
         return rate, eta
+
+
+class _LogProgress:
+    """What :func:`progress_bar` gives where stderr is not a terminal: a log line every ``interval_s``
+    seconds and one at the end, each with the count, the rate and the time left."""
+
+    def __init__(self, total: int | None, initial: int, unit: str, desc: str, interval_s: float) -> None:
+        self.total, self.n, self.unit, self.desc, self.interval_s = total, initial, unit, desc, interval_s
+        self._initial = initial
+        self._start = self._last = time.perf_counter()
+        self._postfix = ""
+
+    def __enter__(self) -> "_LogProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None and self.n > self._initial:
+            self._log()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.perf_counter() - self._last >= self.interval_s:
+            self._log()
+
+    def set_postfix(self, **values: Any) -> None:
+        self._postfix = ", ".join(f"{key} {value}" for key, value in values.items())
+
+    def _log(self) -> None:
+        self._last = now = time.perf_counter()
+        rate = (self.n - self._initial) / max(now - self._start, 1e-9)
+        done = f"{self.n:,}/{self.total:,} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%)" \
+            if self.total else f"{self.n:,} {self.unit}"
+        eta = (self.total - self.n) / rate if self.total and rate > 0 else float("nan")
+        logger.info("%s: %s, %.1f %s/s, %s left%s", self.desc, done, rate, self.unit, format_duration(eta),
+                    f"; {self._postfix}" if self._postfix else "")
+
+
+def progress_bar(*, total: int | None, unit: str, desc: str, enabled: bool = True, initial: int = 0,
+                 interval_s: float = 30.0) -> Any:
+    """A tqdm bar on an interactive terminal; elsewhere (stderr redirected to a file, a cluster job's log)
+    a log line every ``interval_s`` seconds with the count, rate and time left, so that the log holds no
+    carriage-return redraws. ``enabled=False``: neither. Use as a context manager with ``update(n)``.
+
+    Example:
+        >>> with progress_bar(total=10, unit="img", desc="demo", enabled=False) as bar:
+        ...     bar.update(10)
+    """
+    if enabled and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+        return tqdm(total=total, initial=initial, unit=unit, desc=desc)
+    if enabled:
+        return _LogProgress(total, initial, unit, desc, interval_s)
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc, disable=True)

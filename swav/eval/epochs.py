@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from swav.metrics import format_duration
 
 __all__ = ["ClassifierResult", "cosine_epoch_factor", "multistep_epoch_factor", "run_epochs"]
 
@@ -116,7 +120,10 @@ def run_epochs(
 
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     history: list[dict[str, float]] = []
-    with tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress) as bar:
+    start = time.perf_counter()
+    # a bar on an interactive terminal only: the log line of each epoch (with the time left) is the progress
+    # report in a redirected log, which a bar would fill with carriage-return redraws
+    with tqdm(range(epochs), desc=desc, unit="epoch", disable=not (progress and sys.stderr.isatty())) as bar:
         for epoch in bar:
             factor = lr_factor(epoch)
             for group, base in zip(optimizer.param_groups, base_lrs):
@@ -133,14 +140,17 @@ def run_epochs(
             }
             history.append(record)
             bar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{record['top1']:.2f}")
+            elapsed = time.perf_counter() - start
             logger.info(
-                "epoch %d/%d lr %.4g train loss %.4f test top1 %.2f top5 %.2f",
+                "epoch %d/%d lr %.4g train loss %.4f test top1 %.2f top5 %.2f (%s per epoch, %s left)",
                 epoch + 1,
                 epochs,
                 record["lr"],
                 train_loss,
                 record["top1"],
                 record["top5"],
+                format_duration(elapsed / (epoch + 1)),
+                format_duration(elapsed / (epoch + 1) * (epochs - epoch - 1)),
             )
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base
