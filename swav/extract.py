@@ -206,8 +206,8 @@ def _probe(model: SwAVModel, rows: _SourceRows, names: tuple[str, ...], device: 
         if readable:
             break
     else:
-        raise ValueError(f"dataset: none of the images of rows {start}..{stop - 1} can be read; "
-                         "run `swav scan` on the data to see why")
+        raise ValueError(f"the data (--data) has no readable image in rows {start}..{stop - 1}; "
+                         "run `swav scan` on it to see why")
     images, _ = split_batch(torch.utils.data.default_collate([item]))
     was_training = model.training
     model.eval()
@@ -227,7 +227,7 @@ def _read_marker(out: Path, fingerprint: dict[str, Any], chunk_rows: int) -> tup
     marker_path = out / _MARKER
     if not marker_path.exists():
         return chunk_rows, 0, False
-    fix = "use overwrite=True (--overwrite) to start the extraction again"
+    fix = "pass --overwrite (Python: overwrite=True) to start the extraction again"
     try:
         with open(marker_path, encoding="utf-8") as fh:
             marker = json.load(fh)
@@ -240,12 +240,12 @@ def _read_marker(out: Path, fingerprint: dict[str, Any], chunk_rows: int) -> tup
                          if fingerprint.get(k) != marker.get("fingerprint", {}).get(k))
         if changed == ["format"]:
             raise ValueError(
-                f"output_dir {out} holds an extraction made by an earlier version of swav (format "
+                f"--output-dir {str(out)!r} holds an extraction made by an earlier version of swav (format "
                 f"{marker.get('fingerprint', {}).get('format')}, now {_FORMAT_VERSION}: unreadable images are now "
-                "left out); extract again with overwrite=True (--overwrite)")
+                "left out); extract again with --overwrite (Python: overwrite=True)")
         raise ValueError(
-            f"output_dir {out} holds an extraction of a different job (differs in {changed}); "
-            "use another output directory or overwrite=True (--overwrite) to start again")
+            f"--output-dir {str(out)!r} holds an extraction of a different job (differs in {changed}); "
+            "choose another --output-dir, or pass --overwrite (Python: overwrite=True) to start again")
     if marker["chunk_rows"] != chunk_rows:
         logger.info("resuming with the chunk size of the first run (%d rows)", marker["chunk_rows"])
     return int(marker["chunk_rows"]), int(marker["completed_chunks"]), bool(marker.get("complete"))
@@ -296,7 +296,7 @@ def extract_to_dir(
     out = check_output_dir(output_dir)
     num_rows = len(dataset) if limit is None else min(limit, len(dataset))
     if num_rows == 0:
-        raise ValueError("dataset: is empty; nothing to extract")
+        raise ValueError("the data (--data) is empty; nothing to extract")
     device = torch.device(device)
     fingerprint = {"format": _FORMAT_VERSION, "num_rows": num_rows, "what": what,
                    "source": source or type(dataset).__name__, "model_sha256": _model_digest(model)}
@@ -400,9 +400,10 @@ def _assemble(out: Path, model: SwAVModel, dataset: Dataset, names: tuple[str, .
     labels = np.concatenate(parts("labels")).astype(np.int64)
     if len(kept_rows) + len(bad_rows) != num_rows or len(labels) != len(kept_rows):
         raise RuntimeError(f"{out}: chunks hold {len(kept_rows) + len(bad_rows)} rows, expected {num_rows}; "
-                           "rerun with overwrite=True")
+                           "extract again with --overwrite (Python: overwrite=True)")
     if len(kept_rows) == 0:
-        raise ValueError(f"dataset: none of the {num_rows} images could be read; nothing extracted")
+        raise ValueError(f"none of the {num_rows} images of the data (--data) could be read; nothing extracted; "
+                         "run `swav scan` on it to see why")
     num_kept = len(kept_rows)
     dims: dict[str, int] = {}
     for name in names:

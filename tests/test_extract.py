@@ -132,7 +132,8 @@ def test_resume_after_a_crash_while_assembling(tmp_path):
 def test_resume_refuses_another_model_unless_overwrite(tmp_path):
     with pytest.raises(RuntimeError):
         extract_to_dir(_model(0), _Images(fail_at=30), tmp_path, batch_size=4, chunk_rows=8, progress=False)
-    with pytest.raises(ValueError, match="model_sha256"):
+    with pytest.raises(ValueError, match=r"differs in \['model_sha256'\]\); choose another --output-dir, or pass "
+                                         r"--overwrite \(Python: overwrite=True\)"):
         extract_to_dir(_model(1), _Images(), tmp_path, batch_size=4, chunk_rows=8, progress=False)
     data = _Images()
     extract_to_dir(_model(1), data, tmp_path, batch_size=4, chunk_rows=8, overwrite=True, progress=False)
