@@ -45,11 +45,24 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from swav.images import BadImageTracker, ImageDecodeError, load_image
 
-__all__ = ["write_shards", "ShardDataset", "expand_shards", "looks_like_shards", "INDEX_NAME"]
+__all__ = ["write_shards", "ShardDataset", "Skipped", "expand_shards", "looks_like_shards", "INDEX_NAME"]
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "shards.json"
+
+
+class Skipped:
+    """What :class:`ShardDataset` yields, on resume, in place of a sample of the epoch already trained on (see
+    ``skip_samples`` of :meth:`ShardDataset.set_epoch`): nothing is read or decoded for it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Skipped()"
+
+
+SKIPPED = Skipped()
 _IMAGE_FIELDS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff",
                  "ppm", "pgm", "pbm")
 
@@ -248,6 +261,7 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: samples held per worker for shuffling (0 or 1 = stream order).
         shuffle_shards: permute the shard list each epoch.
         start_shard: shards of the current epoch's permutation to skip (resume at a boundary).
+            :meth:`set_epoch` can instead skip an exact number of samples of each worker's stream.
         return_key: yield ``(image, label, relative path)`` instead.
         max_bad_fraction, min_bad_count, bad_list_path, max_pixels: as in
             :class:`swav.images.BadImageTracker` / :func:`swav.images.load_image`; an unreadable
@@ -307,6 +321,7 @@ class ShardDataset(IterableDataset):
         self.fill_bad = False
         self.epoch = 0
         self.start_shard = 0
+        self.skip_samples: tuple[int, ...] = ()
         self.set_epoch(0, start_shard)
 
     @property
@@ -317,12 +332,24 @@ class ShardDataset(IterableDataset):
     def world_size(self) -> int:
         return self._ranks[1]
 
-    def set_epoch(self, epoch: int, start_shard: int = 0) -> None:
-        """Select the epoch (reseeds shard order and shuffling) and where in it to start."""
+    def set_epoch(self, epoch: int, start_shard: int = 0, skip_samples: Sequence[int] = ()) -> None:
+        """Select the epoch (reseeds shard order and shuffling) and where in it to start.
+
+        ``skip_samples[w]`` (resume inside an epoch, exactly): data-loader worker ``w`` yields :data:`SKIPPED`
+        for the first ``skip_samples[w]`` samples of its stream, then the rest of the stream exactly as an
+        uninterrupted epoch has it (same samples, same order), reading only the shards that still hold some
+        of them. Needs the index (``shards.json``); one entry per worker (one for ``num_workers=0``).
+        """
         if not 0 <= start_shard < len(self.urls):
             raise ValueError(f"ShardDataset.set_epoch: start_shard must be in [0, "
                              f"{len(self.urls)}), got {start_shard!r}")
+        if any(n < 0 for n in skip_samples):
+            raise ValueError(f"ShardDataset.set_epoch: skip_samples must be >= 0, got {list(skip_samples)}")
+        if any(skip_samples) and self.counts is None:
+            raise ValueError("ShardDataset.set_epoch: skip_samples needs the sample counts of the shards index "
+                             f"({INDEX_NAME}); pack the data with `swav pack-shards`")
         self.epoch, self.start_shard = int(epoch), int(start_shard)
+        self.skip_samples = tuple(int(n) for n in skip_samples)
         self._ranks = self._explicit or _default_ranks() or self._ranks
 
     def shard_order(self, epoch: int | None = None) -> list[int]:
@@ -360,9 +387,50 @@ class ShardDataset(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _decode(self, sample: dict) -> tuple | None:
+    def _replayed(self, mine: list[str], rng: random.Random, skip: int) -> Iterator[dict | Skipped]:
+        """The worker's shuffled stream with its first ``skip`` samples replaced by :data:`SKIPPED`, without
+        reading them: the shuffle buffer's draws depend only on how many samples it holds, so running it on
+        sample numbers gives the stream's order, and only shards holding a later sample are read."""
+        count = dict(zip(self.urls, self.counts or [], strict=True))
+        starts = [0]
+        for url in mine:
+            starts.append(starts[-1] + count[url])
+        order = list(self._shuffled(range(starts[-1]), rng))  # sample numbers in stream order
+        skip = min(skip, len(order))
+        for _ in range(skip):
+            yield SKIPPED
+        rest = order[skip:]
+        if not rest:
+            return
+        first_shard = bisect.bisect_right(starts, min(rest)) - 1
+        from webdataset.tariterators import tarfile_samples
+        samples = iter(tarfile_samples([{"url": url} for url in mine[first_shard:]], handler=_damaged_shard))
+        number = starts[first_shard]  # of the next sample read
+        wanted, held, missing = set(rest), {}, 0
+        for want in rest:
+            while want not in held:
+                sample = next(samples, None)
+                if sample is None:
+                    break
+                if number in wanted:  # samples of the skipped part are dropped as they pass
+                    held[number] = sample
+                number += 1
+            if want in held:
+                yield held.pop(want)
+            else:
+                missing += 1
+        if missing:
+            logger.warning("rank %d: %d sample(s) of the shards %s were not found on resume: the shards hold fewer "
+                           "samples than their index (%s) says; pack them again with `swav pack-shards`",
+                           self.rank, missing, mine, INDEX_NAME)
+
+    @staticmethod
+    def _key(sample: dict) -> str:
         key = sample.get("path.txt", sample["__key__"])
-        key = key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
+        return key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
+
+    def _decode(self, sample: dict) -> tuple | None:
+        key = self._key(sample)
         field = next((k for k in sample if k.rsplit(".", 1)[-1] in _IMAGE_FIELDS), None)
         name = f"{sample.get('__url__')}:{key}"
         try:
@@ -391,36 +459,43 @@ class ShardDataset(IterableDataset):
                            self.world_size, workers)
             return
         rng = random.Random(f"swav-buffer-{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        samples = tarfile_samples([{"url": url} for url in mine], handler=_damaged_shard)
-        last, owed = None, 0  # owed: unreadable samples met before the first readable one (fill_bad)
-        stand_ins = 0
-        for sample in self._shuffled(samples, rng):
+        if self.skip_samples:
+            if len(self.skip_samples) != workers:
+                raise ValueError(f"ShardDataset: skip_samples has {len(self.skip_samples)} entries for {workers} "
+                                 "data-loader worker(s); give one per worker")
+            stream = self._replayed(mine, rng, self.skip_samples[worker])
+        else:
+            stream = self._shuffled(tarfile_samples([{"url": url} for url in mine], handler=_damaged_shard), rng)
+        last, owed = None, []  # owed: keys of unreadable samples met before the first readable one (fill_bad)
+        for sample in stream:
+            if isinstance(sample, Skipped):
+                yield sample
+                continue
             item = self._decode(sample)
             if item is None:
                 if self.fill_bad and last is not None:
-                    stand_ins += 1
-                    yield self._stand_in(last, stand_ins)
+                    yield self._stand_in(last, self._key(sample))
                 elif self.fill_bad:
-                    owed += 1
+                    owed.append(self._key(sample))
                 continue
             yield item
-            for _ in range(owed):
-                stand_ins += 1
-                yield self._stand_in(item, stand_ins)
-            last, owed = item, 0
+            for bad_key in owed:
+                yield self._stand_in(item, bad_key)
+            last, owed = item, []
         if owed:  # nothing readable to stand in: this stream ends short, and so does the rank's epoch
             logger.error("rank %d worker %d: none of the %d samples of its shards %s could be read (listed in "
                          "bad_images.txt), so this epoch lacks them and training stops at its end; check or "
-                         "rewrite those shards with `swav pack-shards`", self.rank, worker, owed, mine)
+                         "rewrite those shards with `swav pack-shards`", self.rank, worker, len(owed), mine)
 
-    def _stand_in(self, item: tuple, number: int) -> tuple:
-        """A readable sample standing in for an unreadable one (``fill_bad``). With keys it gets a key of its own,
-        ``<key>#stand-in-<n>``: training seeds each sample's crops by its key, so the stand-in is cropped afresh
-        rather than repeating the crops of the sample it copies."""
+    def _stand_in(self, item: tuple, bad_key: str) -> tuple:
+        """A readable sample standing in for the unreadable one ``bad_key`` (``fill_bad``). With keys it gets a key
+        of its own, ``<key>#stand-in-<bad key>``: training seeds each sample's crops by its key, so the stand-in
+        is cropped afresh rather than repeating the crops of the sample it copies (and a resumed epoch gives it
+        the same key)."""
         if not self.return_key:
             return item
         image, label, key = item
-        return image, label, f"{key}#stand-in-{number}"
+        return image, label, f"{key}#stand-in-{bad_key}"
 
 
 class DamagedShardError(ValueError):

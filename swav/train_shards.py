@@ -15,12 +15,17 @@ lives here:
 * Randomness: crops are keyed by ``(seed, epoch, rank, sample key)`` and the batched colour stage by
   ``(seed, rank, epoch, batch index)``, as for image folders; the stream order by ``(seed, epoch)``
   (shards) and ``(seed, epoch, rank, worker)`` (shuffle buffer). An epoch is therefore reproducible.
-* Resume inside an epoch restarts at a *shard boundary*: every rank skips the ``m`` first shards of
-  its list, ``m`` the largest number of shards whose sample counts fit in ``start_batch * B``, and the
-  epoch still has exactly the remaining number of steps. This is approximate: the shuffle buffer (and
-  the interleaving of workers) mixes samples of several shards, so the skipped shards are not exactly
-  the samples already taken; for the rest of that epoch some images are seen a second time and others
-  not at all (a sample of the epoch's images, not a bias towards any). Resume at an epoch end is exact.
+* Resume inside an epoch is exact: the rest of the epoch holds the same samples, in the same batches,
+  with the same crops as an uninterrupted run. Every stream's length is known from the index, so the
+  order in which the data loader interleaves its workers' batches (each worker in turn, skipping those
+  that have ended) tells how many whole batches of each worker the ``start_batch * B`` samples already
+  trained on hold (:func:`resume_skips`). Each worker yields those as :class:`~swav.shards.Skipped`
+  placeholders, without reading or decoding them (:meth:`~swav.shards.ShardDataset.set_epoch`, which
+  replays its shuffle buffer on sample numbers and reads only the shards still needed); they are
+  collated into :class:`SkippedBatch` markers, which keep the interleaving as it was, and the main
+  process drops them and the samples of the one worker batch that was half trained on. One exception:
+  a stand-in for an unreadable image (see below) that was to copy an image of the skipped part copies
+  the next readable one instead.
 
 Example (2 ranks, 4 equal shards, batch 2; no process group needed to build the loaders)::
 
@@ -34,20 +39,21 @@ Example (2 ranks, 4 equal shards, batch 2; no process group needed to build the 
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from swav.batch_augment import multicrop_collate
 from swav.config import Config
-from swav.shards import ShardDataset
+from swav.shards import ShardDataset, Skipped
 from swav.train_data import TrainLoader, batch_generator, per_image_stages, worker_init
 
-__all__ = ["guaranteed_samples_per_rank", "resume_shard_offset", "sample_index", "ShardCropStream",
-           "ShardTrainLoader", "shard_data_sizes", "build_shard_loader"]
+__all__ = ["guaranteed_samples_per_rank", "resume_skips", "sample_index", "ShardCropStream", "ShardTrainLoader",
+           "SkippedBatch", "shard_collate", "shard_data_sizes", "build_shard_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +73,31 @@ def guaranteed_samples_per_rank(counts: Sequence[int], world_size: int) -> int:
     return sum(sorted(counts)[:len(counts) // world_size])
 
 
-def resume_shard_offset(rank_counts: Sequence[Sequence[int]], samples_done: int) -> int:
-    """Shards ``m`` each rank may skip: the largest ``m`` with every rank's first ``m`` shards <= samples done.
+def resume_skips(stream_sizes: Sequence[int], batch_size: int, samples_done: int) -> list[int]:
+    """Samples of each worker's stream that lie in its batches trained on entirely, after ``samples_done``
+    samples of the main stream.
 
-    ``rank_counts[r]``: sample counts of rank ``r``'s shards in reading order.
+    ``stream_sizes[w]``: samples worker ``w`` yields in the epoch. The data loader collates each worker's
+    stream into batches of ``batch_size`` (the last one short) and hands them out one worker after the other,
+    skipping workers that have ended; the main stream is their concatenation.
 
     Example:
-        >>> resume_shard_offset([[4, 4, 4], [4, 5, 3]], samples_done=8)
-        1
+        >>> resume_skips([9, 5], batch_size=4, samples_done=10)  # batches w0 4, w1 4, w0 4, w1 1, w0 1
+        [4, 4]
     """
-    m = 0
-    while all(m < len(c) and sum(c[:m + 1]) <= samples_done for c in rank_counts):
-        m += 1
-    return m
+    remaining = [math.ceil(n / batch_size) for n in stream_sizes]
+    skips, done = [0] * len(stream_sizes), 0
+    while any(remaining):
+        for w, left in enumerate(remaining):
+            if not left:
+                continue
+            size = min(batch_size, stream_sizes[w] - skips[w])
+            if done + size > samples_done:
+                return skips
+            done += size
+            skips[w] += size
+            remaining[w] -= 1
+    return skips
 
 
 def sample_index(key: str) -> int:
@@ -103,14 +121,51 @@ class ShardCropStream(IterableDataset):
         self.transform = transform
         self.epoch = 0
 
-    def set_epoch(self, epoch: int, start_shard: int = 0) -> None:
+    def set_epoch(self, epoch: int, skip_samples: Sequence[int] = ()) -> None:
         self.epoch = epoch
-        self.shards.set_epoch(epoch, start_shard)
+        self.shards.set_epoch(epoch, skip_samples=skip_samples)
 
-    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], str]]:
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], str] | Skipped]:
         self.transform.set_epoch(self.epoch)
-        for image, _label, key in self.shards:
+        for item in self.shards:
+            if isinstance(item, Skipped):
+                yield item
+                continue
+            image, _label, key = item
             yield self.transform(image, index=sample_index(key)), key
+
+
+class SkippedBatch(NamedTuple):
+    """A worker batch of :class:`~swav.shards.Skipped` placeholders (resume): ``size`` samples already trained on."""
+
+    size: int
+
+
+def shard_collate(batch: Sequence[Any]) -> Any:
+    """:func:`~swav.batch_augment.multicrop_collate`, or a :class:`SkippedBatch` for placeholders (a worker
+    batch is all placeholders or none: workers skip whole batches)."""
+    if isinstance(batch[0], Skipped):
+        if not all(isinstance(item, Skipped) for item in batch):
+            raise RuntimeError("a worker batch mixes skipped and read samples: resume_skips and the data loader's "
+                               "batching disagree")
+        return SkippedBatch(len(batch))
+    return multicrop_collate(batch)
+
+
+def _drop_done(batches: Iterator[Any], samples_done: int) -> Iterator[tuple[list[torch.Tensor], list[str]]]:
+    """The worker batches after the first ``samples_done`` samples of the main stream (markers and the trained
+    part of a half-trained batch dropped)."""
+    for batch in batches:
+        if isinstance(batch, SkippedBatch):
+            samples_done -= batch.size
+            continue
+        if samples_done > 0:
+            crops, keys = batch
+            batch = ([v[samples_done:] for v in crops], list(keys)[samples_done:])
+            samples_done = max(0, samples_done - len(keys))
+            if not batch[1]:
+                continue
+        yield batch
 
 
 def _rebatch(batches: Iterator[tuple[list[torch.Tensor], list[str]]], size: int
@@ -141,22 +196,23 @@ class ShardTrainLoader(TrainLoader):
         self.batch_keys: list[str] = []  # keys of the batch yielded last (for checks and debugging)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch; ``start_batch > 0`` (resume) restarts at a shard boundary (module docstring)."""
+        """Select the epoch; ``start_batch > 0`` (resume) continues it exactly where batch ``start_batch`` begins
+        (module docstring)."""
         if not 0 <= start_batch < self.steps_per_epoch:
             raise ValueError(f"start_batch={start_batch} is invalid: expected 0..{self.steps_per_epoch - 1}")
         shards = self.stream.shards
-        start_shard = 0
+        skips: list[int] = []
         if start_batch:
             shards.set_epoch(epoch, 0)
             count = dict(zip(shards.urls, shards.counts or [], strict=True))
-            rank_counts = [[count[u] for u in shards.rank_shards(r)] for r in range(shards.world_size)]
-            m = resume_shard_offset(rank_counts, start_batch * self.batch_size)
-            start_shard = m * shards.world_size
-            logger.warning("resuming inside epoch %d of streamed shards after %d samples per rank: each rank skips "
-                           "its first %d shard(s) and draws the rest of the epoch from the others, so until the "
-                           "epoch ends some images are seen twice and others not at all (resuming at an epoch end "
-                           "is exact)", epoch, start_batch * self.batch_size, m)
-        self.stream.set_epoch(epoch, start_shard)
+            mine = shards.rank_shards()
+            workers = max(self.loader.num_workers, 1)
+            sizes = [sum(count[u] for u in mine[w::workers]) for w in range(workers)]
+            skips = resume_skips(sizes, self.batch_size, start_batch * self.batch_size)
+            logger.info("resuming inside epoch %d of streamed shards after %d samples per rank: the data-loader "
+                        "workers pass over the first %s samples of their streams without reading them", epoch,
+                        start_batch * self.batch_size, skips)
+        self.stream.set_epoch(epoch, skip_samples=skips)
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
@@ -166,7 +222,8 @@ class ShardTrainLoader(TrainLoader):
         wanted = len(self)
         if wanted <= 0:
             return
-        for b, (crops, keys) in enumerate(_rebatch(iter(self.loader), self.batch_size)):
+        batches = _drop_done(iter(self.loader), self.start_batch * self.batch_size)
+        for b, (crops, keys) in enumerate(_rebatch(batches, self.batch_size)):
             self.batch_keys = keys
             crops = [x.to(self.device, non_blocking=True) for x in crops]
             if self.augment is not None:
@@ -210,7 +267,7 @@ def build_shard_loader(config: Config, dataset: ShardDataset, *, pipeline: str, 
     transform, augment = per_image_stages(config, pipeline, device)
     dataset.fill_bad = True  # unreadable samples replaced, so every epoch has its `steps` batches
     stream = ShardCropStream(dataset, transform)
-    loader = DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=multicrop_collate,
+    loader = DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=shard_collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         worker_init_fn=worker_init if workers > 0 else None)
     return ShardTrainLoader(stream, loader, batch_size=batch, steps_per_epoch=steps, augment=augment,

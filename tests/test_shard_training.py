@@ -1,5 +1,5 @@
 """Training from WebDataset shards (issue 5): every image exactly once per epoch across 2 ranks x 2 workers,
-equal steps on every rank, resume at a shard boundary, and the engine trains from ``shards:DIR``.
+equal steps on every rank, exact resume inside an epoch, and the engine trains from ``shards:DIR``.
 
 The exactly-once checks run at the level of the loader the engine builds (``build_train_loader`` on a
 ``ShardDataset``), which records the keys of each batch; rank and world size are given explicitly, so
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +20,9 @@ from PIL import Image
 from swav.shards import ShardDataset, write_shards
 from swav.train import train
 from swav.train_data import build_train_loader
-from swav.train_shards import guaranteed_samples_per_rank, resume_shard_offset, sample_index
+from swav.train_shards import guaranteed_samples_per_rank, resume_skips, sample_index
 from tests.distributed_helpers import run_distributed
-from tests.train_helpers import tiny_config, tiny_model
+from tests.train_helpers import assert_same_state, final_state, tiny_config, tiny_model
 
 N = 24
 B = 4
@@ -41,21 +42,26 @@ def _pack(images, out, **kwargs):
     return out
 
 
-def _epoch_keys(shards, cfg, epoch: int, world: int = 2, start_batch: int = 0) -> list[list[list[str]]]:
-    """Per rank, the keys of every batch the engine's loader yields in ``epoch``."""
+def _epoch_keys(shards, cfg, epoch: int, world: int = 2, start_batch: int = 0, crops_out: list | None = None,
+                **shard_options) -> list[list[list[str]]]:
+    """Per rank, the keys of every batch the engine's loader yields in ``epoch`` (and their crops into
+    ``crops_out``, per rank)."""
     out = []
     for rank in range(world):
-        ds = ShardDataset(shards, rank=rank, world_size=world, seed=cfg.run.seed, return_key=True)
+        ds = ShardDataset(shards, rank=rank, world_size=world, seed=cfg.run.seed, return_key=True, **shard_options)
         loader = build_train_loader(cfg, ds, pipeline="batched", rank=rank, world_size=world,
                                     device=torch.device("cpu"))
         loader.set_epoch(epoch, start_batch)
-        batches = []
+        batches, rank_crops = [], []
         for crops in loader:
             assert [tuple(c.shape) for c in crops] == [(B, 3, 12, 12)] * 2 + [(B, 3, 8, 8)] * 2
             assert all(c.dtype == torch.float32 for c in crops)
             batches.append(list(loader.batch_keys))
+            rank_crops.append([c.clone() for c in crops])
         assert len(batches) == len(loader)
         out.append(batches)
+        if crops_out is not None:
+            crops_out.append(rank_crops)
     return out
 
 
@@ -86,18 +92,44 @@ def test_uneven_shards_keep_ranks_in_step_and_never_repeat(images, tmp_path):
         assert len(seen) == len(set(seen)) == 16
 
 
-def test_resume_inside_an_epoch_restarts_at_a_shard_boundary(images, tmp_path):
-    shards = _pack(images, tmp_path / "shards", num_shards=8)  # 8 x 3: 4 shards (12 images) per rank
-    cfg = tiny_config(tmp_path / "run", **{"data.workers": 2, "data.pipeline": "batched"})
-    resumed = _epoch_keys(shards, cfg, 1, start_batch=2)  # 8 images per rank done: skip 2 shards (6 images)
-    for rank, batches in enumerate(resumed):
-        assert len(batches) == 1  # 3 steps per epoch, 2 done
-        ds = ShardDataset(shards, rank=rank, world_size=2, seed=cfg.run.seed, return_key=True)
-        ds.set_epoch(1)
-        kept = {key for url in ds.rank_shards()[2:] for _, _, key in ShardDataset([url], return_key=True)}
-        assert set(batches[0]) <= kept
-    assert resume_shard_offset([[3, 3, 3, 3], [3, 3, 3, 3]], 8) == 2
-    assert resume_shard_offset([[3, 3], [9, 1]], 8) == 0  # rank 1 may not have finished its first shard
+@pytest.mark.parametrize("workers,pack", [(2, {"max_samples_per_shard": 3}), (2, {"max_samples_per_shard": 5}),
+                                          (3, {"max_samples_per_shard": 5}), (0, {"num_shards": 5})])
+def test_resume_inside_an_epoch_is_exact(images, tmp_path, workers, pack):
+    """Resumed at every batch of the epoch, the rest of it holds the same batches (keys and crops) as an
+    uninterrupted epoch: uneven worker streams (some end before others, short last worker batches), a
+    shuffle buffer of 4 mixing samples of neighbouring shards, 2 ranks."""
+    shards = _pack(images, tmp_path / "shards", **pack)
+    cfg = tiny_config(tmp_path / "run", **{"data.workers": workers, "data.pipeline": "batched"})
+    full_crops: list = []
+    full = _epoch_keys(shards, cfg, 1, crops_out=full_crops, shuffle_buffer=4)
+    steps = len(full[0])
+    assert steps >= 2 and len(full[1]) == steps
+    for start in range(1, steps):
+        crops: list = []
+        resumed = _epoch_keys(shards, cfg, 1, start_batch=start, crops_out=crops, shuffle_buffer=4)
+        assert resumed == [rank[start:] for rank in full]
+        for rank in range(2):
+            for got, want in zip(crops[rank], full_crops[rank][start:], strict=True):
+                assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_resume_skips_and_skipped_samples_are_not_read(images, tmp_path):
+    # the main stream: w0 4, w1 4, w0 4, w1 1, w0 1 (streams of 9 and 5, batch 4)
+    assert [resume_skips([9, 5], 4, done) for done in (0, 3, 4, 8, 11, 12, 13, 14)] == \
+        [[0, 0], [0, 0], [4, 0], [4, 4], [4, 4], [8, 4], [8, 5], [9, 5]]
+    assert resume_skips([0, 6], 4, 5) == [0, 4]  # a worker without shards has no batch
+    shards = _pack(images, tmp_path / "shards", max_samples_per_shard=4)  # 6 shards of 4
+    ds = ShardDataset(shards, rank=0, world_size=1, seed=3, return_key=True, shuffle_buffer=2)
+    whole = [key for _, _, key in ds]
+    first = ds.rank_shards()[0]
+    ds.set_epoch(0, skip_samples=[8])
+    rest = list(ds)
+    assert all(item is rest[0] for item in rest[:8]) and repr(rest[0]) == "Skipped()"
+    assert [key for _, _, key in rest[8:]] == whole[8:]
+    in_first = {key for _, _, key in ShardDataset([first], return_key=True)}
+    assert in_first <= set(whole[:8])  # the buffer of 2 passed the first shard on within the first 8 samples
+    Path(first).write_bytes(b"")  # so it is not read at all: damaged now, it would stop the stream
+    assert [key for _, _, key in list(ds)[8:]] == whole[8:]
     assert sample_index("000123") == 123 and sample_index("a/b.png") == sample_index("a/b.png") > 0
 
 
@@ -118,6 +150,8 @@ def test_two_ranks_train_and_resume_from_shards(images, tmp_path):
     shards = _pack(images, tmp_path / "shards", num_shards=4)
     results = run_distributed(_train_from_shards, 2, str(tmp_path), str(shards))
     assert results[0] == results[1] == [("complete", 6), ("max_steps", 4), ("complete", 6)]
+    # stopped at step 4, inside the second epoch (3 steps each): the resumed run ends bit-identical
+    assert_same_state(final_state(tmp_path / "straight"), final_state(tmp_path / "split"))
     derived = json.loads((tmp_path / "straight" / "derived.json").read_text())
     assert (derived["dataset_size"], derived["samples_per_rank"], derived["steps_per_epoch"]) == (24, 12, 3)
     assert derived["pipeline"] == "batched"
