@@ -240,11 +240,11 @@ def _read_marker(out: Path, fingerprint: dict[str, Any], chunk_rows: int) -> tup
                          if fingerprint.get(k) != marker.get("fingerprint", {}).get(k))
         if changed == ["format"]:
             raise ValueError(
-                f"--output-dir {str(out)!r} holds an extraction made by an earlier version of swav (format "
+                f"{str(out)!r} holds an extraction made by an earlier version of swav (format "
                 f"{marker.get('fingerprint', {}).get('format')}, now {_FORMAT_VERSION}: unreadable images are now "
                 "left out); extract again with --overwrite (Python: overwrite=True)")
         raise ValueError(
-            f"--output-dir {str(out)!r} holds an extraction of a different job (differs in {changed}); "
+            f"{str(out)!r} holds an extraction of a different job (differs in {changed}); "
             "choose another --output-dir, or pass --overwrite (Python: overwrite=True) to start again")
     if marker["chunk_rows"] != chunk_rows:
         logger.info("resuming with the chunk size of the first run (%d rows)", marker["chunk_rows"])

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsWriter", "RateMeter", "format_duration", "progress_bar", "truncate_metrics"]
+__all__ = ["MetricsWriter", "RateMeter", "format_duration", "interactive", "progress_bar", "progress_line",
+           "truncate_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,21 @@ class RateMeter:
         return rate, eta
 
 
+def interactive() -> bool:
+    """Whether a progress bar can redraw itself: stderr is a terminal, or this runs in a Jupyter kernel
+    (whose stderr is not a terminal, but where tqdm draws a notebook widget)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def progress_line(log: logging.Logger, message: str, *args: Any) -> None:
+    """A progress report line: logged at INFO where logging is set up (the ``swav`` command sets it up), else
+    printed on stderr, so that ``progress=True`` in a script whose output goes to a file still reports."""
+    if log.hasHandlers():
+        log.info(message, *args)
+    else:
+        print(time.strftime("%H:%M:%S ") + (message % args if args else message), file=sys.stderr, flush=True)
+
+
 class _LogProgress:
     """What :func:`progress_bar` gives where stderr is not a terminal: a log line every ``interval_s``
     seconds and one at the end, each with the count, the rate and the time left."""
@@ -156,21 +172,22 @@ class _LogProgress:
         done = f"{self.n:,}/{self.total:,} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%)" \
             if self.total else f"{self.n:,} {self.unit}"
         eta = (self.total - self.n) / rate if self.total and rate > 0 else float("nan")
-        logger.info("%s: %s, %.1f %s/s, %s left%s", self.desc, done, rate, self.unit, format_duration(eta),
-                    f"; {self._postfix}" if self._postfix else "")
+        progress_line(logger, "%s: %s, %.1f %s/s, %s left%s", self.desc, done, rate, self.unit,
+                      format_duration(eta), f"; {self._postfix}" if self._postfix else "")
 
 
 def progress_bar(*, total: int | None, unit: str, desc: str, enabled: bool = True, initial: int = 0,
                  interval_s: float = 30.0) -> Any:
-    """A tqdm bar on an interactive terminal; elsewhere (stderr redirected to a file, a cluster job's log)
-    a log line every ``interval_s`` seconds with the count, rate and time left, so that the log holds no
-    carriage-return redraws. ``enabled=False``: neither. Use as a context manager with ``update(n)``.
+    """A tqdm bar on an interactive terminal or in a notebook (:func:`interactive`); elsewhere (stderr
+    redirected to a file, a cluster job's log) a line every ``interval_s`` seconds with the count, rate and
+    time left (:func:`progress_line`), so that the log holds no carriage-return redraws. ``enabled=False``:
+    neither. Use as a context manager with ``update(n)``.
 
     Example:
         >>> with progress_bar(total=10, unit="img", desc="demo", enabled=False) as bar:
         ...     bar.update(10)
     """
-    if enabled and sys.stderr.isatty():
+    if enabled and interactive():
         from tqdm.auto import tqdm
         return tqdm(total=total, initial=initial, unit=unit, desc=desc)
     if enabled:

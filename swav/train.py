@@ -47,7 +47,7 @@ from swav.model import ModelSpec, SwAVModel, build_model
 from swav.output_paths import check_output_folder
 from swav.preemption import StopSignals, exit_code_for_signal
 from swav.pretrain_summary import KnnMonitor
-from swav.run_folder import (RunLock, check_run_folder, clear_run, count_bad_images, holds_run,
+from swav.run_folder import (RunExistsError, RunLock, check_run_folder, clear_run, count_bad_images, holds_run,
                               partial_resume_checkpoint, resume_refusal)
 from swav.schedule import warmup_cosine_schedule
 from swav.train_data import TrainLoader, build_train_loader, data_sizes, resolve_pipeline
@@ -119,10 +119,6 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
             return TrainResult("already_complete", out, int(ckpt["step"]), int(ckpt["epoch"]), found[0])
         if ctx.is_main and existing:  # before anything is said about the run there (another may be training it)
             lock.acquire()  # no second process may train into this folder (issue 8)
-        if continuing and not resume:
-            logger.warning("%s holds an unfinished run of this same config: continuing it from its newest valid "
-                           "checkpoint (pass --overwrite to start again instead)", out)
-        resume = continuing
         _barrier()
         replace = overwrite and existing
         # a new run, or one replacing another, writes nothing until its data, model and crops are known to work:
@@ -138,6 +134,11 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
             nonlocal log_handler, early_log
             if ctx.is_main:
                 lock.acquire()  # a no-op when held already
+                if not existing and holds_run(out):  # another process started (and left) a run here meanwhile
+                    raise RunExistsError(f"output folder {str(out)!r} received a run from another process while this "
+                                         "one was loading its data and model; nothing of it was changed. Pass "
+                                         "--resume to continue it, --overwrite to replace it, or choose another "
+                                         "--output-dir")
                 if replace:
                     logger.warning("--overwrite: removed %s from %s", ", ".join(clear_run(out)), out)
                 out.mkdir(parents=True, exist_ok=True)
@@ -152,8 +153,12 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
             _barrier()
 
         if not deferred:
-            prepare_folder()
-        if resume and found is None:
+            prepare_folder()  # train.log is open from here on: the lines below reach it
+        if ctx.is_main and continuing and not resume:
+            logger.warning("%s holds an unfinished run of this same config: %s (pass --overwrite to start again "
+                           "instead)", out, "continuing it from its newest valid checkpoint" if found is not None
+                           else "it has no checkpoint yet, so it starts from scratch")
+        elif ctx.is_main and resume and found is None:
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", out)
         with StopSignals() as stop:
             result = _fit(config, ctx, out, found, dataset, model_builder, stop, partial,

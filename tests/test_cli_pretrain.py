@@ -90,11 +90,14 @@ def test_fashion_mnist_slice_with_knn_summary(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message,status", [
-    (["--set", "optim.base_lrr=0.1"], "did you mean 'optim.base_lr'", 1),
-    (["--nmb_crops", "2", "6", "--size_crops", "224"], "crops.sizes=[224] has 1 entries but crops.counts=[2, 6]", 1),
-    (["--recipe", "swav_100epochs"], "Did you mean swav_100ep", 1),
+    # errors of the job (exit status 1): the data cannot be found
     (["--data", "/no/such/folder", "--epochs", "10"], "/no/such/folder", 1),
-    # usage errors (exit status 2): a flag that cannot work as given
+    # usage errors (exit status 2): a flag, --set value, recipe or config that cannot work as given
+    (["--set", "optim.base_lrr=0.1"], "did you mean 'optim.base_lr'", 2),
+    (["--nmb_crops", "2", "6", "--size_crops", "224"], "crops.sizes=[224] has 1 entries but crops.counts=[2, 6]", 2),
+    (["--recipe", "swav_100epochs"], "Did you mean swav_100ep", 2),
+    (["--epochs", "0"], "optim.epochs=0 is invalid", 2),
+    (["--set", "run.device=cuda:99"], "--device cuda:99 but", 2),
     (["--resume"], "holds no run (no config.yaml or checkpoints): check the path", 2),
     (["--config", "/no/such.yaml"], "--config '/no/such.yaml' does not exist", 2),
     (["--partial", "--data", "fashion-mnist"], "--partial applies with --resume only", 2),
@@ -127,7 +130,7 @@ def test_set_is_applied_with_the_flags_before_validation(capsys):
                               "crops.max_scales=[1,0.3]", "--print-config")
     assert code == 0 and "- 32" in stdout
     code, _, err = run_cli(capsys, "pretrain", "--data", "/some/folder", "--epochs", "2", "--print-config")
-    assert code == 1 and "optim.warmup_epochs" in err  # still validated
+    assert code == 2 and "optim.warmup_epochs" in err  # still validated (a usage error)
 
 
 def test_resume_with_an_unexpanded_home_output_dir_uses_the_runs_config(tmp_path, monkeypatch):

@@ -33,3 +33,19 @@ def test_log_progress_is_quiet_between_intervals_and_when_disabled(caplog):
     assert len(lines) == 2 and lines[0].startswith("features: 10/10 img (100%)")  # only the closing line
     assert lines[1].startswith("unknown: 7 img, ") and lines[1].endswith("? left")  # no total: no time left
     assert format_duration(float("nan")) == "?"
+
+
+def test_without_logging_set_up_progress_lines_go_to_stderr(capsys, monkeypatch):
+    # a script calling swav with progress=True and its output in a file: nothing handles the logger, so the
+    # lines are printed rather than lost
+    import swav.metrics as metrics
+
+    class NoHandlers(logging.Logger):
+        def hasHandlers(self):  # noqa: N802 - the logging API's name
+            return False
+
+    monkeypatch.setattr(metrics, "logger", NoHandlers("swav.metrics.test"))
+    with progress_bar(total=4, unit="img", desc="features", interval_s=0.0) as bar:
+        bar.update(4)
+    err = capsys.readouterr().err
+    assert "features: 4/4 img (100%)" in err and err.count("\n") == 2

@@ -82,6 +82,7 @@ def test_kill9_between_checkpoints_then_the_same_command_resumes_by_itself(tmp_p
     code, text = run_cli(capsys, argv(idx_data, out))  # the same command again, no flag
     assert code == 0, text
     assert "holds an unfinished run of this same config" in text
+    assert "holds an unfinished run of this same config: continuing it" in (out / "train.log").read_text()
     assert f"resumed from {step_checkpoint_path(out, 5)} at step 5" in text
     assert_matches_reference(out, reference)
 

@@ -197,6 +197,18 @@ def test_a_failed_first_start_leaves_no_config_that_refuses_the_corrected_comman
     with pytest.raises(FileNotFoundError):
         train(with_values(cfg, {"data.path": str(tmp_path / "no-such-folder")}), model_builder=tiny_model)
     assert not (tmp_path / "run").exists()  # no config.yaml, lock file or log of a run that never started
+    # a run that appears in the folder while this start loads its data and model (another process) is
+    # left alone: the folder is checked again once the lock is held
+    def another_run_appears(spec):
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "config.yaml").write_text("theirs")
+        return tiny_model(spec)
+
+    with pytest.raises(RunExistsError, match="received a run from another process"):
+        train(cfg, model_builder=another_run_appears)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".swav.lock", "config.yaml"]
+    assert (tmp_path / "run" / "config.yaml").read_text() == "theirs"
+    (tmp_path / "run" / "config.yaml").unlink()
     assert train(cfg, model_builder=tiny_model).status == "complete"
     log = (tmp_path / "run" / "train.log").read_text()
     assert "derived values" in log and "training" in log  # the lines logged before the folder was written

@@ -5,8 +5,9 @@ parser and sets ``func`` (``func(args) -> int`` exit status). A subcommand modul
 is skipped; one that fails to import (a missing optional dependency) still appears and explains why.
 Errors raised by swav itself (``ValueError``, ``OSError``, and swav's own exception classes) are
 printed on stderr without a traceback, with exit status 1; anything else is a bug and keeps its
-traceback. Usage errors (argparse's own, and :class:`swav.usage.UsageError`: a flag's value, flags that
-exclude each other, a path on the command line that does not exist) exit with 2, Ctrl-C with 130. The commands that run a model on a
+traceback. Usage errors (argparse's own, and :class:`swav.usage.UsageError`: a flag's or ``--set`` value,
+flags that exclude each other, a ``--config``/``--subset-file``/``--resume`` path that does not exist) exit
+with 2, Ctrl-C with 130. The commands that run a model on a
 ``--device`` (evaluation, extract, cluster) have it checked before any work (:func:`check_device`).
 
 Example:

@@ -215,9 +215,9 @@ def _check_args(command: str, args: argparse.Namespace) -> None:
             at_least("milestones", milestone, 1)
         late = [m for m in args.milestones or [] if m >= args.epochs]
         if late:  # epochs are counted from 0: a decay at epoch >= --epochs never happens
-            raise UsageError(f"--milestones {' '.join(map(str, late))}: at or after the last epoch of --epochs "
-                             f"{args.epochs} (epochs count from 0), so the learning rate would never decay there; "
-                             f"give milestones below {args.epochs}")
+            raise UsageError(f"--milestones {' '.join(map(str, late))}: at or after --epochs {args.epochs} (epochs "
+                             f"count from 0, so the last is {args.epochs - 1}): the learning rate would never decay "
+                             f"there; give milestones below {args.epochs}")
         if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
             raise UsageError(f"--label-fraction: must be in (0, 1], e.g. 0.01 for 1% of the labels, "
                              f"got {args.label_fraction:g}")

@@ -76,7 +76,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
-    """The config the command line describes, and whether this is the demo run."""
+    """The config the command line describes, and whether this is the demo run.
+
+    Anything wrong with it (a flag's or ``--set`` value, a recipe name, a ``--config`` file, crop lists that
+    do not match, a CUDA device this machine lacks) is a :class:`~swav.usage.UsageError` (exit status 2).
+    """
+    from swav.cli import check_device
+
+    try:
+        config, demo = _resolve_config(args)
+        check_device(config.run.device)
+    except UsageError:
+        raise
+    except ValueError as exc:  # config validation: the command line's values cannot work as given
+        raise UsageError(str(exc)) from exc
+    return config, demo
+
+
+def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     from swav.recipes import load_recipe
 
     if args.partial and not args.resume:  # only a resumed run loads a checkpoint

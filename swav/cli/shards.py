@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Pack the shards; return the exit status (2 on a bad source or argument)."""
+    """Pack the shards; return the exit status (1 on an error, 2 on a usage error)."""
     from swav.datasets import build_dataset
     from swav.output_paths import check_output_folder
     from swav.shards import ShardDataset, write_shards
@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
                              max_bytes=args.max_bytes, num_shards=args.num_shards,
                              verify=not args.no_verify)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        print(f"swav pack-shards: {exc}", file=sys.stderr)
-        return 2
+        from swav.cli import error_status
+        print(f"swav pack-shards: error: {exc}", file=sys.stderr)
+        return error_status(exc)
     print(f"wrote {len(paths)} shards to {args.out} (index: shards.json)")
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from swav.metrics import format_duration
+from swav.metrics import format_duration, interactive, progress_line
 
 __all__ = ["ClassifierResult", "cosine_epoch_factor", "multistep_epoch_factor", "run_epochs"]
 
@@ -90,6 +89,10 @@ def multistep_epoch_factor(epoch: int, milestones: Sequence[int], gamma: float) 
     return gamma ** sum(epoch >= m for m in milestones)
 
 
+def _log_info(log: logging.Logger, message: str, *args: Any) -> None:
+    log.info(message, *args)
+
+
 def run_epochs(
     optimizer: torch.optim.Optimizer | Any,
     *,
@@ -123,7 +126,7 @@ def run_epochs(
     start = time.perf_counter()
     # a bar on an interactive terminal only: the log line of each epoch (with the time left) is the progress
     # report in a redirected log, which a bar would fill with carriage-return redraws
-    with tqdm(range(epochs), desc=desc, unit="epoch", disable=not (progress and sys.stderr.isatty())) as bar:
+    with tqdm(range(epochs), desc=desc, unit="epoch", disable=not (progress and interactive())) as bar:
         for epoch in bar:
             factor = lr_factor(epoch)
             for group, base in zip(optimizer.param_groups, base_lrs):
@@ -141,7 +144,8 @@ def run_epochs(
             history.append(record)
             bar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{record['top1']:.2f}")
             elapsed = time.perf_counter() - start
-            logger.info(
+            (progress_line if progress and not interactive() else _log_info)(
+                logger,
                 "epoch %d/%d lr %.4g train loss %.4f test top1 %.2f top5 %.2f (%s per epoch, %s left)",
                 epoch + 1,
                 epochs,

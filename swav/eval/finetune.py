@@ -116,6 +116,10 @@ def finetune(
     """
     device = torch.device(device)
     milestones = tuple(milestones) if milestones is not None else scaled_milestones(epochs)
+    late = [m for m in milestones if not 1 <= m < epochs]
+    if late:
+        raise ValueError(f"milestones {late}: must lie in 1..{epochs - 1} for epochs={epochs} (epochs count from 0, "
+                         "and a decay at or after the last one never happens)")
     classifier.to(device)
     head_params = list(classifier.head.parameters())
     head_ids = {id(p) for p in head_params}

@@ -258,7 +258,7 @@ def test_run_folder_as_checkpoint_points_at_its_model(data, run_folder, tmp_path
     ("eval-linear", ["--standardize", "--mode", "full"], "--standardize: applies to --mode fast only"),
     ("finetune", ["--epochs", "0"], "--epochs: must be >= 1, got 0"),
     ("finetune", ["--label-fraction", "1.5"], "--label-fraction: must be in (0, 1]"),
-    ("finetune", ["--epochs", "2", "--milestones", "1", "2"], "--milestones 2: at or after the last epoch"),
+    ("finetune", ["--epochs", "2", "--milestones", "1", "2"], "--milestones 2: at or after --epochs 2 (epochs count from 0, so the last is 1)"),
     ("eval-knn", ["--workers", "-1"], "--workers: must be >= 0, got -1"),
     ("eval-linear", ["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
 ])
