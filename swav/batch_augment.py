@@ -52,10 +52,10 @@ ImageSource = Image.Image | torch.Tensor | bytes | str | os.PathLike
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
-def decode_image_source(source: ImageSource, channels: int) -> torch.Tensor:
+def decode_image_source(source: ImageSource, channels: int, bit_depth: int | None = None) -> torch.Tensor:
     """Path, bytes, PIL image or uint8 tensor -> uint8 ``(channels, H, W)``; JPEG via libjpeg-turbo (rotated by
-    its EXIF orientation), other encoded files by :func:`swav.images.load_image`, so that both give what the
-    data sets give.
+    its EXIF orientation), other encoded files by :func:`swav.images.load_image` (with ``bit_depth`` for 16-bit
+    files), so that both give what the data sets give.
 
     >>> decode_image_source(torch.zeros(3, 4, 5, dtype=torch.uint8), 1).shape
     torch.Size([1, 4, 5])
@@ -79,7 +79,7 @@ def decode_image_source(source: ImageSource, channels: int) -> torch.Tensor:
                 return apply_orientation(decoded, orientation)
         # every other file as the data sets decode it (transparency on white, 16-bit scaled, and only the formats
         # of swav.images.IMAGE_FORMATS: TGA, ICO, JPEG 2000, ... are refused)
-        return TF.pil_to_tensor(load_image(bytes(source), channels=channels, name=name))
+        return TF.pil_to_tensor(load_image(bytes(source), channels=channels, name=name, bit_depth=bit_depth))
     return to_uint8_image(source, channels)
 
 
@@ -99,6 +99,7 @@ class MultiCropCropper:
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is invalid: expected 1 or 3")
         self.channels = channels
+        self.bit_depth: int | None = None  # of 16-bit files given as paths or bytes (swav.images.load_image)
         self.seed = seed
         self.epoch = 0
         self._calls = 0
@@ -114,7 +115,7 @@ class MultiCropCropper:
                 for g in self.groups for _ in range(g.count)]
 
     def __call__(self, image: ImageSource, index: int | None = None) -> list[torch.Tensor]:
-        source = decode_image_source(image, self.channels)
+        source = decode_image_source(image, self.channels, self.bit_depth)
         self._calls += 1
         generator = crop_generator(self.seed, self.epoch, index, self._calls - 1)
         boxes = self.sample_boxes(source.shape[-2], source.shape[-1], generator)

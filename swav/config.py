@@ -69,6 +69,9 @@ class DataConfig:
     limit: int = 0  # use only the first N images (0 = all); for tests and quick checks
     download: bool = False  # allow torchvision to download a named data set
     max_bad_fraction: float = 0.01  # abort when more of the images are unreadable
+    # bits per sample of 16-bit grey image files (8..16): 12 for 12-bit medical or camera data stored in 16-bit
+    # PNG/TIFF, so that 0..4095 becomes 0..255 (larger values clipped); null = full 16-bit (0..65535)
+    bit_depth: int | None = None
     mean: tuple[float, ...] | None = None  # normalisation; None = ImageNet (RGB) or 0.5 (grey)
     std: tuple[float, ...] | None = None
 
@@ -81,6 +84,8 @@ class DataConfig:
                    value, "an integer >= 0" + (" or null (auto)" if key == "prefetch_batches" else ""))
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", self.max_bad_fraction,
                "a fraction in [0, 1]")
+        _check(self.bit_depth is None or 8 <= self.bit_depth <= 16, "data.bit_depth", self.bit_depth,
+               "an integer 8..16 (bits per sample of 16-bit image files, e.g. 12) or null (full 16-bit)")
         for key in ("mean", "std"):
             values = getattr(self, key)
             _check(values is None or len(values) == self.channels, f"data.{key}", values,

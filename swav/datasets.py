@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from swav.images import BadImageTracker, ImageDecodeError, TooManyBadImagesError, load_image
+from swav.images import BadImageTracker, ImageDecodeError, TooManyBadImagesError, check_bit_depth, load_image
 
 __all__ = [
     "IMAGE_EXTENSIONS", "TooManyBadImagesError", "BadImageTracker", "list_image_files",
@@ -118,6 +118,7 @@ class ImageFolderDataset(Dataset):
         *,
         min_bad_count: int = 10,
         max_pixels: int | None = None,
+        bit_depth: int | None = None,
     ) -> None:
         root = os.path.expanduser(os.fspath(root))
         if not os.path.exists(root):
@@ -138,6 +139,7 @@ class ImageFolderDataset(Dataset):
         self.transform = transform
         self.channels = channels
         self.max_pixels = max_pixels
+        self.bit_depth = check_bit_depth(bit_depth)
         self.classes = _class_folders(root)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
@@ -167,7 +169,8 @@ class ImageFolderDataset(Dataset):
                 continue
             path, label = self.samples[i]
             try:
-                image = load_image(path, channels=self.channels, max_pixels=self.max_pixels)
+                image = load_image(path, channels=self.channels, max_pixels=self.max_pixels,
+                                   bit_depth=self.bit_depth)
             except ImageDecodeError as exc:
                 self._known_bad.add(i)
                 self.tracker.record_bad(path, exc.reason)
@@ -485,6 +488,7 @@ def build_dataset(
     max_bad_fraction: float = 0.01,
     bad_list_path: str | os.PathLike | None = None,
     shard_options: Mapping[str, Any] | None = None,
+    bit_depth: int | None = None,
 ) -> Dataset:
     """Turn a ``--data`` string into a dataset.
 
@@ -498,6 +502,8 @@ def build_dataset(
     named after the split (``train``; ``test``/``val``/``validation``) is used when present; a
     folder without one serves ``split='train'`` only. ``channels=None`` keeps the data's own
     (1 for IDX, 3 otherwise). ``shard_options`` go to :class:`swav.shards.ShardDataset`.
+    ``bit_depth``: bits per sample of 16-bit image files (see :func:`swav.images.load_image`; image
+    folders and shards).
 
     Example:
         >>> ds = build_dataset("fashion-mnist", split="test")   # doctest: +SKIP
@@ -508,7 +514,8 @@ def build_dataset(
         raise ValueError(f"build_dataset: split must be one of {sorted(_SPLIT_FOLDERS)}, "
                          f"got {split!r}")
     spec = os.fspath(spec)
-    shard_opts = {"max_bad_fraction": max_bad_fraction, "bad_list_path": bad_list_path,
+    check_bit_depth(bit_depth)
+    shard_opts = {"max_bad_fraction": max_bad_fraction, "bad_list_path": bad_list_path, "bit_depth": bit_depth,
                   **(shard_options or {})}
     if spec.startswith("shards:"):
         return _from_detected(("shards", spec[len("shards:"):]), split, transform, channels,
@@ -526,15 +533,15 @@ def build_dataset(
                     logger.info("using the %r split folder %s", split, os.path.join(path, sub))
                     return build_dataset(os.path.join(path, sub), split="train",
                                          transform=transform, channels=channels,
-                                         max_bad_fraction=max_bad_fraction,
-                                         bad_list_path=bad_list_path, shard_options=shard_options)
+                                         max_bad_fraction=max_bad_fraction, bad_list_path=bad_list_path,
+                                         shard_options=shard_options, bit_depth=bit_depth)
             if split != "train":
                 raise FileNotFoundError(
                     f"build_dataset: no {split!r} split under {path!r} (looked for sub-folders "
                     f"{', '.join(_SPLIT_FOLDERS[split])}); pass the split's folder directly")
             return ImageFolderDataset(path, transform, channels or 3,
                                       max_bad_fraction=max_bad_fraction,
-                                      bad_list_path=bad_list_path)
+                                      bad_list_path=bad_list_path, bit_depth=bit_depth)
         raise ValueError(f"build_dataset: {path!r} is a file but not a .tar shard or a CIFAR "
                          "archive; expected a folder, shards or a data set name")
     name = _ALIASES.get(spec.lower(), spec.lower())

@@ -210,11 +210,13 @@ class DeviceMultiCrop:
     """
 
     def __init__(self, groups: Sequence[CropGroup], *, channels: int = 3, seed: int | None = None,
-                 device: torch.device | str = "cpu", tracker: BadImageTracker | None = None) -> None:
+                 device: torch.device | str = "cpu", tracker: BadImageTracker | None = None,
+                 bit_depth: int | None = None) -> None:
         self.tracker = tracker  # None: a file that cannot be decoded is an error; else skipped and recorded
         self.groups = check_groups(groups)
         self.cropper = MultiCropCropper(self.groups, channels=channels, seed=seed)
         self.channels = channels
+        self.bit_depth = bit_depth  # of 16-bit files (decoded on the CPU), as swav.images.load_image
         self.seed = seed
         self.device = torch.device(device)
         self.device_decode = decode_jpeg is not None
@@ -275,7 +277,8 @@ class DeviceMultiCrop:
             self.cpu_decoded += 1
             label = names[i] if names is not None else f"image {i} of the batch"
             try:
-                pil = load_image(bytes(encoded[i].numpy()), channels=self.channels, name=label)
+                pil = load_image(bytes(encoded[i].numpy()), channels=self.channels, name=label,
+                                 bit_depth=self.bit_depth)
             except ImageDecodeError as exc:
                 if self.tracker is None:
                     shown = repr(names[i]) if names is not None else label

@@ -592,6 +592,7 @@ def extract_job(
     workers: int = 0, amp_dtype: torch.dtype | None = None, limit: int | None = None,
     chunk_rows: int | None = None, write_safetensors: bool = False, overwrite: bool = False,
     strict: bool = True, progress: bool = True, check_model: Callable[[SwAVModel], None] | None = None,
+    bit_depth: int | None = None,
 ) -> Path:
     """What ``swav extract`` does: load any file :func:`swav.load_pretrained` reads, build the
     data set (``--data`` forms of :func:`swav.datasets.build_dataset`) with the evaluation
@@ -603,7 +604,7 @@ def extract_job(
         >>> extract_job("run/checkpoint.pt", "fashion-mnist", "feats/", split="test")  # doctest: +SKIP
     """
     from swav.datasets import build_dataset
-    from swav.eval.transforms import transforms_for_checkpoint
+    from swav.eval.transforms import pretraining_bit_depth, transforms_for_checkpoint
     from swav.pretrained import load_pretrained
 
     check_output_dir(output_dir)
@@ -615,17 +616,20 @@ def extract_job(
     spec = model.spec
     # normalised and sized as in pretraining (its stored config), like the evaluation commands
     _, test_transform = transforms_for_checkpoint(checkpoint, spec)
-    dataset = build_dataset(data, split=split, transform=test_transform, channels=spec.in_channels)
+    bit_depth = pretraining_bit_depth(checkpoint, bit_depth)  # 16-bit files read as in pretraining
+    dataset = build_dataset(data, split=split, transform=test_transform, channels=spec.in_channels,
+                            bit_depth=bit_depth)
     # absolute where it is a path, so that `swav report` (run from another folder) finds the images again
     expanded = os.path.expanduser(os.fspath(data))
     where = os.path.abspath(expanded) if os.path.exists(expanded) else os.fspath(data)
     metadata = {"checkpoint": os.path.abspath(os.path.expanduser(os.fspath(checkpoint))), "data": where, "split": split,
-                "channels": spec.in_channels, "model_spec": spec.to_dict(), "limit": limit,
+                "channels": spec.in_channels, "bit_depth": bit_depth, "model_spec": spec.to_dict(), "limit": limit,
                 # model tensors that were not in the checkpoint (--partial), initialised at random
                 "freshly_initialised": list(getattr(model, "freshly_initialised", []))}
     return extract_to_dir(model, dataset, output_dir, what=what, batch_size=batch_size, chunk_rows=chunk_rows,
                           device=device, workers=workers, amp_dtype=amp_dtype, limit=limit,
-                          write_safetensors=write_safetensors, source=f"{os.fspath(data)}:{split}",
+                          write_safetensors=write_safetensors,
+                          source=f"{os.fspath(data)}:{split}" + (f":bit_depth={bit_depth}" if bit_depth else ""),
                           metadata=metadata, overwrite=overwrite, progress=progress)
 
 
@@ -642,5 +646,6 @@ def open_source_dataset(meta: dict[str, Any]) -> Dataset | None:
         return None
     from swav.datasets import build_dataset
 
-    dataset = build_dataset(meta["data"], split=meta.get("split", "train"), channels=meta.get("channels"))
+    dataset = build_dataset(meta["data"], split=meta.get("split", "train"), channels=meta.get("channels"),
+                            bit_depth=meta.get("bit_depth"))
     return align_to_extraction(dataset, meta)

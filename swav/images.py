@@ -51,7 +51,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "ImageDecodeError", "load_image", "default_max_pixels", "ImageSource",
-    "TooManyBadImagesError", "BadImageTracker", "IMAGE_FORMATS", "apply_orientation", "exif_orientation",
+    "TooManyBadImagesError", "BadImageTracker", "IMAGE_FORMATS", "apply_orientation", "check_bit_depth",
+    "exif_orientation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -178,18 +179,34 @@ def _apply_exif_orientation(img: Image.Image, label: str) -> Image.Image:
         return img
 
 
-def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
-    """Scale 16-bit / 32-bit / float grey images to 8 bits (scaled, never clipped).
+def check_bit_depth(bit_depth: int | None) -> int | None:
+    """``bit_depth`` if it is None or an integer 8..16, else a ``ValueError`` naming the setting."""
+    if bit_depth is not None and (isinstance(bit_depth, bool) or not isinstance(bit_depth, int)
+                                  or not 8 <= bit_depth <= 16):
+        raise ValueError(f"data.bit_depth={bit_depth!r} is invalid: expected the bits per sample of 16-bit image "
+                         "files, 8..16 (12 for most medical and many scientific cameras), or null for full 16-bit")
+    return bit_depth
 
-    ``I;16*`` (16-bit PNG/TIFF) maps 0..65535 to 0..255 (x / 257, rounded). Mode ``I`` is treated
-    the same when its values lie in 0..65535 (older Pillow versions report 16-bit PNGs as ``I``);
-    otherwise, and for ``F``, the image's own min..max range is stretched to 0..255 (a float image
-    already in 0..1 is multiplied by 255).
+
+def _high_bit_depth_to_l(img: Image.Image, bit_depth: int | None = None) -> Image.Image:
+    """Scale 16-bit / 32-bit / float grey images to 8 bits (scaled, never clipped unless ``bit_depth`` says so).
+
+    ``I;16*`` (16-bit PNG/TIFF) maps 0..65535 to 0..255 (x / 257, rounded); with ``bit_depth`` b (data
+    of b bits stored in 16-bit files: 12-bit medical images, 10/12/14-bit sensors) 0..2^b-1 maps to
+    0..255 and larger values are clipped (with a warning). Mode ``I`` is treated the same when its values
+    lie in 0..65535 (older Pillow versions report 16-bit PNGs as ``I``); otherwise, and for ``F``, the
+    image's own min..max range is stretched to 0..255 (a float image already in 0..1 is multiplied by 255).
     """
     arr = np.asarray(img)
     if img.mode.startswith("I;16") or (img.mode == "I" and arr.min() >= 0 and arr.max() <= 65535):
-        _warn_if_low_bit_depth(int(arr.max()) if arr.size else 0)
-        out = (arr.astype(np.uint32) * 255 + 32767) // 65535
+        maximum = int(arr.max()) if arr.size else 0
+        if bit_depth is None:
+            _warn_if_low_bit_depth(maximum)
+            top = 65535
+        else:
+            top = (1 << bit_depth) - 1
+            _warn_if_clipped(maximum, bit_depth)
+        out = (np.minimum(arr.astype(np.uint32), top) * 255 + top // 2) // top
     else:
         arr = arr.astype(np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -201,6 +218,17 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
 
 
 _low_bit_depth_warned = False
+_clipped_warned = False
+
+
+def _warn_if_clipped(maximum: int, bit_depth: int) -> None:
+    """Once per process: a value above what ``bit_depth`` bits hold is clipped (the setting may be too low)."""
+    global _clipped_warned
+    if maximum >= 1 << bit_depth and not _clipped_warned:
+        _clipped_warned = True
+        logger.warning("a 16-bit image holds values up to %d, above the %d of data.bit_depth=%d: those are clipped "
+                       "to white; raise data.bit_depth (16 or null for full 16-bit data) if they are real",
+                       maximum, (1 << bit_depth) - 1, bit_depth)
 
 
 def _warn_if_low_bit_depth(maximum: int) -> None:
@@ -210,19 +238,20 @@ def _warn_if_low_bit_depth(maximum: int) -> None:
     if 0 < maximum < 4096 and not _low_bit_depth_warned:
         _low_bit_depth_warned = True
         logger.warning("a 16-bit image holds values up to %d only (12-bit or lower data?): scaled to 8 bits as "
-                       "16-bit data (x / 257) it is nearly black (at most %d of 255). Convert such images to "
-                       "8 bits with the windowing your data needs before training (e.g. x * 255 / 4095 for "
-                       "12-bit data)", maximum, (maximum * 255 + 32767) // 65535)
+                       "16-bit data (x / 257) it is nearly black (at most %d of 255). Set data.bit_depth to "
+                       "the data's bits per sample (--set data.bit_depth=12 for 12-bit data: 0..4095 becomes "
+                       "0..255), or convert the images to 8 bits with the windowing your data needs",
+                       maximum, (maximum * 255 + 32767) // 65535)
 
 
 def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info
 
 
-def _to_8bit(img: Image.Image, channels: int) -> Image.Image:
+def _to_8bit(img: Image.Image, channels: int, bit_depth: int | None = None) -> Image.Image:
     """Convert any decoded mode to 8-bit RGB (channels=3) or L (channels=1)."""
     if img.mode.startswith("I") or img.mode == "F":
-        img = _high_bit_depth_to_l(img)
+        img = _high_bit_depth_to_l(img, bit_depth)
     if _has_alpha(img):
         # Composite on white: transparent regions of logos/icons become white, not black.
         rgba = img.convert("RGBA")
@@ -243,6 +272,7 @@ def load_image(
     channels: int = 3,
     max_pixels: int | None = None,
     name: str | None = None,
+    bit_depth: int | None = None,
 ) -> Image.Image:
     """Decode one image fully into an 8-bit ``RGB`` (``channels=3``) or ``L`` (``channels=1``).
 
@@ -257,6 +287,9 @@ def load_image(
             above its own global threshold on open; to allow bigger ones the application must
             raise ``PIL.Image.MAX_IMAGE_PIXELS`` itself (we never change globals).
         name: label used in error messages when ``source`` is bytes.
+        bit_depth: bits per sample of 16-bit grey files (8..16; e.g. 12 for 12-bit data stored in 16-bit
+            PNG/TIFF, so that 0..4095 becomes 0..255); None scales the full 0..65535. 8-bit files and
+            colour images are not affected.
 
     Raises:
         ImageDecodeError: empty, unreadable, not an image, too large, truncated or corrupt.
@@ -274,12 +307,13 @@ def load_image(
         raise ValueError(f"load_image: channels must be 1 or 3, got {channels!r}")
     if max_pixels is not None and max_pixels < 0:
         raise ValueError(f"load_image: max_pixels must be >= 0 (0 = no limit), got {max_pixels!r}")
+    check_bit_depth(bit_depth)
     limit = default_max_pixels() if max_pixels is None else max_pixels
     data, label = _read_source(source, name)
     img = _open_checked(data, label, limit)
     img = _apply_exif_orientation(img, label)
     try:
-        return _to_8bit(img, channels)
+        return _to_8bit(img, channels, bit_depth)
     except _DECODER_ERRORS as exc:
         raise ImageDecodeError(label, f"cannot convert mode {img.mode} ({exc})", "corrupt") from exc
 

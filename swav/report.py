@@ -159,7 +159,7 @@ def _image_loader(meta: dict[str, Any], dataset: Any) -> Callable[[int, str], An
         from swav.images import ImageDecodeError, load_image
 
         try:
-            return load_image(path, channels=3) if os.path.isfile(path) else None
+            return load_image(path, channels=3, bit_depth=meta.get("bit_depth")) if os.path.isfile(path) else None
         except ImageDecodeError as exc:
             logger.warning("skipping unreadable image %s: %s", path, exc)
             return None

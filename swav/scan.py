@@ -23,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
+from PIL import Image
+
 from swav.datasets import IMAGE_EXTENSIONS, list_image_files
 from swav.images import ImageDecodeError, load_image
 
@@ -49,6 +52,16 @@ class ScanReport:
     widths: list[int] = field(default_factory=list, repr=False)
     heights: list[int] = field(default_factory=list, repr=False)
     seconds: float = 0.0
+    high_bit_files: int = 0  # readable 16-bit (or 32-bit / float) grey files
+    high_bit_max: int = 0  # the largest value in the 16-bit ones
+
+    @property
+    def suggested_bit_depth(self) -> int | None:
+        """Bits that hold every value of the 16-bit files when fewer than 16 (``data.bit_depth``), else None."""
+        if not self.high_bit_files or self.high_bit_max <= 0:
+            return None
+        bits = max(8, int(self.high_bit_max).bit_length())
+        return bits if bits < 16 else None
 
     @property
     def bad_by_kind(self) -> dict[str, int]:
@@ -74,15 +87,29 @@ class ScanReport:
         return {"root": self.root, "total": self.total, "ok": self.ok,
                 "bad_count": len(self.bad), "bad_fraction": self.bad_fraction,
                 "bad_by_kind": self.bad_by_kind, "bad": [asdict(b) for b in self.bad],
-                "sizes": self.size_stats(), "seconds": self.seconds}
+                "sizes": self.size_stats(), "seconds": self.seconds, "high_bit_files": self.high_bit_files,
+                "high_bit_max": self.high_bit_max, "suggested_bit_depth": self.suggested_bit_depth}
 
 
-def _check(path: str, channels: int, max_pixels: int | None) -> tuple[int, int] | BadFile:
+def _check(path: str, channels: int, max_pixels: int | None) -> tuple[int, int, int] | BadFile:
+    """``(width, height, largest value)`` of a readable file (the value for 16-bit grey files, else -1)."""
     try:
         image = load_image(path, channels=channels, max_pixels=max_pixels)
     except ImageDecodeError as exc:
         return BadFile(path, exc.kind, exc.reason)
-    return image.size
+    return (*image.size, _high_bit_maximum(path))
+
+
+def _high_bit_maximum(path: str) -> int:
+    """The largest value of a 16-bit grey file (decoded a second time, for those only), else -1."""
+    try:
+        with Image.open(path) as opened:  # the header tells the mode
+            if not (opened.mode.startswith("I;16") or opened.mode == "I"):
+                return -1
+            values = np.asarray(opened)
+    except (OSError, ValueError):  # load_image read it: a second read failing is not the file's fault
+        return -1
+    return int(values.max()) if values.size and 0 <= values.min() and values.max() <= 65535 else -1
 
 
 def scan_folder(
@@ -123,6 +150,9 @@ def scan_folder(
                 report.ok += 1
                 report.widths.append(result[0])
                 report.heights.append(result[1])
+                if result[2] >= 0:
+                    report.high_bit_files += 1
+                    report.high_bit_max = max(report.high_bit_max, result[2])
     report.seconds = time.perf_counter() - start
     return report
 
@@ -142,6 +172,11 @@ def format_report(report: ScanReport, max_listed: int = 50) -> str:
         w, h = stats["width"], stats["height"]
         lines.append(f"  width  min {w['min']}, median {w['median']:g}, max {w['max']}")
         lines.append(f"  height min {h['min']}, median {h['median']:g}, max {h['max']}")
+    if report.high_bit_files:
+        bits = report.suggested_bit_depth
+        lines.append(f"  16-bit files: {report.high_bit_files}, values up to {report.high_bit_max}"
+                     + (f": {bits}-bit data? Train with --set data.bit_depth={bits} (else they are scaled as "
+                        f"16-bit data and come out nearly black)" if bits else " (full 16-bit range)"))
     if report.bad:
         lines.append("unreadable files:")
         for item in report.bad[:max_listed]:

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from swav.images import BadImageTracker, ImageDecodeError, load_image
+from swav.images import BadImageTracker, ImageDecodeError, check_bit_depth, load_image
 
 __all__ = ["write_shards", "ShardDataset", "Skipped", "expand_shards", "looks_like_shards", "INDEX_NAME"]
 
@@ -263,7 +263,7 @@ class ShardDataset(IterableDataset):
         start_shard: shards of the current epoch's permutation to skip (resume at a boundary).
             :meth:`set_epoch` can instead skip an exact number of samples of each worker's stream.
         return_key: yield ``(image, label, relative path)`` instead.
-        max_bad_fraction, min_bad_count, bad_list_path, max_pixels: as in
+        max_bad_fraction, min_bad_count, bad_list_path, max_pixels, bit_depth: as in
             :class:`swav.images.BadImageTracker` / :func:`swav.images.load_image`; an unreadable
             sample is skipped.
 
@@ -293,6 +293,7 @@ class ShardDataset(IterableDataset):
         min_bad_count: int = 10,
         bad_list_path: str | os.PathLike | None = None,
         max_pixels: int | None = None,
+        bit_depth: int | None = None,
     ) -> None:
         self.urls, self.counts = expand_shards(shards)
         if not self.urls:
@@ -312,6 +313,7 @@ class ShardDataset(IterableDataset):
         self._explicit = (rank, world_size) if rank is not None else None
         self._ranks = self._explicit or _default_ranks() or (0, 1)
         self.transform, self.channels, self.max_pixels = transform, channels, max_pixels
+        self.bit_depth = check_bit_depth(bit_depth)
         self.seed, self.shuffle_buffer, self.shuffle_shards = seed, shuffle_buffer, shuffle_shards
         self.return_key = return_key
         self.tracker = BadImageTracker(max_bad_fraction, min_bad_count, bad_list_path)
@@ -437,7 +439,7 @@ class ShardDataset(IterableDataset):
             if field is None:
                 raise ImageDecodeError(name, "sample has no image field", "not_an_image")
             image = load_image(sample[field], channels=self.channels,
-                               max_pixels=self.max_pixels, name=name)
+                               max_pixels=self.max_pixels, name=name, bit_depth=self.bit_depth)
         except ImageDecodeError as exc:
             self.tracker.record_bad(name, exc.reason)
             return None

@@ -226,7 +226,7 @@ def _build_dataset(config: Config, out: Path, dataset: Dataset | None) -> Datase
         from swav.datasets import build_dataset
         dataset = build_dataset(config.data.path, split="train", channels=config.data.channels,
                                 download=config.data.download, max_bad_fraction=config.data.max_bad_fraction,
-                                bad_list_path=out / "bad_images.txt",
+                                bad_list_path=out / "bad_images.txt", bit_depth=config.data.bit_depth,
                                 shard_options={"seed": config.run.seed, "return_key": True})
     limit = config.data.limit
     if limit and isinstance(dataset, IterableDataset):

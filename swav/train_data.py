@@ -363,7 +363,8 @@ def _device_loader(config: Config, dataset: Dataset, sampler: ResumableSampler, 
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     encoded = EncodedImageDataset(base, groups, seed=seed, channels=d.channels)  # workers draw the crop boxes
     # files that only fail to decode are skipped and listed with the workers' unreadable ones
-    cropper = DeviceMultiCrop(groups, channels=d.channels, seed=seed, device=device, tracker=encoded.tracker)
+    cropper = DeviceMultiCrop(groups, channels=d.channels, seed=seed, device=device, tracker=encoded.tracker,
+                              bit_depth=getattr(base, "bit_depth", None))
     workers = d.workers
     loader = DataLoader(encoded, batch_size=config.optim.batch_size_per_device, sampler=sampler, drop_last=True,
                         num_workers=workers, collate_fn=encoded_collate, persistent_workers=workers > 0,

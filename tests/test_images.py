@@ -289,3 +289,23 @@ def test_twelve_bit_data_in_sixteen_bit_files_is_warned_about_once(caplog, monke
         assert np.asarray(load_image(twelve, channels=1)).max() == 16  # what the warning is about
         load_image(twelve, channels=1)
     assert caplog.text.count("holds values up to 4095 only") == 1
+
+
+def test_bit_depth_scales_12_bit_data_in_16_bit_files(caplog, monkeypatch):
+    import swav.images as images
+    monkeypatch.setattr(images, "_clipped_warned", False)
+    twelve = encode(Image.fromarray(np.array([[0, 1, 2048, 4095]], np.uint16)), "PNG")
+    out = np.asarray(load_image(twelve, channels=1, bit_depth=12))
+    np.testing.assert_array_equal(out, np.floor(np.array([[0, 1, 2048, 4095]]) * 255 / 4095 + 0.5).astype(np.uint8))
+    assert out[0, -1] == 255 and out[0, 2] == 128
+    assert np.asarray(load_image(twelve, channels=1, bit_depth=16)).max() == 16  # 16 = full 16-bit, as None
+    over = encode(Image.fromarray(np.array([[0, 4095, 9000]], np.uint16)), "PNG")
+    with caplog.at_level("WARNING", logger="swav.images"):
+        clipped = np.asarray(load_image(over, channels=1, bit_depth=12))
+        load_image(over, channels=1, bit_depth=12)
+    assert clipped.tolist() == [[0, 255, 255]] and caplog.text.count("above the 4095 of data.bit_depth=12") == 1
+    eight = encode(Image.fromarray(np.array([[7, 200]], np.uint8)), "PNG")  # 8-bit files are not affected
+    assert np.asarray(load_image(eight, channels=1, bit_depth=12)).tolist() == [[7, 200]]
+    for bad in (7, 17, True, 12.0):
+        with pytest.raises(ValueError, match="data.bit_depth"):
+            load_image(twelve, bit_depth=bad)

@@ -141,7 +141,8 @@ def run_report(args: argparse.Namespace) -> int:
             from swav.datasets import build_dataset
 
             meta = _recorded_meta(args)  # build_report skips the rows the extraction left out
-            dataset = build_dataset(args.data, split=args.split or "train", channels=meta.get("channels"))
+            dataset = build_dataset(args.data, split=args.split or "train", channels=meta.get("channels"),
+                                    bit_depth=meta.get("bit_depth"))
         out = build_report(args.output, cluster_dir=args.cluster_dir, run_dir=args.run_dir,
                            extract_dir=args.features_dir, dataset=dataset, top_clusters=args.top_clusters,
                            images_per_cluster=args.images_per_cluster, thumb_size=args.thumb_size,

@@ -136,6 +136,8 @@ def _add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: st
                         "large-crop size, else 224)")
     parser.add_argument("--resize-size", type=int, help="test images: resize the shorter side first (default: "
                         "8/7 of the crop for crops of 224 px and more, else the crop size)")
+    parser.add_argument("--bit-depth", type=int, metavar="BITS", help="bits per sample of 16-bit image files, e.g. 12 "
+                        "(default: the pretraining's data.bit_depth, else full 16-bit)")
     parser.add_argument("--partial", action="store_true", help="accept a checkpoint that only partly fits the model")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -191,6 +193,8 @@ def _check_args(command: str, args: argparse.Namespace) -> None:
     at_least("batch-size", args.batch_size, 1)
     at_least("workers", args.workers, 0)
     at_least("crop-size", args.crop_size, 1)
+    if args.bit_depth is not None and not 8 <= args.bit_depth <= 16:
+        raise UsageError(f"--bit-depth: must be 8..16 (bits per sample of 16-bit image files), got {args.bit_depth}")
     at_least("resize-size", args.resize_size, 1)
     for value in args.std or []:
         at_least("std", value, 0, strict=True)
@@ -420,7 +424,7 @@ class _Setup:
         import torch
         from torchvision.transforms import v2
 
-        from swav.eval.transforms import transforms_for_checkpoint
+        from swav.eval.transforms import pretraining_bit_depth, transforms_for_checkpoint
         from swav.pretrained import load_pretrained
 
         self.args = args  # checked by _check_args already
@@ -433,6 +437,7 @@ class _Setup:
         self.model = load_pretrained(args.checkpoint, strict=not args.partial)
         self.spec = self.model.spec
         self.backbone = self.model.backbone.to(self.device)
+        self.bit_depth = pretraining_bit_depth(args.checkpoint, args.bit_depth)
         self.transforms = transforms_for_checkpoint(args.checkpoint, self.spec, mean=args.mean, std=args.std,
                                                     crop_size=args.crop_size, resize_size=args.resize_size)
         normalize = next(t for t in self.transforms[1].transforms if isinstance(t, v2.Normalize))
@@ -463,11 +468,12 @@ class _Setup:
             split="train",
             transform=train_tf if train_augment else test_tf,
             channels=channels,
+            bit_depth=self.bit_depth,
         )
         test = (
-            build_dataset(args.val_data, split="train", transform=test_tf, channels=channels)
+            build_dataset(args.val_data, split="train", transform=test_tf, channels=channels, bit_depth=self.bit_depth)
             if args.val_data
-            else build_dataset(args.data, split="test", transform=test_tf, channels=channels)
+            else build_dataset(args.data, split="test", transform=test_tf, channels=channels, bit_depth=self.bit_depth)
         )
         for name, dataset in (("train", train), ("test", test)):
             _check_labelled(dataset, name)

@@ -40,6 +40,8 @@ def add_extract_arguments(parser: argparse.ArgumentParser, *, required: bool = T
     parser.add_argument("--overwrite", action="store_true",
                         help="discard an earlier (partial) extraction there (swav cluster: and replace an earlier "
                              "clustering)")
+    parser.add_argument("--bit-depth", type=int, metavar="BITS", help="bits per sample of 16-bit image files, e.g. 12 "
+                        "(default: the pretraining's data.bit_depth, else full 16-bit)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -75,10 +77,13 @@ def job_kwargs(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "workers" else 1):
             raise UsageError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'workers' else 1}, got {value}")
+    if args.bit_depth is not None and not 8 <= args.bit_depth <= 16:
+        raise UsageError(f"--bit-depth: must be 8..16 (bits per sample of 16-bit image files), got {args.bit_depth}")
     amp = AMP_DTYPES[args.amp]
     return {"split": args.split, "batch_size": args.batch_size, "device": args.device, "workers": args.workers,
             "amp_dtype": getattr(torch, amp) if amp else None, "limit": args.limit, "chunk_rows": args.chunk_rows,
-            "overwrite": args.overwrite, "strict": not args.partial, "progress": not args.no_progress}
+            "overwrite": args.overwrite, "strict": not args.partial, "progress": not args.no_progress,
+            "bit_depth": args.bit_depth}
 
 
 def unreadable_note(meta: dict, folder) -> str | None:

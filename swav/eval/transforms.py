@@ -20,8 +20,8 @@ from torchvision.transforms import v2
 
 from swav.multicrop import resolve_normalization
 
-__all__ = ["PRESETS", "PadRandomCrop", "eval_sizes", "eval_transforms", "pretraining_config", "pretraining_normalization",
-           "transforms_for_checkpoint", "transforms_for_spec"]
+__all__ = ["PRESETS", "PadRandomCrop", "eval_sizes", "eval_transforms", "pretraining_bit_depth", "pretraining_config",
+           "pretraining_normalization", "transforms_for_checkpoint", "transforms_for_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,15 @@ def transforms_for_spec(
         std=std,
         small_size=small_size,
     )
+
+
+def pretraining_bit_depth(checkpoint: str | os.PathLike, given: int | None = None) -> int | None:
+    """``given`` if not None (a ``--bit-depth``), else the pretraining's ``data.bit_depth`` stored in the checkpoint
+    (16-bit image files are read as the model was trained on them), else None (full 16-bit)."""
+    if given is not None:
+        return given
+    value = ((pretraining_config(checkpoint) or {}).get("data") or {}).get("bit_depth")
+    return value if isinstance(value, int) and not isinstance(value, bool) and 8 <= value <= 16 else None
 
 
 def pretraining_config(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
