@@ -617,11 +617,12 @@ def extract_job(
     # normalised and sized as in pretraining (its stored config), like the evaluation commands
     _, test_transform = transforms_for_checkpoint(checkpoint, spec)
     bit_depth = pretraining_bit_depth(checkpoint, bit_depth)  # 16-bit files read as in pretraining
-    dataset = build_dataset(data, split=split, transform=test_transform, channels=spec.in_channels,
-                            bit_depth=bit_depth)
-    # absolute where it is a path, so that `swav report` (run from another folder) finds the images again
+    # absolute where it is a path (meta.json and index.csv), so that `swav report` run from another folder
+    # finds the images again
     expanded = os.path.expanduser(os.fspath(data))
     where = os.path.abspath(expanded) if os.path.exists(expanded) else os.fspath(data)
+    dataset = build_dataset(where, split=split, transform=test_transform, channels=spec.in_channels,
+                            bit_depth=bit_depth)
     metadata = {"checkpoint": os.path.abspath(os.path.expanduser(os.fspath(checkpoint))), "data": where, "split": split,
                 "channels": spec.in_channels, "bit_depth": bit_depth, "model_spec": spec.to_dict(), "limit": limit,
                 # model tensors that were not in the checkpoint (--partial), initialised at random

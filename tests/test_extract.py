@@ -389,6 +389,17 @@ def test_a_small_image_model_extracts_a_folder_of_mixed_sizes(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     again = extract_job(checkpoint, folder.name, "feats-relative", batch_size=8, device="cpu", progress=False)
     assert json.loads((again / "meta.json").read_text())["data"] == str(folder.resolve())
+    with open(again / "index.csv", encoding="utf-8") as fh:  # and so are the image paths
+        assert sorted(row["path"] for row in csv.DictReader(fh)) == sorted(str(p) for p in folder.resolve().iterdir())
+    # `swav report` run from another folder finds every image, with or without --data
+    from swav.extract import load_extracted
+    from swav.report import _image_loader
+    meta = load_extracted(again).meta
+    monkeypatch.chdir(tmp_path.parent)
+    paths = [str(folder.resolve() / f"{i}.png") for i in range(5)]
+    for given in (None, ImageFolderDataset(folder)):
+        load = _image_loader(meta, given)
+        assert all(load(row, path) is not None for row, path in enumerate(paths))
     _, test = transforms_for_checkpoint(checkpoint, spec)
     assert tuple(test(Image.open(folder / "4.png")).shape) == (3, 32, 32)
     assert tuple(test(Image.open(folder / "3.png")).shape) == (3, 32, 32)
