@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["COLLAPSE_ADVICE", "DIVERGENCE_ADVICE", "CollapseMonitor", "loss_floor", "NonFiniteError", "NonFiniteStateError", "prototypes_in_use",
+__all__ = ["COLLAPSE_ADVICE", "DIVERGENCE_ADVICE", "CollapseMonitor", "loss_floor", "NonFiniteError", "NonFiniteStateError", "prototype_counts", "prototypes_in_use", "prototypes_in_use_globally",
            "gradients_finite", "nonfinite_parameter_names", "nonfinite_state_names", "swapped_prediction_terms"]
 
 COLLAPSE_ADVICE = (
@@ -56,6 +56,24 @@ def loss_floor(num_prototypes: int, temperature: float) -> float:
 def prototypes_in_use(codes_ABK: torch.Tensor) -> int:
     """Number of distinct prototypes that are the argmax of some code (all assignment crops)."""
     return int(torch.unique(codes_ABK.argmax(dim=-1)).numel())
+
+
+def prototype_counts(codes_ABK: torch.Tensor) -> torch.Tensor:
+    """How many codes (all assignment crops) have each prototype as their argmax: a ``(K,)`` int64 tensor, which
+    ranks sum to count the prototypes in use over the global batch.
+
+    >>> prototype_counts(torch.eye(4)[[0, 1, 1, 3]].unsqueeze(0)).tolist()
+    [1, 2, 0, 1]
+    """
+    return torch.bincount(codes_ABK.argmax(dim=-1).flatten(), minlength=codes_ABK.shape[-1])
+
+
+def prototypes_in_use_globally(codes_ABK: torch.Tensor) -> int:
+    """:func:`prototypes_in_use` over every rank's codes (one all-reduce of ``K`` counts; a collective: every rank
+    calls it). Counted on one rank, 64 ranks x 64 images could never show more than 128 of 3000 prototypes."""
+    from swav.distributed import all_reduce_sum_
+
+    return int((all_reduce_sum_(prototype_counts(codes_ABK)) > 0).sum())
 
 
 class CollapseMonitor:

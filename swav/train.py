@@ -40,7 +40,7 @@ from swav.config import Config, RunConfig, config_to_dict, save_config
 from swav.derived import DerivedValues, derive_values
 from swav.dist_setup import DistContext, configure_rank_logging, init_distributed, shutdown_distributed
 from swav.distributed import all_reduce_max_, all_reduce_sum_
-from swav.health import CollapseMonitor, NonFiniteError, NonFiniteStateError, nonfinite_state_names, prototypes_in_use
+from swav.health import CollapseMonitor, NonFiniteError, NonFiniteStateError, nonfinite_state_names, prototypes_in_use_globally
 from swav.lars import LARS
 from swav.metrics import MetricsWriter, RateMeter, format_duration, truncate_metrics
 from swav.model import ModelSpec, SwAVModel, build_model
@@ -496,7 +496,7 @@ def _log_step(writer: MetricsWriter, meter: RateMeter, monitor: CollapseMonitor,
               derived: DerivedValues, config: Config, ctx: DistContext) -> float:
     loss = _mean_over_ranks(result.loss, ctx.world_size)
     rate, eta = meter.update(progress.step)
-    used = prototypes_in_use(result.codes_ABK)
+    used = prototypes_in_use_globally(result.codes_ABK)  # over the global batch: every rank's codes
     k = config.model.num_prototypes[0]
     writer.write({"kind": "step", "step": progress.step, "epoch": progress.epoch, "loss": loss, "lr": result.lr,
                   "images_per_s": rate, "prototypes_in_use": used, "ln_k": derived.collapse_loss, "eta_s": eta,

@@ -82,3 +82,19 @@ def test_two_ranks_list_each_bad_file_once_after_both_stopped(tmp_path):
     assert results[0] == results[1] == ("complete", 9)  # 24 files / 2 ranks / batch 4 = 3 steps x 3 epochs
     listed = (tmp_path / "run" / "bad_images.txt").read_text(encoding="utf-8").splitlines()
     assert sorted(Path(p).name for p in listed) == ["broken1.jpg", "broken2.png"]
+
+
+def _prototypes_seen_by_each_rank(rank: int, world_size: int) -> tuple[int, int]:
+    from swav.health import prototypes_in_use, prototypes_in_use_globally
+
+    codes = torch.zeros(2, 4, 10)
+    codes[:, :, rank * 3:rank * 3 + 3] = torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(rank))
+    return prototypes_in_use(codes), prototypes_in_use_globally(codes)
+
+
+@pytest.mark.distributed
+def test_prototypes_in_use_counts_every_ranks_codes():
+    # rank 0's codes pick among prototypes 0-2, rank 1's among 3-5: the logged count covers the global batch
+    results = run_distributed(_prototypes_seen_by_each_rank, 2)
+    (local0, global0), (local1, global1) = results
+    assert global0 == global1 == local0 + local1 and 2 <= local0 <= 3 and 2 <= local1 <= 3
