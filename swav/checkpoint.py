@@ -293,6 +293,8 @@ def renumber_after_resplit(output_dir: str | os.PathLike, loaded: str | os.PathL
         moved.append(aside / path.name)
     if _STEP_RE.match(loaded.name) and loaded.parent == folder and loaded != step_checkpoint_path(output_dir, step):
         os.replace(loaded, step_checkpoint_path(output_dir, step))
+        logger.info("renamed %s to %s: the position it holds is step %d in the new step numbering (it converts the "
+                    "same way on a later resume)", loaded.name, step_checkpoint_path(output_dir, step).name, step)
     if moved:
         logger.warning("the step numbering changed with the global batch: %d checkpoint(s) of the old numbering "
                        "above step %d moved to %s (kept; the run continues from step %d)", len(moved), step,

@@ -440,6 +440,9 @@ def _assemble(out: Path, model: SwAVModel, dataset: Dataset, names: tuple[str, .
 
         tensors = {name: np.ascontiguousarray(np.load(out / f"{name}.npy")) for name in names}
         save_file({**tensors, "labels": labels}, str(out / "extracted.safetensors"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out / "extracted.safetensors", 0o666 & ~umask)  # as the other files (safetensors writes 0600)
     meta = {"num_rows": num_kept, "num_source_rows": num_rows, "what": marker["fingerprint"]["what"],
             "dims": dims, "source": marker["fingerprint"]["source"], "prototype_files": prototype_files,
             "safetensors": write_safetensors, "unreadable_rows": bad_rows.tolist(),

@@ -70,6 +70,7 @@ class TrainResult:
     checkpoint: Path | None = None
     signal: int = 0
     loss: float | None = None
+    rank: int = 0  # of the process that returns it (the command line reports on rank 0 only)
 
     @property
     def exit_code(self) -> int:
@@ -116,7 +117,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
             ckpt = found[1]
             logger.info("the run in %s is complete (step %d, epoch %d; %s); nothing to do", out, ckpt["step"],
                         ckpt["epoch"], found[0])
-            return TrainResult("already_complete", out, int(ckpt["step"]), int(ckpt["epoch"]), found[0])
+            return TrainResult("already_complete", out, int(ckpt["step"]), int(ckpt["epoch"]), found[0],
+                               rank=ctx.rank)
         if ctx.is_main and existing:  # before anything is said about the run there (another may be training it)
             lock.acquire()  # no second process may train into this folder (issue 8)
         _barrier()
@@ -166,6 +168,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
         if ctx.world_size > 1:
             _barrier()  # every rank has stopped its data-loader workers, which append to bad_images.txt
             workers_stopped = True
+        result.rank = ctx.rank
         return result
     except KeyboardInterrupt:
         _note_in_log(log_handler, "interrupted by the user (Ctrl-C); the newest checkpoint is kept")
@@ -462,7 +465,8 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
                             config=config_to_dict(config), step=progress.step,
                             epoch=progress.epoch)
         last = save(final_checkpoint_path(out), finished=True)
-        logger.info("training complete: %d steps, %d epochs; model in %s", progress.step, progress.epoch,
+        logger.info("training complete: %d steps, %d epoch%s; model in %s", progress.step, progress.epoch,
+                    "" if progress.epoch == 1 else "s",
                     out / "model.pt")
         return TrainResult("complete", out, progress.step, progress.epoch, last, 0, loss_value)
     finally:

@@ -260,6 +260,13 @@ def build_shard_loader(config: Config, dataset: ShardDataset, *, pipeline: str, 
     batch, workers = config.optim.batch_size_per_device, config.data.workers
     counts = _require_index(dataset)
     steps = guaranteed // batch
+    used = steps * batch * world_size
+    if rank == 0 and sum(counts) - used >= batch * world_size:  # more than the last partial batches
+        logger.warning("each epoch trains on %d of the %d images in the shards (%.0f%%): every rank runs the same "
+                       "number of steps, so each stops after the %d images that the rank with the smallest shards "
+                       "holds. Pack the data into equal shards, a multiple of %d of them (swav pack-shards "
+                       "--num-shards %d), to use every image", used, sum(counts), 100 * used / sum(counts), guaranteed,
+                       world_size, world_size * max(1, len(counts) // world_size))
     if len(counts) // world_size < max(workers, 1):
         logger.warning("%d shards for %d ranks x %d workers: some workers have nothing to read; write at least "
                        "%d shards (swav pack-shards --num-shards)", len(counts), world_size, workers,

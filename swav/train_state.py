@@ -161,10 +161,14 @@ def restore_training_state(ckpt: dict[str, Any], step_fn: SwAVStep, *, config: C
         seen = progress.batch_in_epoch * int(saved.get("global_batch_size", derived.global_batch_size))
         batch = min(seen // derived.global_batch_size, derived.steps_per_epoch - 1)
         converted = Progress(progress.epoch, batch, progress.epoch * derived.steps_per_epoch + batch)
+        again = seen - batch * derived.global_batch_size
         logger.warning("global batch or epoch length changed since the checkpoint (%s -> %s): continuing at "
-                       "epoch %d, batch %d (step %d); the learning-rate schedule follows the new length",
+                       "epoch %d, batch %d (step %d); the learning-rate schedule follows the new length%s",
                        saved.get("global_batch_size"), derived.global_batch_size, converted.epoch,
-                       converted.batch_in_epoch, converted.step)
+                       converted.batch_in_epoch, converted.step,
+                       f". The {seen} images of the epoch already trained on end inside a batch of the new size, "
+                       f"and the position is rounded down to a whole batch: about {again} images of this epoch are "
+                       "trained on a second time" if again > 0 else "")
         progress = converted
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, progress.step, progress.epoch,
                 progress.batch_in_epoch)

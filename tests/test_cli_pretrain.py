@@ -46,6 +46,8 @@ def test_image_folder_run_resume_and_complete(tmp_path, folder, capsys):
             "--workers", "0", "--seed", "3", *TINY]
     code, stdout, _ = run_cli(capsys, *base, "--set", "run.max_steps=2")
     assert code == 0 and "stopped at step 2 (max_steps)" in stdout
+    code, stdout, _ = run_cli(capsys, *base, "--set", "run.max_steps=2")  # the limit is reached already
+    assert code == 0 and "stopped at step 2 (max_steps); no new checkpoint" in stdout and "None" not in stdout
     code, _, err = run_cli(capsys, *base, "--seed", "4")  # another run (a limit like run.max_steps is not)
     assert code == 1 and "already holds a run" in err and "--resume" in err and "Traceback" not in err
     # the README's bare form continues with the run's own config.yaml, not as the Fashion-MNIST demo (whose

@@ -290,6 +290,11 @@ def test_cli_cluster_output_dir_that_is_a_file(tmp_path, capsys):
                      "--device", "cpu", "--no-progress", "--output-dir", str(afile)]) == 1
     assert capsys.readouterr().err.strip() == message
     assert afile.read_text() == "keep me"
+    # an extraction and a model to extract with: which one was meant is unclear, so neither is used
+    assert _run_cli(["cluster", "--features-dir", str(folder), "--checkpoint", str(checkpoint), "--output-dir",
+                     str(tmp_path / "both")]) == 2
+    assert "--features-dir (cluster an extraction) excludes --checkpoint and --data" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()
 
 
 def test_cluster_of_extraction_that_left_out_unreadable_images_stays_aligned(tmp_path, capsys):

@@ -166,6 +166,10 @@ def test_image_folder_paths_labels_and_safetensors(tmp_path):
         [os.path.join(c, f"{i}.png") for c in ("cat", "dog") for i in range(3)]
     assert got.labels.tolist() == [0, 0, 0, 1, 1, 1] and got.meta["classes"] == ["cat", "dog"]
     stored = load_file(str(out / "extracted.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "extracted.safetensors").stat().st_mode & 0o777 == (out / "features.npy").stat().st_mode & 0o777 \
+        == 0o666 & ~umask
     np.testing.assert_array_equal(stored["features"], got.features)
     np.testing.assert_array_equal(stored["embeddings"], got.embeddings)
     np.testing.assert_array_equal(stored["labels"], got.labels)

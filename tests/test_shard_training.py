@@ -80,11 +80,15 @@ def test_every_image_once_per_epoch_across_two_ranks_and_two_workers(images, tmp
     assert _epoch_keys(shards, cfg, 1) == orders[1]  # reproducible
 
 
-def test_uneven_shards_keep_ranks_in_step_and_never_repeat(images, tmp_path):
+def test_uneven_shards_keep_ranks_in_step_and_never_repeat(images, tmp_path, caplog):
     shards = _pack(images, tmp_path / "shards", max_samples_per_shard=5)  # 5, 5, 5, 5, 4 images
     counts = [s["num_samples"] for s in json.loads((shards / "shards.json").read_text())["shards"]]
     assert guaranteed_samples_per_rank(counts, 2) == 9  # the 2 smallest shards: 4 + 5
     cfg = tiny_config(tmp_path / "run", **{"data.workers": 2, "data.pipeline": "batched"})
+    with caplog.at_level("WARNING", logger="swav.train_shards"):
+        _epoch_keys(shards, cfg, 0)
+    assert caplog.text.count("each epoch trains on 16 of the 24 images in the shards (67%)") == 1  # rank 0 says it
+    assert "--num-shards 4" in caplog.text
     for epoch in range(3):
         per_rank = _epoch_keys(shards, cfg, epoch)
         assert [len(r) for r in per_rank] == [2, 2]  # 9 // 4 on every rank, whichever shards it holds

@@ -166,15 +166,17 @@ def run(args: argparse.Namespace) -> int:
         from swav.pretrain_summary import check_summary_data
         check_summary_data(config)
     result = train(config, resume=args.resume, overwrite=args.overwrite, partial=args.partial)
+    if result.rank != 0:  # under torchrun every rank returns here: rank 0 speaks for the run
+        return result.exit_code
+    kept = f"checkpoint {result.checkpoint}" if result.checkpoint is not None else \
+        "no new checkpoint (nothing was left to train before this limit), the newest one is kept"
     if result.status == "already_complete":
         print(f"the run in {result.output_dir} is already complete (step {result.step}); nothing to do")
     elif result.status == "preempted":
-        print(f"stopped by a signal at step {result.step}; checkpoint {result.checkpoint}; "
-              f"continue with --resume", file=sys.stderr)
+        print(f"stopped by a signal at step {result.step}; {kept}; continue with --resume", file=sys.stderr)
         return result.exit_code
     elif result.status != "complete":
-        print(f"stopped at step {result.step} ({result.status}); checkpoint {result.checkpoint}; "
-              f"continue with --resume")
+        print(f"stopped at step {result.step} ({result.status}); {kept}; continue with --resume")
     summary_file = result.output_dir / "summary.json"
     if result.status == "already_complete" and summary_file.is_file():
         from swav.pretrain_summary import format_summary  # a finished run is left untouched
