@@ -153,6 +153,8 @@ def restore_training_state(ckpt: dict[str, Any], step_fn: SwAVStep, *, config: C
     progress = Progress(int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["step"]))
     queues, rngs = ckpt.get("queues") or [], ckpt.get("rng") or []
     step_fn.queue = _restored_queue(queues, saved_world, rank, derived, step_fn.device)
+    if step_fn.queue is not None and step_fn.queue.is_full:  # in use already before the checkpoint: said then
+        step_fn._queue_in_use_logged = True
     if rank < len(rngs):
         restore_rng_state(rngs[rank])
     saved = ckpt.get("derived") or {}
