@@ -25,6 +25,10 @@ def _require(ok: bool, key: str, value: Any, expected: str) -> None:
         raise _invalid(key, value, expected)
 
 
+#: optional settings whose null is not "automatic" (and which therefore do not take the word auto)
+NULL_MEANING = {"data.bit_depth": "full 16-bit"}
+
+
 def coerce_value(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` to the annotated type ``tp`` of field ``key``, or raise ValueError naming it.
 
@@ -41,12 +45,12 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
             return None
         inner = [a for a in args if a is not type(None)][0]
-        if inner is not str and isinstance(value, str) and value.strip().lower() == "auto":
+        if inner is not str and key not in NULL_MEANING and isinstance(value, str) and value.strip().lower() == "auto":
             return None  # null means "automatic" for every optional setting that is not itself a word
         try:
             return coerce_value(value, inner, key)
         except ValueError as exc:
-            raise ValueError(f"{exc} or null (auto)") from None
+            raise ValueError(f"{exc} or null ({NULL_MEANING.get(key, 'auto')})") from None
     if origin is tuple:
         item_type = args[0]
         if isinstance(value, str):

@@ -174,9 +174,11 @@ def format_report(report: ScanReport, max_listed: int = 50) -> str:
         lines.append(f"  height min {h['min']}, median {h['median']:g}, max {h['max']}")
     if report.high_bit_files:
         bits = report.suggested_bit_depth
+        brightest = (report.high_bit_max * 255 + 32767) // 65535
         lines.append(f"  16-bit files: {report.high_bit_files}, values up to {report.high_bit_max}"
-                     + (f": {bits}-bit data? Train with --set data.bit_depth={bits} (else they are scaled as "
-                        f"16-bit data and come out nearly black)" if bits else " (full 16-bit range)"))
+                     + (f": {bits}-bit data? Train with --set data.bit_depth={bits} (scaled as 16-bit data they "
+                        f"reach at most {brightest} of 255)" if bits else
+                        " (all zero)" if report.high_bit_max == 0 else " (full 16-bit range)"))
     if report.bad:
         lines.append("unreadable files:")
         for item in report.bad[:max_listed]:

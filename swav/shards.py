@@ -399,39 +399,68 @@ class ShardDataset(IterableDataset):
             starts.append(starts[-1] + count[url])
         order = list(self._shuffled(range(starts[-1]), rng))  # sample numbers in stream order
         skip = min(skip, len(order))
+
+        def shard_of(number: int) -> int:
+            return bisect.bisect_right(starts, number) - 1
+
+        def lookback() -> tuple | None:
+            """The readable sample nearest before the resume point, which an unreadable sample right after it
+            is replaced by (as in the uninterrupted epoch); read again for that rare case only."""
+            for number in reversed(order[:skip]):
+                sample = self._read_one(mine[shard_of(number)], number - starts[shard_of(number)])
+                item = self._decode(sample, record=False) if sample is not None else None
+                if item is not None:
+                    return item
+            return None
+
+        self._lookback = lookback if skip else None
         for _ in range(skip):
             yield SKIPPED
         rest = order[skip:]
         if not rest:
             return
-        first_shard = bisect.bisect_right(starts, min(rest)) - 1
+        first_shard = shard_of(min(rest))
         from webdataset.tariterators import tarfile_samples
         samples = iter(tarfile_samples([{"url": url} for url in mine[first_shard:]], handler=_damaged_shard))
         number = starts[first_shard]  # of the next sample read
-        wanted, held, missing = set(rest), {}, 0
+        wanted, held, missing, misplaced = set(rest), {}, 0, None
         for want in rest:
             while want not in held:
                 sample = next(samples, None)
                 if sample is None:
                     break
-                if number in wanted:  # samples of the skipped part are dropped as they pass
+                if misplaced is None and number < starts[-1] and sample.get("__url__") != mine[shard_of(number)]:
+                    misplaced = f"sample {number} of this worker's stream, by the index in {mine[shard_of(number)]}, " \
+                                f"came from {sample.get('__url__')}"
+                if number in wanted:  # samples of the skipped part pass by without being decoded
                     held[number] = sample
                 number += 1
             if want in held:
                 yield held.pop(want)
             else:
                 missing += 1
-        if missing:
-            logger.warning("rank %d: %d sample(s) of the shards %s were not found on resume: the shards hold fewer "
-                           "samples than their index (%s) says; pack them again with `swav pack-shards`",
-                           self.rank, missing, mine, INDEX_NAME)
+        if misplaced is None and next(samples, None) is not None:
+            misplaced = "the shards hold more samples than their index says"
+        if missing or misplaced:
+            logger.warning("rank %d: the sample counts in %s do not match the shards %s (%s), so this resumed epoch "
+                           "is not exactly the interrupted one; pack the data again with `swav pack-shards`",
+                           self.rank, INDEX_NAME, mine, misplaced or f"{missing} sample(s) not found")
+
+    @staticmethod
+    def _read_one(url: str, position: int) -> dict | None:
+        """Sample ``position`` of shard ``url`` (read from the shard's start), or None if it holds fewer."""
+        from webdataset.tariterators import tarfile_samples
+        for i, sample in enumerate(tarfile_samples([{"url": url}], handler=_damaged_shard)):
+            if i == position:
+                return sample
+        return None
 
     @staticmethod
     def _key(sample: dict) -> str:
         key = sample.get("path.txt", sample["__key__"])
         return key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
 
-    def _decode(self, sample: dict) -> tuple | None:
+    def _decode(self, sample: dict, record: bool = True) -> tuple | None:
         key = self._key(sample)
         field = next((k for k in sample if k.rsplit(".", 1)[-1] in _IMAGE_FIELDS), None)
         name = f"{sample.get('__url__')}:{key}"
@@ -441,9 +470,11 @@ class ShardDataset(IterableDataset):
             image = load_image(sample[field], channels=self.channels,
                                max_pixels=self.max_pixels, name=name, bit_depth=self.bit_depth)
         except ImageDecodeError as exc:
-            self.tracker.record_bad(name, exc.reason)
+            if record:
+                self.tracker.record_bad(name, exc.reason)
             return None
-        self.tracker.record_ok()
+        if record:
+            self.tracker.record_ok()
         label = int(sample["cls"]) if "cls" in sample else -1
         image = self.transform(image) if self.transform is not None else image
         return (image, label, key) if self.return_key else (image, label)
@@ -461,6 +492,7 @@ class ShardDataset(IterableDataset):
                            self.world_size, workers)
             return
         rng = random.Random(f"swav-buffer-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        self._lookback = None  # set by _replayed: the stand-in for an unreadable sample right after the resume point
         if self.skip_samples:
             if len(self.skip_samples) != workers:
                 raise ValueError(f"ShardDataset: skip_samples has {len(self.skip_samples)} entries for {workers} "
@@ -475,6 +507,8 @@ class ShardDataset(IterableDataset):
                 continue
             item = self._decode(sample)
             if item is None:
+                if self.fill_bad and last is None and self._lookback is not None:
+                    last, self._lookback = self._lookback(), None
                 if self.fill_bad and last is not None:
                     yield self._stand_in(last, self._key(sample))
                 elif self.fill_bad:

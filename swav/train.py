@@ -231,6 +231,10 @@ def _build_dataset(config: Config, out: Path, dataset: Dataset | None) -> Datase
                                 download=config.data.download, max_bad_fraction=config.data.max_bad_fraction,
                                 bad_list_path=out / "bad_images.txt", bit_depth=config.data.bit_depth,
                                 shard_options={"seed": config.run.seed, "return_key": True})
+    elif getattr(dataset, "bit_depth", None) != config.data.bit_depth and hasattr(dataset, "bit_depth"):
+        raise ValueError(f"the data set reads 16-bit files with bit_depth={dataset.bit_depth} but the config has "
+                         f"data.bit_depth={config.data.bit_depth}: set data.bit_depth={dataset.bit_depth} in the "
+                         "config, which the run stores so that evaluation and extraction read the files the same way")
     limit = config.data.limit
     if limit and isinstance(dataset, IterableDataset):
         raise ValueError(f"data.limit={limit} is not supported for streaming shards: write fewer shards "
@@ -352,12 +356,30 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
         _barrier()
     loader = build_train_loader(config, dataset, pipeline=pipeline, rank=ctx.rank, world_size=ctx.world_size,
                                 device=ctx.device)
+    if found is not None and progress.batch_in_epoch and hasattr(loader, "stream"):  # a shard stream, mid-epoch
+        _warn_if_shard_layout_changed(found[1], config, ctx.world_size, progress.epoch)
     ahead = getattr(loader, "prefetch", 0)
     logger.info("training %s: %d images, %d steps per epoch, %d steps in total, global batch %d, %s, %s pipeline%s",
                 spec.backbone, derived.dataset_size, derived.steps_per_epoch, derived.total_steps,
                 derived.global_batch_size, precision, pipeline,
                 f" (batches made {ahead} ahead in a background thread)" if ahead else "")
     return _loop(config, derived, step_fn, loader, progress, out, ctx, stop, knn_monitor)
+
+
+def _warn_if_shard_layout_changed(ckpt: dict, config: Config, world_size: int, epoch: int) -> None:
+    """A resume inside an epoch of streamed shards is exact for the same data-loader workers and processes
+    (each worker's stream depends on both); say so when the checkpoint was written with others."""
+    saved_workers = ((ckpt.get("config") or {}).get("data") or {}).get("workers")
+    saved_world = int(ckpt.get("world_size", 1))
+    if saved_workers is None:
+        return
+    if max(int(saved_workers), 1) != max(config.data.workers, 1) or saved_world != world_size:
+        logger.warning("resuming inside epoch %d of streamed shards with %d data-loader worker(s) x %d process(es); "
+                       "the checkpoint was written with %d x %d. Each worker's stream depends on both, so the rest "
+                       "of this epoch is not exactly the interrupted one: some of its images are seen twice and "
+                       "others not at all (later epochs are complete as usual). Resume with data.workers=%d on %d "
+                       "process(es) for an exact epoch", epoch, max(config.data.workers, 1), world_size,
+                       max(int(saved_workers), 1), saved_world, int(saved_workers), saved_world)
 
 
 def _check_model_takes_crops(raw: SwAVModel, config: Config, device: torch.device) -> None:

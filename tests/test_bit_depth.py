@@ -66,3 +66,13 @@ def test_scan_reports_the_bit_depth_of_16_bit_files(twelve_bit_folder, tmp_path,
     assert full.high_bit_files == 1 and full.suggested_bit_depth is None and "(full 16-bit range)" in format_report(full)
     assert main(["scan", str(twelve_bit_folder)]) == 0
     assert "16-bit files: 16, values up to" in capsys.readouterr().out
+
+
+def test_a_data_set_object_must_agree_with_the_config(twelve_bit_folder, tmp_path):
+    from swav.datasets import ImageFolderDataset
+    from tests.train_helpers import tiny_model
+
+    cfg = tiny_config(tmp_path / "run", **{"optim.epochs": 1})
+    with pytest.raises(ValueError, match="set data.bit_depth=12 in the config"):
+        train(cfg, dataset=ImageFolderDataset(twelve_bit_folder, bit_depth=12), model_builder=tiny_model)
+    assert not (tmp_path / "run").exists()

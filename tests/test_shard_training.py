@@ -117,6 +117,37 @@ def test_resume_inside_an_epoch_is_exact(images, tmp_path, workers, pack):
                 assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact_with_unreadable_samples_at_the_resume_point(images, tmp_path, workers):
+    """Stand-ins for unreadable samples (training fills them in): one right after a resume point copies the
+    readable sample before it, read again, as in the uninterrupted epoch."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted(images.iterdir())[:18]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    for i in range(6):  # every 4th file of the packed order is unreadable
+        (folder / f"img.{3 * i + 1:03d}.png.bad.png").write_bytes(b"not an image")
+    shards = _pack(folder, tmp_path / "shards", max_samples_per_shard=5, verify=False)
+    cfg = tiny_config(tmp_path / "run", **{"data.workers": workers, "data.pipeline": "batched"})
+    options = {"shuffle_buffer": 2, "max_bad_fraction": 1.0}
+    full = _epoch_keys(shards, cfg, 1, world=1, **options)
+    assert sum("#stand-in-" in key for batch in full[0] for key in batch) >= 4
+    for start in range(1, len(full[0])):
+        assert _epoch_keys(shards, cfg, 1, world=1, start_batch=start, **options) == [full[0][start:]]
+
+
+def test_a_wrong_index_is_named_on_resume(images, tmp_path, caplog):
+    shards = _pack(images, tmp_path / "shards", max_samples_per_shard=6)
+    index = json.loads((shards / "shards.json").read_text())
+    index["shards"][0]["num_samples"] = 5  # one sample more in the shard than the index says
+    (shards / "shards.json").write_text(json.dumps(index))
+    ds = ShardDataset(shards, rank=0, world_size=1, seed=3, return_key=True)
+    ds.set_epoch(0, skip_samples=[4])
+    with caplog.at_level("WARNING", logger="swav.shards"):
+        list(ds)
+    assert "the sample counts in shards.json do not match the shards" in caplog.text
+
+
 def test_resume_skips_and_skipped_samples_are_not_read(images, tmp_path):
     # the main stream: w0 4, w1 4, w0 4, w1 1, w0 1 (streams of 9 and 5, batch 4)
     assert [resume_skips([9, 5], 4, done) for done in (0, 3, 4, 8, 11, 12, 13, 14)] == \
@@ -200,3 +231,15 @@ def test_a_stream_with_nothing_readable_says_so(tmp_path, caplog):
     with caplog.at_level("ERROR", logger="swav.shards"):
         assert list(stream) == []
     assert "none of the 3 samples of its shards" in caplog.text and "pack-shards" in caplog.text
+
+
+def test_a_resume_with_other_workers_says_the_epoch_is_not_exact(images, tmp_path, caplog):
+    shards = _pack(images, tmp_path / "shards", num_shards=4)
+    values = {"data.path": f"shards:{shards}", "data.workers": 2, "optim.epochs": 1}
+    out = tmp_path / "run"
+    assert train(tiny_config(out, **values, **{"run.max_steps": 3}), model_builder=tiny_model).status == "max_steps"
+    with caplog.at_level("WARNING", logger="swav.train"):
+        result = train(tiny_config(out, **{**values, "data.workers": 0}), model_builder=tiny_model, resume=True)
+    assert result.status == "complete"
+    assert "with 1 data-loader worker(s) x 1 process(es); the checkpoint was written with 2 x 1" in caplog.text
+    assert "Resume with data.workers=2 on 1 process(es)" in caplog.text

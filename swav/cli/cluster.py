@@ -86,6 +86,9 @@ def run_cluster(args: argparse.Namespace) -> int:
     from swav.images import TooManyBadImagesError
 
     try:
+        if args.features_dir and (args.checkpoint or args.data):
+            raise UsageError("--features-dir (cluster an extraction) excludes --checkpoint and --data (extract first): "
+                             "give one or the other")
         check_output_dir(args.output_dir, "--output-dir")
         earlier = [name for name in ("clusters.csv", "cluster_sizes.csv", "cluster_metrics.json")
                    if (Path(args.output_dir) / name).exists()]
@@ -97,9 +100,6 @@ def run_cluster(args: argparse.Namespace) -> int:
                     f" (with --checkpoint and --data, --overwrite also extracts again; to cluster the finished "
                     f"extraction again instead: --features-dir {str(again)!r} --overwrite)"
                     if (again / "meta.json").exists() else ""))
-        if args.features_dir and (args.checkpoint or args.data):
-            raise UsageError("--features-dir (cluster an extraction) excludes --checkpoint and --data (extract first): "
-                             "give one or the other")
         if args.features_dir:
             features_dir = args.features_dir
         elif args.checkpoint and args.data:
