@@ -24,6 +24,9 @@ __all__ = ["LARS"]
 class LARS(torch.optim.SGD):
     """SGD with momentum whose gradients are rescaled layer-wise by the trust ratio.
 
+    ``weight_decay`` applies to every parameter group that does not set its own (``{"params": ...,
+    "weight_decay": 0.0}`` excludes a group from decay, as with LARC around SGD).
+
     Example:
         >>> import torch
         >>> layer = torch.nn.Linear(4, 2)
@@ -46,6 +49,16 @@ class LARS(torch.optim.SGD):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         params = list(params)
+        if params and all(isinstance(g, dict) for g in params):  # parameter groups: a group's weight_decay is
+            groups = []                                            # its LARS weight decay (as in LARC)
+            for group in params:
+                group = dict(group)
+                if "weight_decay" in group:
+                    if group["weight_decay"] < 0:
+                        raise ValueError(f"weight_decay of a parameter group must be >= 0, got {group['weight_decay']}")
+                    group.setdefault("lars_weight_decay", group.pop("weight_decay"))
+                groups.append(group)
+            params = groups
         if fused is None:
             fused = _fused_supported(params)
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0, fused=fused,
@@ -147,7 +160,7 @@ class LARS(torch.optim.SGD):
         found_inf = getattr(self, "found_inf", None)
         self._complete_momentum_buffers()
         for group, params, grads, rate, decay in self._trust_rates():
-            inverse = rate.reciprocal()
+            inverse = rate.reciprocal().float()  # the kernel's scale is float32 whatever the parameters' dtype
             for k, (p, g, wd) in enumerate(zip(params, grads, decay.tolist())):
                 p, g, buf = _same_layout_flat(p, g, self.state[p]["momentum_buffer"])
                 torch._fused_sgd_([p], [g], [buf], weight_decay=wd,

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -81,9 +82,30 @@ class CropDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
         epoch, index = key
-        image = self.base[index][0]
+        image = image_of(self.base[index], index)
         self.transform.set_epoch(epoch)
         return self.transform(image, index=index)
+
+
+def image_of(item: Any, index: int) -> Any:
+    """The image of a data set item: the item itself (a PIL image, a tensor, an array, encoded bytes, a path) or
+    the first element of an ``(image, label, ...)`` tuple; anything else is a ``TypeError`` that says so.
+
+    Example:
+        >>> image_of((torch.zeros(3, 2, 2), 7), 0).shape, image_of(torch.zeros(3, 2, 2), 0).shape
+        (torch.Size([3, 2, 2]), torch.Size([3, 2, 2]))
+    """
+    import numpy as np
+    from PIL import Image
+
+    images = (Image.Image, torch.Tensor, np.ndarray, bytes, bytearray, str, os.PathLike)
+    if isinstance(item, images):
+        return item
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], images):
+        return item[0]
+    raise TypeError(f"data set item {index} is {type(item).__name__}"
+                    + (f" starting with {type(item[0]).__name__}" if isinstance(item, (tuple, list)) and item else "")
+                    + ": expected an image (a PIL image or a uint8 C x H x W tensor) or an (image, label) tuple")
 
 
 def worker_init(worker_id: int) -> None:
@@ -108,17 +130,21 @@ def data_sizes(dataset: Dataset, world_size: int) -> tuple[int, int]:
 
 
 def in_memory_images(dataset: Dataset, channels: int) -> torch.Tensor | None:
-    """The data set as a uint8 ``N x C x H x W`` tensor when it keeps one (IDX, CIFAR), else None."""
+    """The data set as a uint8 ``N x C x H x W`` tensor when it keeps one (IDX, CIFAR: a uint8 ``.data`` tensor
+    holding the images its items give, checked on its first and last item), else None."""
     base, limit = dataset, None
     if isinstance(dataset, Subset) and isinstance(dataset.indices, range) and dataset.indices.start == 0:
         base, limit = dataset.dataset, len(dataset.indices)
     data = getattr(base, "data", None)
-    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() not in (3, 4):
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() not in (3, 4) or not len(data):
         return None
     if data.dim() == 3:
         images = data[:, None]
     else:
         images = data.permute(0, 3, 1, 2) if data.shape[-1] in (1, 3) else data
+    if not all(_item_is(base, i, images[i]) for i in {0, len(images) - 1}):
+        logger.info("the data set's .data tensor is not what its items hold: its items are used")
+        return None
     if limit is not None:
         images = images[:limit]
     if images.shape[1] == 3 and channels == 1:
@@ -127,6 +153,32 @@ def in_memory_images(dataset: Dataset, channels: int) -> torch.Tensor | None:
     elif images.shape[1] == 1 and channels == 3:
         images = images.expand(-1, 3, -1, -1)
     return images.contiguous()
+
+
+def _item_is(dataset: Any, index: int, expected: torch.Tensor) -> bool:
+    """Whether item ``index`` of ``dataset`` holds the image ``expected`` (uint8 C x H x W)."""
+    from PIL import Image
+    import torchvision.transforms.v2.functional as TF
+
+    try:
+        image = image_of(dataset[index], index)
+    except (TypeError, IndexError):
+        return False
+    if isinstance(image, Image.Image):
+        image = TF.pil_to_tensor(image)
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
+        return False
+    if image.dim() == 2:
+        image = image[None]
+    if image.dim() == 3 and image.shape[1:] != expected.shape[1:] and image.shape[-1] in (1, 3):
+        image = image.permute(2, 0, 1)  # H x W x C
+    if image.shape[0] == 3 and expected.shape[0] == 1:  # grey data read as RGB (data.channels=3)
+        expected = expected.expand(3, -1, -1)
+    elif image.shape[0] == 1 and expected.shape[0] == 3:  # colour data read as grey: luma rounding may differ by 1
+        expected = TF.rgb_to_grayscale(expected)
+    if image.shape != expected.shape:
+        return False
+    return bool((image.int() - expected.int()).abs().max() <= 1)
 
 
 def resolve_pipeline(requested: str, dataset: Dataset, channels: int) -> str:

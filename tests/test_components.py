@@ -119,6 +119,32 @@ def test_lars_matches_reference():
             torch.testing.assert_close(p.detach(), ref, atol=1e-6, rtol=1e-5)
 
 
+def test_lars_honours_each_groups_weight_decay_and_other_dtypes():
+    torch.manual_seed(2)
+    layer = nn.Linear(5, 3)
+    opt = LARS([{"params": [layer.weight]}, {"params": [layer.bias], "weight_decay": 0.0}], lr=0.5, momentum=0.9,
+               weight_decay=1e-2)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]  # SGD's own decay stays off
+    x = torch.randn(4, 5)
+    layer(x).pow(2).sum().backward()
+    params = [p.detach().clone() for p in layer.parameters()]
+    grads = [p.grad.detach().clone() for p in layer.parameters()]
+    weight_ref = naive_lars_step(params[:1], grads[:1], [None], 0.5, 0.9, 1e-2, 0.001)[0][0]
+    bias_ref = naive_lars_step(params[1:], grads[1:], [None], 0.5, 0.9, 0.0, 0.001)[0][0]  # no decay for it
+    opt.step()
+    torch.testing.assert_close(layer.weight.detach(), weight_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(layer.bias.detach(), bias_ref, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="weight_decay of a parameter group must be >= 0"):
+        LARS([{"params": [layer.bias], "weight_decay": -1.0}], lr=0.1)
+    for dtype in (torch.float64, torch.bfloat16):  # the fused CPU step's scale is float32 whatever the dtype
+        net = nn.Linear(4, 2).to(dtype)
+        before = net.weight.detach().clone()
+        opt = LARS(net.parameters(), lr=100.0)  # trust ratio 1e-3: a step bf16 weights can represent
+        net(torch.randn(3, 4, dtype=dtype)).sum().backward()
+        opt.step()
+        assert net.weight.dtype == dtype and not torch.equal(net.weight.detach(), before)
+
+
 def test_schedule_official_formula():
     base, final, epochs, spe, warm, start = 4.8, 0.0048, 5, 7, 2, 0.3
     lrs = warmup_cosine_schedule(base, final, epochs, spe, warm, start)

@@ -307,3 +307,36 @@ def test_an_error_is_noted_in_train_log(tmp_path, image_folder):
         train(cfg, model_builder=tiny_model)
     log = (tmp_path / "train.log").read_text()
     assert "stopped by an error: InjectedFailure" in log
+
+
+class _Unlabelled(torch.utils.data.Dataset):
+    """A user's own data set: bare uint8 C x H x W images (no labels), and an unrelated ``.data`` tensor."""
+
+    def __init__(self, n: int = 16, stray_data: bool = False) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=g)
+        if stray_data:  # e.g. a cache of something else: not what the items hold
+            self.data = torch.zeros(n, 12, 12, dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i]
+
+
+def test_a_users_own_data_set_is_read_through_its_items(tmp_path):
+    from swav.train_data import CropDataset, image_of, in_memory_images, resolve_pipeline
+
+    plain, stray = _Unlabelled(), _Unlabelled(stray_data=True)
+    # bare images are images, not (image, label) tuples whose first element would be the red channel
+    assert torch.equal(image_of(plain[3], 3), plain.images[3])
+    with pytest.raises(TypeError, match="data set item 0 is dict: expected an image"):
+        CropDataset({0: {"img": 1}}, None)[(0, 0)]
+    # a .data tensor that is not what the items hold is not trained on in their place
+    assert in_memory_images(stray, 3) is None and resolve_pipeline("auto", stray, 3) == "batched"
+    assert resolve_pipeline("auto", InMemoryImages(8), 3) == "tensor"  # one that is, is
+    cfg = tiny_config(tmp_path / "run", **{"optim.epochs": 1})
+    assert train(cfg, dataset=stray, model_builder=tiny_model).status == "complete"
+    derived = json.loads((tmp_path / "run" / "derived.json").read_text())
+    assert derived["pipeline"] == "batched"
