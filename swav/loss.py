@@ -57,8 +57,11 @@ def _single_head_loss(
     queue_scores: Sequence[torch.Tensor | None] | None,
     log_domain: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if scores.shape[0] % num_crops:
-        raise ValueError(f"scores has {scores.shape[0]} rows, not a multiple of num_crops={num_crops}")
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores has shape {shape}: expected (V*B) x K prototype scores, crop-major")
+    if scores.shape[0] == 0 or scores.shape[0] % num_crops:
+        raise ValueError(f"scores has {scores.shape[0]} rows, not a positive multiple of num_crops={num_crops}")
     if queue_scores is not None and len(queue_scores) != len(crops_for_assign):
         raise ValueError(
             f"queue_scores has {len(queue_scores)} entries; need one per assignment crop ({len(crops_for_assign)})"
@@ -126,6 +129,9 @@ def swav_loss(
     if not heads:
         raise ValueError("scores is an empty list: need one tensor per prototype head")
     queues = [queue_scores] if isinstance(scores, torch.Tensor) else (queue_scores or [None] * len(heads))
+    if len(queues) != len(heads):
+        raise ValueError(f"queue_scores has {len(queues)} entries for {len(heads)} prototype heads: with several "
+                         "heads, give one list (one entry per assignment crop) per head")
     losses, codes = [], []
     for head_scores, head_queue in zip(heads, queues):
         loss, head_codes = _single_head_loss(

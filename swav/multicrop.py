@@ -3,8 +3,8 @@
 Each image becomes V crops: for every :class:`CropGroup` (one resolution), ``count`` crops of
 RandomResizedCrop(size, scale=(min_scale, max_scale), ratio 3/4..4/3) -> horizontal flip (p 0.5)
 -> colour jitter (brightness/contrast/saturation 0.8 s, hue 0.2 s, ops in random order) with
-p 0.8 -> random grayscale (p 0.2) -> Gaussian blur (p 0.5, sigma ~ U[0.1, 2.0], odd kernel of
-about 10% of the crop size) -> float in [0, 1] -> normalise.
+p 0.8 -> random grayscale (p 0.2) -> Gaussian blur (p 0.5, sigma ~ U[0.1, 2.0], a 13-tap kernel at every crop
+size: 3 sigma of the largest sigma) -> float in [0, 1] -> normalise.
 
 Normalisation uses std (0.228, 0.224, 0.225) like the official SwAV code (torchvision's ImageNet
 constant is 0.229; SPEC §7 asks to pick one: we keep the original's). One-channel data

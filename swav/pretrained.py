@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -260,13 +260,16 @@ def load_pretrained(
     strict: bool = True,
     spec: ModelSpec | None = None,
     map_location: str | torch.device | None = "cpu",
+    model_builder: Callable[[ModelSpec], SwAVModel] | None = None,
 ) -> SwAVModel:
     """Build a :class:`SwAVModel` from any supported file (or local name) and load its weights.
 
     ``spec`` overrides the stored/inferred architecture (a mismatch is then reported key by key).
     ``strict=False`` loads only matching tensors and logs a WARNING listing the rest. A backbone-only
     file leaves head and prototypes freshly initialised, with a WARNING. The model is returned in
-    eval mode (call ``.train()`` to continue training), with ``model.spec`` set.
+    eval mode (call ``.train()`` to continue training), with ``model.spec`` set. ``model_builder``: the
+    function that built the network of a run trained with one of your own (``train(..., model_builder=)``),
+    called with the stored spec; the default builds the named backbone.
 
     Example:
         >>> import tempfile, torch
@@ -283,7 +286,7 @@ def load_pretrained(
     source = f"{ckpt.kind} file {str(path)!r}"
     if ckpt.content == "backbone":
         chosen = _spec_for_backbone_only(path, ckpt, spec)
-        model = build_model(chosen)
+        model = (model_builder or build_model)(chosen)
         diff = load_state_checked(model.backbone, ckpt.state, strict=strict, source=source)
         fresh = [f"backbone.{key}" for key in diff.skipped()] + [key for key in model.state_dict()
                                                                   if not key.startswith("backbone.")]
@@ -293,10 +296,10 @@ def load_pretrained(
         if spec is not None and stored is not None and stored != spec:
             source += f" (its shapes/metadata say: {describe_spec(stored)})"
         chosen = spec or stored or infer_spec(ckpt.state)
-        model = _adopt_exact(chosen, ckpt.state)
+        model = _adopt_exact(chosen, ckpt.state) if model_builder is None else None
         fresh = []
         if model is None:  # the file does not fit exactly: build for real, then load strictly or partially
-            model = build_model(chosen)
+            model = (model_builder or build_model)(chosen)
             fresh = load_state_checked(model, ckpt.state, strict=strict, source=source).skipped()
     logger.info("loaded %s as %s", source, describe_spec(chosen))
     model.spec = chosen

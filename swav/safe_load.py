@@ -195,6 +195,10 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device | 
     """
     path = Path(path)
     _check_readable(path)
+    wanted = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+    if wanted is not None and wanted.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location={str(map_location)!r} but CUDA is not available here: load {str(path)!r} "
+                         "with map_location='cpu'")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:

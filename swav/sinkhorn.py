@@ -73,7 +73,8 @@ def sinkhorn_knopp(
             batch and every rank gets exactly its slice of the single-process result.
 
     Returns:
-        ``B x K`` codes in float32 (float64 if ``scores`` is float64); each row sums to 1.
+        ``B x K`` codes in float32 (float64 if ``scores`` is float64); each row sums to 1 (with
+        ``iterations >= 1``; ``iterations=0`` returns the unbalanced kernel, whose rows do not).
         No gradient flows (codes are targets).
 
     Example:

@@ -7,7 +7,7 @@ model, optimiser and schedule, resumes from the newest valid checkpoint when ask
 requested (``run.max_steps``, ``run.time_budget_minutes``, SIGTERM/SIGUSR1), and at the end
 (``checkpoints/final.pt`` + ``model.pt``). Metrics go to ``metrics.jsonl``, TensorBoard and ``train.log``.
 
-Example (a few steps on a folder of images; see the README for the command line)::
+Example (a few steps of the Fashion-MNIST CPU recipe; see the README for the command line)::
 
     from swav.config import with_values
     from swav.recipes import load_recipe
@@ -94,9 +94,32 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
     Neither: an unfinished run of this same config there is continued, any other run refused
     (:func:`~swav.run_folder.check_run_folder`). ``partial``: resume even from a checkpoint of another
     architecture, crop set or prototype count, loading what fits (:func:`~swav.run_folder.partial_resume_checkpoint`).
-    ``dataset`` (items ``(image, label)``) replaces ``data.path``; ``model_builder`` replaces the
-    backbone registry (for custom networks; the spec is stored in checkpoints either way).
+    ``dataset`` (items: images, or ``(image, label)`` tuples; PIL images or uint8 ``C x H x W`` tensors)
+    replaces ``data.path``; ``model_builder`` replaces the backbone registry (for custom networks; the
+    spec is stored in checkpoints either way; load the result with ``load_pretrained(path,
+    model_builder=...)``). Where logging is not set up (a script, a notebook), the progress lines go to
+    stderr for the duration of the call, as with the ``swav pretrain`` command.
     """
+    if not isinstance(config, Config):
+        raise TypeError(f"config is {type(config).__name__}: expected a swav.Config, e.g. "
+                        "swav.with_values(swav.Config(), {'data.path': ..., 'run.output_dir': ...}) or "
+                        "swav.load_recipe(name)")
+    package_logger = logging.getLogger("swav")
+    console = None
+    if not package_logger.hasHandlers():  # a Python caller without logging set up would see no progress
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        package_logger.addHandler(console)
+    try:
+        return _train(config, resume=resume, overwrite=overwrite, dataset=dataset, model_builder=model_builder,
+                      partial=partial)
+    finally:
+        if console is not None:
+            package_logger.removeHandler(console)
+
+
+def _train(config: Config, *, resume: bool, overwrite: bool, dataset: Dataset | None,
+           model_builder: Callable[[ModelSpec], SwAVModel], partial: bool) -> TrainResult:
     run = config.run
     out = check_output_folder(run.output_dir, "--output-dir (run.output_dir)")  # before a process group exists
     ctx = init_distributed(run.device, world_size=run.world_size, rank=run.rank, local_rank=run.local_rank,
@@ -360,7 +383,9 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
         _warn_if_shard_layout_changed(found[1], config, ctx.world_size, progress.epoch)
     ahead = getattr(loader, "prefetch", 0)
     logger.info("training %s: %d images, %d steps per epoch, %d steps in total, global batch %d, %s, %s pipeline%s",
-                spec.backbone, derived.dataset_size, derived.steps_per_epoch, derived.total_steps,
+                spec.backbone if model_builder is build_model else
+                f"the network of {getattr(model_builder, '__qualname__', 'model_builder')}() (load it back with "
+                "load_pretrained(..., model_builder=...))", derived.dataset_size, derived.steps_per_epoch, derived.total_steps,
                 derived.global_batch_size, precision, pipeline,
                 f" (batches made {ahead} ahead in a background thread)" if ahead else "")
     return _loop(config, derived, step_fn, loader, progress, out, ctx, stop, knn_monitor)

@@ -115,3 +115,18 @@ def test_bf16_scores_close_to_fp32():
     fp32 = swav_loss(scores, 8)
     bf16 = swav_loss(scores.bfloat16(), 8)
     assert torch.isfinite(bf16) and abs(bf16.item() - fp32.item()) < 2e-2 * fp32.item()
+
+
+def test_scores_of_the_wrong_shape_are_refused():
+    import pytest
+
+    from swav import swav_loss
+
+    with pytest.raises(ValueError, match=r"scores has shape \(12,\): expected \(V\*B\) x K"):
+        swav_loss(torch.randn(12), num_crops=4)
+    with pytest.raises(ValueError, match=r"scores has shape \(4, 3, 10\)"):
+        swav_loss(torch.randn(4, 3, 10), num_crops=4)
+    with pytest.raises(ValueError, match="queue_scores has 1 entries for 2 prototype heads"):
+        swav_loss([torch.randn(12, 10), torch.randn(12, 10)], num_crops=4, queue_scores=[[None, None]])
+    with pytest.raises(ValueError, match="not a positive multiple"):
+        swav_loss(torch.randn(0, 10), num_crops=4)

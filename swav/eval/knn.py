@@ -84,6 +84,9 @@ def knn_accuracy(
     """
     if test_labels.dim() != 1 or test_labels.shape[0] != test_features.shape[0]:
         raise ValueError(f"test_labels: expected shape ({test_features.shape[0]},), got {tuple(test_labels.shape)}")
+    if len(test_labels) and int(test_labels.min()) < 0:
+        raise ValueError(f"test_labels: hold {int((test_labels < 0).sum())} negative label(s) (-1 marks an "
+                         "unlabelled image): leave those images out of the accuracy")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores_MK = knn_classify(

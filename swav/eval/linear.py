@@ -294,6 +294,10 @@ def _check_features(features: Tensor, labels: Tensor, name: str) -> None:
         raise ValueError(f"{name}_features: expected a non-empty (N, C) tensor, got {tuple(features.shape)}")
     if labels.shape != features.shape[:1]:
         raise ValueError(f"{name}_labels: expected shape ({features.shape[0]},), got {tuple(labels.shape)}")
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(f"{name}_labels: hold {int((labels < 0).sum())} negative label(s) (-1 marks an unlabelled "
+                         "image in swav's data sets and extractions): leave those images out, or number the "
+                         "classes from 0")
 
 
 def _num_classes(num_classes: int | None, *labels: Tensor) -> int:
