@@ -439,8 +439,13 @@ class ShardDataset(IterableDataset):
                 yield held.pop(want)
             else:
                 missing += 1
-        if misplaced is None and next(samples, None) is not None:
-            misplaced = "the shards hold more samples than their index says"
+        for sample in samples:  # the rest (samples trained on before the resume): only counted, for the check
+            if misplaced is None and number < starts[-1] and sample.get("__url__") != mine[shard_of(number)]:
+                misplaced = f"sample {number} of this worker's stream, by the index in {mine[shard_of(number)]}, " \
+                            f"came from {sample.get('__url__')}"
+            number += 1
+        if misplaced is None and number > starts[-1]:
+            misplaced = f"the shards hold {number - starts[-1]} sample(s) more than their index says"
         if missing or misplaced:
             logger.warning("rank %d: the sample counts in %s do not match the shards %s (%s), so this resumed epoch "
                            "is not exactly the interrupted one; pack the data again with `swav pack-shards`",
