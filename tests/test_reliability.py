@@ -181,7 +181,9 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_at_the_same_step(tmp_path, idx_d
     results = [finish(p, log) for p, log in zip(procs, logs)]
     for code, text in results:
         assert code == 128 + signal.SIGUSR1, text[-3000:]
-        assert "stopped by a signal at step 3" in text
+        assert "stopping at step 3 (preempted)" in text
+    # rank 0 reports how the run stopped, once for all ranks
+    assert ["stopped by a signal at step 3" in text for _, text in results] == [True, False]
     assert "received SIGUSR1" in results[1][1] and "received SIGUSR1" not in results[0][1]
     saved = load_checkpoint(step_checkpoint_path(out, 3))
     assert saved["world_size"] == 2 and len(saved["rng"]) == 2 and saved["step"] == 3
