@@ -34,10 +34,12 @@ def _config(workers: int, batch: int) -> Config:
                                   "run.device": "cpu"})
 
 
-def time_to_first_batch(shards: Path, config: Config, start_batch: int, skip_by_reading: bool) -> float:
+def time_to_first_batch(shards: Path, config: Config, start_batch: int, skip_by_reading: bool,
+                        shuffle_buffer: int) -> float:
     """Seconds from ``set_epoch`` to the first batch of the rest of the epoch. ``skip_by_reading``: start the
     epoch at its beginning and drop ``start_batch`` batches (what an exact resume costs without skipping)."""
-    ds = ShardDataset(shards, rank=0, world_size=1, seed=config.run.seed, return_key=True)
+    ds = ShardDataset(shards, rank=0, world_size=1, seed=config.run.seed, return_key=True,
+                      shuffle_buffer=shuffle_buffer)
     loader = build_train_loader(config, ds, pipeline="batched", rank=0, world_size=1, device=torch.device("cpu"))
     start = time.perf_counter()
     loader.set_epoch(1, 0 if skip_by_reading else start_batch)
@@ -58,6 +60,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shuffle-buffer", type=int, default=1000,
+                        help="samples per worker's shuffle buffer (training's default: 1000); a resume reads the "
+                             "shards that still hold samples of the buffer, so take streams several times longer")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -79,16 +84,17 @@ def main() -> None:
         cases += [(f"resume at batch {b} of {steps} (exact, skipping)", b, False) for b in points]
         cases += [(f"resume at batch {b} of {steps} by reading and dropping", b, True) for b in points]
         times: dict[str, list[float]] = {name: [] for name, _, _ in cases}
-        time_to_first_batch(work / "shards", config, 0, False)  # warm the page cache and the imports
+        time_to_first_batch(work / "shards", config, 0, False, args.shuffle_buffer)  # warm the cache, imports
         for _ in range(args.repeats):
             for name, start_batch, by_reading in cases:
-                times[name].append(time_to_first_batch(work / "shards", config, start_batch, by_reading))
+                times[name].append(time_to_first_batch(work / "shards", config, start_batch, by_reading,
+                                                       args.shuffle_buffer))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     base = statistics.median(times["start of the epoch"])
-    print(f"{images} images in {args.shards} shards, batch {args.batch}, {args.workers} workers, "
-          f"2x224 + 6x96 crops, median of {args.repeats}")
+    print(f"{images} images in {args.shards} shards, batch {args.batch}, {args.workers} workers, shuffle buffer "
+          f"{args.shuffle_buffer}, 2x224 + 6x96 crops, median of {args.repeats}")
     print(f"| {'case':<55} | {'s to first batch':>16} | {'vs start':>8} |")
     print(f"|{'-' * 57}|{'-' * 18}|{'-' * 10}|")
     rows = []
@@ -99,6 +105,7 @@ def main() -> None:
         print(f"| {name:<55} | {median:16.2f} | {median / base:7.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({"images": images, "shards": args.shards, "batch": args.batch,
+                                               "shuffle_buffer": args.shuffle_buffer,
                                                "workers": args.workers, "rows": rows}, indent=1) + "\n")
 
 

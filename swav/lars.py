@@ -50,15 +50,7 @@ class LARS(torch.optim.SGD):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         params = list(params)
         if params and all(isinstance(g, dict) for g in params):  # parameter groups: a group's weight_decay is
-            groups = []                                            # its LARS weight decay (as in LARC)
-            for group in params:
-                group = dict(group)
-                if "weight_decay" in group:
-                    if group["weight_decay"] < 0:
-                        raise ValueError(f"weight_decay of a parameter group must be >= 0, got {group['weight_decay']}")
-                    group.setdefault("lars_weight_decay", group.pop("weight_decay"))
-                groups.append(group)
-            params = groups
+            params = [_lars_group(group) for group in params]     # its LARS weight decay (as in LARC)
         if fused is None:
             fused = _fused_supported(params)
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0, fused=fused,
@@ -72,6 +64,13 @@ class LARS(torch.optim.SGD):
         self.trust_coefficient = trust_coefficient
         self.eps = eps
         self._grad_norms: list[tuple[list[torch.Tensor], torch.Tensor | None]] | None = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As SGD's; the group's own ``weight_decay``, if any, is its LARS weight decay."""
+        group = _lars_group(param_group)
+        if "lars_weight_decay" in self.defaults:  # after __init__ (which sets the default of its own groups)
+            group.setdefault("lars_weight_decay", self.defaults["lars_weight_decay"])
+        super().add_param_group(group)
 
     @torch.no_grad()
     def gradient_norms(self) -> list[tuple[list[torch.Tensor], torch.Tensor | None]]:
@@ -182,10 +181,23 @@ class LARS(torch.optim.SGD):
         return loss
 
 
+def _lars_group(group: dict) -> dict:
+    """A parameter group with its ``weight_decay`` moved to ``lars_weight_decay`` (SGD's own decay stays 0)."""
+    group = dict(group)
+    if "weight_decay" in group:
+        if group["weight_decay"] < 0:
+            raise ValueError(f"weight_decay of a parameter group must be >= 0, got {group['weight_decay']}")
+        group.setdefault("lars_weight_decay", group.pop("weight_decay"))
+    return group
+
+
 def _fused_supported(params: list) -> bool:
     """Whether PyTorch's fused SGD kernel takes every parameter (floating point, on CPU or CUDA)."""
+    if params and all(isinstance(g, dict) for g in params):  # parameter groups: look inside
+        params = [p for g in params for p in (g["params"] if isinstance(g["params"], (list, tuple))
+                                               else [g["params"]])]
     tensors = [p for p in params if isinstance(p, torch.Tensor)]
-    if len(tensors) != len(params) or not tensors:  # parameter groups given as dicts: keep the default
+    if len(tensors) != len(params) or not tensors:
         return False
     return all(t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors)
 

@@ -195,10 +195,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device | 
     """
     path = Path(path)
     _check_readable(path)
-    wanted = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
-    if wanted is not None and wanted.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"map_location={str(map_location)!r} but CUDA is not available here: load {str(path)!r} "
-                         "with map_location='cpu'")
+    _check_map_location(map_location, path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -268,6 +265,14 @@ def is_safetensors_file(path: str | os.PathLike) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
 
 
+def _check_map_location(map_location: Any, path: Path) -> None:
+    """A CUDA ``map_location`` on a machine without CUDA, named as such (torch reports a damaged file)."""
+    wanted = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+    if wanted is not None and wanted.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location={str(map_location)!r} but CUDA is not available here: load {str(path)!r} "
+                         "with map_location='cpu'")
+
+
 def load_state_file(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> Any:
     """Read a checkpoint safely: safetensors files with safetensors, anything else with :func:`safe_torch_load`.
 
@@ -284,6 +289,7 @@ def load_state_file(path: str | os.PathLike, map_location: str | torch.device | 
     path = Path(path)
     if not is_safetensors_file(path):
         return safe_torch_load(path, map_location=map_location)
+    _check_map_location(map_location, Path(path))
     from safetensors.torch import load_file
 
     _check_readable(path)

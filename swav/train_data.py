@@ -88,17 +88,16 @@ class CropDataset(Dataset):
 
 
 def image_of(item: Any, index: int) -> Any:
-    """The image of a data set item: the item itself (a PIL image, a tensor, an array, encoded bytes, a path) or
+    """The image of a data set item: the item itself (a PIL image, a tensor, encoded bytes, a path) or
     the first element of an ``(image, label, ...)`` tuple; anything else is a ``TypeError`` that says so.
 
     Example:
         >>> image_of((torch.zeros(3, 2, 2), 7), 0).shape, image_of(torch.zeros(3, 2, 2), 0).shape
         (torch.Size([3, 2, 2]), torch.Size([3, 2, 2]))
     """
-    import numpy as np
     from PIL import Image
 
-    images = (Image.Image, torch.Tensor, np.ndarray, bytes, bytearray, str, os.PathLike)
+    images = (Image.Image, torch.Tensor, bytes, bytearray, str, os.PathLike)
     if isinstance(item, images):
         return item
     if isinstance(item, (tuple, list)) and item and isinstance(item[0], images):
@@ -166,6 +165,9 @@ def _item_is(dataset: Any, index: int, expected: torch.Tensor) -> bool:
         return False
     if isinstance(image, Image.Image):
         image = TF.pil_to_tensor(image)
+    if isinstance(image, torch.Tensor) and image.is_floating_point() and image.numel() and \
+            0.0 <= float(image.min()) and float(image.max()) <= 1.0:  # ToTensor() items: the same image in [0, 1]
+        image = (image * 255).round().to(torch.uint8)
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
         return False
     if image.dim() == 2:

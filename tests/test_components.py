@@ -136,6 +136,14 @@ def test_lars_honours_each_groups_weight_decay_and_other_dtypes():
     torch.testing.assert_close(layer.bias.detach(), bias_ref, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="weight_decay of a parameter group must be >= 0"):
         LARS([{"params": [layer.bias], "weight_decay": -1.0}], lr=0.1)
+    # groups keep the fused CPU step; groups added later translate their weight_decay the same way
+    other = nn.Linear(2, 2)
+    opt = LARS([{"params": [other.weight]}], lr=0.1, weight_decay=0.5)
+    opt.add_param_group({"params": [other.bias], "weight_decay": 0.0})
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+    assert [(g["lars_weight_decay"], g["weight_decay"]) for g in opt.param_groups] == [(0.5, 0.0), (0.0, 0.0),
+                                                                                       (0.5, 0.0)]
+    assert all(g["fused"] for g in opt.param_groups)
     for dtype in (torch.float64, torch.bfloat16):  # the fused CPU step's scale is float32 whatever the dtype
         net = nn.Linear(4, 2).to(dtype)
         before = net.weight.detach().clone()

@@ -56,3 +56,7 @@ def test_library_inputs_that_would_mislead_are_refused(tmp_path):
         path = export_full(model, tmp_path / "m.pt")
         with pytest.raises(ValueError, match="CUDA is not available here"):
             swav.load_pretrained(path, map_location="cuda")
+        from swav.export import export_safetensors
+        tensors = export_safetensors(model, tmp_path / "m.safetensors")
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            swav.load_pretrained(tensors, map_location="cuda:0")

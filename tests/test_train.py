@@ -336,6 +336,12 @@ def test_a_users_own_data_set_is_read_through_its_items(tmp_path):
     # a .data tensor that is not what the items hold is not trained on in their place
     assert in_memory_images(stray, 3) is None and resolve_pipeline("auto", stray, 3) == "batched"
     assert resolve_pipeline("auto", InMemoryImages(8), 3) == "tensor"  # one that is, is
+
+    class ToTensorItems(InMemoryImages):  # torchvision's MNIST(transform=ToTensor()): floats in [0, 1]
+        def __getitem__(self, i: int):
+            return self.data[i][None].float() / 255, int(self.targets[i])
+
+    assert resolve_pipeline("auto", ToTensorItems(8), 3) == "tensor"
     cfg = tiny_config(tmp_path / "run", **{"optim.epochs": 1})
     assert train(cfg, dataset=stray, model_builder=tiny_model).status == "complete"
     derived = json.loads((tmp_path / "run" / "derived.json").read_text())
