@@ -87,7 +87,7 @@ def run_synthetic(batch, precision, channels_last, steps, warmup, device):
     model.zero_grad(set_to_none=True)
     bb = timed(lambda i: backbone_only(model, crops, dtype, channels_last), steps, warmup, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30
-    del step, model, crops
+    step = model = crops = None  # freed before the next configuration (lambdas above held them)
     torch.cuda.empty_cache()
     return {"input": "synthetic", "batch": batch, "precision": precision, "channels_last": channels_last,
             "images_per_s": batch / full, "backbone_only_images_per_s": batch / bb, "step_over_backbone": full / bb,
