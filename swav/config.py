@@ -210,7 +210,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms once per crop size
     sync_bn: bool = True  # SyncBatchNorm when world size > 1
-    sync_bn_group_size: int = 8  # ranks per SyncBatchNorm group (official --syncbn_process_group_size)
+    sync_bn_group_size: int = 8  # ranks per SyncBatchNorm group (official --syncbn_process_group_size); 0 = all
     dist_url: str = "env://"
     dist_timeout_minutes: float = 30.0
     world_size: int = -1  # -1 = from the launcher's environment
@@ -245,8 +245,9 @@ class RunConfig:
         for key in ("checkpoint_every_epochs", "checkpoint_every_steps", "keep_every_epochs", "max_steps",
                     "max_scaler_skips", "knn_every_epochs"):
             _check(getattr(self, key) >= 0, f"run.{key}", getattr(self, key), "an integer >= 0")
-        for key in ("keep_checkpoints", "log_every_steps", "sync_bn_group_size", "knn_train_samples",
-                    "knn_test_samples"):
+        _check(self.sync_bn_group_size >= 0, "run.sync_bn_group_size", self.sync_bn_group_size,
+               "an integer >= 1, or 0 for all ranks")
+        for key in ("keep_checkpoints", "log_every_steps", "knn_train_samples", "knn_test_samples"):
             _check(getattr(self, key) >= 1, f"run.{key}", getattr(self, key), "an integer >= 1")
         for key in ("time_budget_minutes", "dist_timeout_minutes"):
             _check(getattr(self, key) >= 0, f"run.{key}", getattr(self, key), "a value >= 0")

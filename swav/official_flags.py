@@ -112,4 +112,9 @@ def official_values(args: argparse.Namespace) -> dict[str, Any]:
         if raw is not None:
             key, value = official_to_config_value(name, raw)
             values[key] = value
+    # the original's --sync_bn pytorch synchronises BatchNorm over all processes; only apex uses
+    # --syncbn_process_group_size
+    if str(getattr(args, _dest("sync_bn"), None)).strip().lower() == "pytorch" and \
+            getattr(args, _dest("syncbn_process_group_size"), None) is None:
+        values["run.sync_bn_group_size"] = 0
     return values

@@ -290,7 +290,7 @@ def _wrap(raw: SwAVModel, ctx: DistContext, config: Config) -> nn.Module:
 
 
 def _sync_bn_group(group_size: int, world_size: int) -> dist.ProcessGroup | None:
-    if world_size <= group_size:
+    if group_size == 0 or world_size <= group_size:  # 0: all ranks
         return None
     if world_size % group_size:
         logger.warning("world size %d is not a multiple of run.sync_bn_group_size=%d: BatchNorm statistics are "

@@ -94,6 +94,17 @@ def test_every_official_flag_lands_in_its_field():
     assert (c.run.precision, c.swav.queue_length, c.crops.counts, c.optim.warmup_epochs) == ("fp16", 3840, (2, 6), 0)
 
 
+def test_sync_bn_pytorch_is_global_and_apex_uses_the_group_size():
+    # the original: pytorch converts BatchNorm over all processes; apex uses --syncbn_process_group_size (8)
+    assert (parse(["--sync_bn", "pytorch"]).run.sync_bn_group_size, parse(["--sync_bn", "apex"]).run.sync_bn_group_size) \
+        == (0, 8)
+    assert parse(["--sync_bn", "pytorch", "--syncbn_process_group_size", "4"]).run.sync_bn_group_size == 4
+    from swav.train import _sync_bn_group
+    assert _sync_bn_group(0, 64) is None  # None: every rank together
+    with pytest.raises(ValueError, match="or 0 for all ranks"):
+        apply_overrides(Config(), ["run.sync_bn_group_size=-1"])
+
+
 @pytest.mark.parametrize("word,value", [("true", True), ("false", False), ("on", True), ("off", False),
                                         ("1", True), ("0", False), ("True", True), ("OFF", False)])
 def test_booleans_in_every_spelling(word, value):
@@ -194,6 +205,7 @@ def test_every_recipe_loads_validates_and_matches_spec():
         assert (c.swav.temperature, c.swav.epsilon, c.swav.sinkhorn_iterations, c.model.output_dim,
                 c.model.num_prototypes, c.optim.weight_decay) == (0.1, 0.05, 3, 128, (3000,), 1e-6), name
     assert load_recipe("swav_rn50w4_400ep").swav.queue_start_epoch == 0
+    assert load_recipe("swav_rn50w4_400ep").crops.min_scales == (0.08, 0.08)  # --min_scale_crops 0.08 0.08
     assert load_recipe("swav_400ep_2x224").crops.min_scales == (0.08,)
     assert load_recipe("swav_rn50w2_400ep").model.hidden_dim == 8192
     assert load_recipe("fashion_mnist_cpu").data.channels == 1
