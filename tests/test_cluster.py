@@ -295,6 +295,9 @@ def test_cli_cluster_output_dir_that_is_a_file(tmp_path, capsys):
                      str(tmp_path / "both")]) == 2
     assert "--features-dir (cluster an extraction) excludes --checkpoint and --data" in capsys.readouterr().err
     assert not (tmp_path / "both").exists()
+    assert _run_cli(["cluster", "--features-dir", str(folder), "--limit", "3", "--output-dir",
+                     str(tmp_path / "limited")]) == 0
+    assert "--limit apply to extracting (--checkpoint and --data) and are ignored" in capsys.readouterr().err
 
 
 def test_cluster_of_extraction_that_left_out_unreadable_images_stays_aligned(tmp_path, capsys):

@@ -102,6 +102,12 @@ def run_cluster(args: argparse.Namespace) -> int:
                     if (again / "meta.json").exists() else ""))
         if args.features_dir:
             features_dir = args.features_dir
+            given = [flag for flag, value in (("--bit-depth", args.bit_depth), ("--limit", args.limit),
+                                              ("--chunk-rows", args.chunk_rows)) if value is not None]
+            if given:  # they shape an extraction, and --features-dir clusters a finished one
+                print(f"swav cluster: warning: {', '.join(given)} apply to extracting (--checkpoint and --data) and "
+                      f"are ignored with --features-dir, which clusters {features_dir!r} as it was extracted",
+                      file=sys.stderr)
         elif args.checkpoint and args.data:
             from swav.cluster import refuse_untrained_model
             features_dir = extract_job(args.checkpoint, args.data, Path(args.output_dir) / "extract",
