@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
@@ -163,6 +164,7 @@ def write_shards(
     num_shards: int | None = None,
     prefix: str = "shard",
     verify: bool = True,
+    overwrite: bool = False,
 ) -> list[str]:
     """Pack ``source`` (a folder path, an :class:`~swav.datasets.ImageFolderDataset`, an
     IDX/CIFAR dataset or any dataset of ``(PIL image, label)``) into tar shards in ``out_dir``.
@@ -173,7 +175,9 @@ def write_shards(
     (files skipped by ``verify`` make a shard smaller); use a multiple of ``world_size``.
     ``verify`` decodes every file first and leaves out unreadable ones. Each shard is written
     under a temporary name and renamed when complete. Returns the shard paths;
-    ``out_dir/shards.json`` records names, counts and classes.
+    ``out_dir/shards.json`` records names, counts and classes. A folder that holds shards already is
+    refused, unless ``overwrite``: the new shards are then written beside in a hidden folder and replace the
+    old ones (every ``<prefix>-*.tar`` and ``shards.json``) only once they are complete, so a failure keeps them.
 
     Example: see the module docstring.
     """
@@ -184,10 +188,29 @@ def write_shards(
                          f"num_shards={num_shards!r}, max_bytes={max_bytes!r}")
     from webdataset import TarWriter
     out_dir = os.fspath(out_dir)
-    if os.path.isdir(out_dir) and any(name == "shards.json" or (name.startswith(f"{prefix}-") and name.endswith(".tar"))
-                                      for name in os.listdir(out_dir)):
-        raise ValueError(f"{out_dir!r} holds shards already (old shards left beside new ones would be read "
-                         "together): choose an empty folder, or delete the old shards first")
+
+    def old_shards() -> list[str]:
+        return [name for name in os.listdir(out_dir) if name == INDEX_NAME or (
+            name.startswith(f"{prefix}-") and (name.endswith(".tar") or name.endswith(".tar.tmp")))]
+
+    if os.path.isdir(out_dir) and old_shards():
+        if not overwrite:
+            raise ValueError(f"{out_dir!r} holds shards already (old shards left beside new ones would be read "
+                             "together): choose an empty folder, or pass --overwrite (Python: overwrite=True) to "
+                             "replace them")
+        staging = os.path.join(out_dir, f".new-shards-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            written = write_shards(source, staging, max_samples_per_shard=max_samples_per_shard, max_bytes=max_bytes,
+                                   num_shards=num_shards, prefix=prefix, verify=verify)
+            for name in old_shards():  # only now: a failure above kept them
+                os.remove(os.path.join(out_dir, name))
+            for name in os.listdir(staging):
+                os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info("replaced the shards in %s", out_dir)
+        return [os.path.join(out_dir, os.path.basename(path)) for path in written]
     os.makedirs(out_dir, exist_ok=True)
     if isinstance(source, (str, os.PathLike)):
         from swav.datasets import ImageFolderDataset

@@ -217,3 +217,32 @@ def test_idx_like_source_and_cli(tmp_path):
                                                     "shards.json"]
     args = parser.parse_args(["pack-shards", str(tmp_path / "nope"), str(tmp_path / "o2")])
     assert args.func(args) == 1  # the data cannot be found: an error of the job, as in every command
+
+
+def test_pack_shards_overwrite_replaces_only_once_the_new_shards_are_complete(tmp_path, capsys):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(5):
+        Image.new("RGB", (2, 2), (i, 0, 0)).save(src / f"{i}.png")
+    parser = argparse.ArgumentParser()
+    shards_cli.register(parser.add_subparsers())
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def pack(*extra):
+        args = parser.parse_args(["pack-shards", str(src), str(out), *extra])
+        return args.func(args)
+
+    assert pack("--samples-per-shard", "1") == 0 and len(list(out.glob("shard-*.tar"))) == 5
+    assert pack("--samples-per-shard", "2") == 1  # shards there already: refused, nothing changed
+    assert "--overwrite" in capsys.readouterr().err and len(list(out.glob("shard-*.tar"))) == 5
+    assert pack("--samples-per-shard", "2", "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "shard-000000.tar", "shard-000001.tar",
+                                                     "shard-000002.tar", "shards.json"]
+    assert sorted(key for _, _, key in ShardDataset(out, return_key=True)) == [f"{i}.png" for i in range(5)]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for p in src.iterdir():  # a source whose every image is unreadable: the replacement fails ...
+        p.write_bytes(b"not an image")
+    assert pack("--overwrite") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # ... and the old shards are kept

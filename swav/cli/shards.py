@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="do not decode files first (faster; bad files get packed)")
     parser.add_argument("--download", action="store_true",
                         help="allow downloading a named data set with torchvision")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards already in OUT (once the new ones are complete)")
     parser.set_defaults(func=run)
     return parser
 
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.src!r} already holds shards")
         paths = write_shards(source, args.out, max_samples_per_shard=args.samples_per_shard,
                              max_bytes=args.max_bytes, num_shards=args.num_shards,
-                             verify=not args.no_verify)
+                             verify=not args.no_verify, overwrite=args.overwrite)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         from swav.cli import error_status
         print(f"swav pack-shards: error: {exc}", file=sys.stderr)
