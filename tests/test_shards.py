@@ -204,35 +204,37 @@ def test_idx_like_source_and_cli(tmp_path):
     assert [label for _, label, _ in items] == list(range(6))
     np.testing.assert_array_equal(np.asarray(items[4][0]), Arrays.data[4].numpy())
 
+    src, pack = _small_pngs_and_cli(tmp_path, 3)
+    assert pack(src, tmp_path / "out", "--samples-per-shard", "2") == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["shard-000000.tar", "shard-000001.tar",
+                                                    "shards.json"]
+    assert pack(tmp_path / "nope", tmp_path / "o2") == 1  # the data cannot be found: an error of the job
+
+
+def _small_pngs_and_cli(tmp_path, n: int):
+    """A folder of ``n`` tiny PNGs and ``pack(src, out, *flags)`` running `swav pack-shards`."""
     src = tmp_path / "imgs"
     src.mkdir()
-    for i in range(3):
+    for i in range(n):
         Image.new("RGB", (2, 2), (i, 0, 0)).save(src / f"{i}.png")
     parser = argparse.ArgumentParser()
     shards_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["pack-shards", str(src), str(tmp_path / "out"),
-                              "--samples-per-shard", "2"])
-    assert args.func(args) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["shard-000000.tar", "shard-000001.tar",
-                                                    "shards.json"]
-    args = parser.parse_args(["pack-shards", str(tmp_path / "nope"), str(tmp_path / "o2")])
-    assert args.func(args) == 1  # the data cannot be found: an error of the job, as in every command
+
+    def pack(source, out, *flags):
+        args = parser.parse_args(["pack-shards", str(source), str(out), *flags])
+        return args.func(args)
+
+    return src, pack
 
 
 def test_pack_shards_overwrite_replaces_only_once_the_new_shards_are_complete(tmp_path, capsys):
-    src = tmp_path / "imgs"
-    src.mkdir()
-    for i in range(5):
-        Image.new("RGB", (2, 2), (i, 0, 0)).save(src / f"{i}.png")
-    parser = argparse.ArgumentParser()
-    shards_cli.register(parser.add_subparsers())
+    src, pack_cli = _small_pngs_and_cli(tmp_path, 5)
     out = tmp_path / "out"
     (out).mkdir()
     (out / "notes.txt").write_text("mine")
 
     def pack(*extra):
-        args = parser.parse_args(["pack-shards", str(src), str(out), *extra])
-        return args.func(args)
+        return pack_cli(src, out, *extra)
 
     assert pack("--samples-per-shard", "1") == 0 and len(list(out.glob("shard-*.tar"))) == 5
     assert pack("--samples-per-shard", "2") == 1  # shards there already: refused, nothing changed
