@@ -414,7 +414,7 @@ class ShardDataset(IterableDataset):
 
     def _replayed(self, mine: list[str], rng: random.Random, skip: int) -> Iterator[dict | Skipped]:
         """The worker's shuffled stream with its first ``skip`` samples replaced by :data:`SKIPPED`, without
-        reading them: the shuffle buffer's draws depend only on how many samples it holds, so running it on
+        decoding them: the shuffle buffer's draws depend only on how many samples it holds, so running it on
         sample numbers gives the stream's order, and only shards holding a later sample are read."""
         count = dict(zip(self.urls, self.counts or [], strict=True))
         starts = [0]

@@ -20,12 +20,13 @@ lives here:
   order in which the data loader interleaves its workers' batches (each worker in turn, skipping those
   that have ended) tells how many whole batches of each worker the ``start_batch * B`` samples already
   trained on hold (:func:`resume_skips`). Each worker yields those as :class:`~swav.shards.Skipped`
-  placeholders, without reading or decoding them (:meth:`~swav.shards.ShardDataset.set_epoch`, which
-  replays its shuffle buffer on sample numbers and reads only the shards still needed); they are
-  collated into :class:`SkippedBatch` markers, which keep the interleaving as it was, and the main
-  process drops them and the samples of the one worker batch that was half trained on. One exception:
-  a stand-in for an unreadable image (see below) that was to copy an image of the skipped part copies
-  the next readable one instead.
+  placeholders, without decoding them (:meth:`~swav.shards.ShardDataset.set_epoch`, which replays its
+  shuffle buffer on sample numbers and opens only the shards that still hold samples of the epoch);
+  they are collated into :class:`SkippedBatch` markers, which keep the interleaving as it was, and the
+  main process drops them and the samples of the one worker batch that was half trained on. A stand-in
+  for an unreadable image right after the resume point copies the readable image before it, read
+  again, as in the uninterrupted epoch. Exact for the same ``data.workers`` and number of processes as
+  the interrupted run (the engine warns otherwise).
 
 Example (2 ranks, 4 equal shards, batch 2; no process group needed to build the loaders)::
 
@@ -210,7 +211,7 @@ class ShardTrainLoader(TrainLoader):
             sizes = [sum(count[u] for u in mine[w::workers]) for w in range(workers)]
             skips = resume_skips(sizes, self.batch_size, start_batch * self.batch_size)
             logger.info("resuming inside epoch %d of streamed shards after %d samples per rank: the data-loader "
-                        "workers pass over the first %s samples of their streams without reading them", epoch,
+                        "workers pass over the first %s samples of their streams without decoding them", epoch,
                         start_batch * self.batch_size, skips)
         self.stream.set_epoch(epoch, skip_samples=skips)
         self.epoch, self.start_batch = epoch, start_batch
