@@ -7,7 +7,8 @@ photos (2x224 + 6x96, batches of 64 images), alternating the variants batch by b
 them alike, and splits the eager grouped strategy's time by op (the ops are wrapped with timers; the rest is
 conversion, normalisation, gathering and scattering pieces, and Python).
 
-Variants: ``grouped`` (the CPU default), ``compiled`` (``compile=True``: the grouped strategy with the hue
+Variants: ``opencv`` (the CPU default where OpenCV is installed: crop by crop, each op one OpenCV pass),
+``grouped`` (the CPU default without OpenCV), ``compiled`` (``compile=True``: the grouped strategy with the hue
 rotation compiled; compiled before timing) and ``masked`` (the GPU default, each op once over the whole
 batch's subset). ``--compare-with REV`` adds the grouped strategy of an earlier git revision of this
 repository (its ``swav/color_ops.py`` and ``swav/batch_augment.py``, loaded beside the current ones), to
@@ -90,8 +91,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="distinct batches of crops, cycled")
     parser.add_argument("--rounds", type=int, default=5, help="passes over the batches")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--variants", nargs="+", default=["grouped", "compiled", "masked"],
-                        choices=["grouped", "compiled", "masked"])
+    parser.add_argument("--variants", nargs="+", default=["grouped", "opencv", "compiled", "masked"],
+                        choices=["grouped", "opencv", "compiled", "masked"])
     parser.add_argument("--compare-with", metavar="REV", default=None,
                         help="also time the grouped strategy of this git revision (e.g. a commit before a change)")
     parser.add_argument("--json", type=Path, default=None)
@@ -103,10 +104,11 @@ def main() -> None:
     cropper = FastMultiCrop(GROUPS, seed=0).cropper
     batches = [multicrop_collate([cropper(files[(b * args.batch_size + i) % len(files)])
                                   for i in range(args.batch_size)]) for b in range(args.batches)]
-    augments = {"grouped": BatchColorAugment(seed=1, strategy="grouped"),
-                "compiled": BatchColorAugment(seed=1, compile=True),
-                "masked": BatchColorAugment(seed=1, strategy="masked")}
-    augments = {name: augments[name] for name in args.variants}
+    makers = {"grouped": lambda: BatchColorAugment(seed=1, strategy="grouped"),
+              "compiled": lambda: BatchColorAugment(seed=1, compile=True),
+              "masked": lambda: BatchColorAugment(seed=1, strategy="masked"),
+              "opencv": lambda: BatchColorAugment(seed=1, strategy="opencv")}
+    augments = {name: makers[name]() for name in args.variants}
     if args.compare_with:
         augments[f"{args.compare_with} grouped"] = colour_stage_at(args.compare_with)(seed=1, strategy="grouped")
     compile_s = {}

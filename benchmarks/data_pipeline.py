@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="device of the batched stage")
     parser.add_argument("--skip", nargs="*", default=[], help="pipelines to skip (by name)")
     parser.add_argument("--colour-strategies", nargs="+", default=["auto"],
-                        choices=["auto", "grouped", "masked", "dense", "dense-compiled", "compiled"],
+                        choices=["auto", "opencv", "grouped", "masked", "dense", "dense-compiled", "compiled"],
                         help="one FastMultiCrop row per colour-stage strategy (dense-compiled: the dense stage under "
                              "torch.compile; compiled: compile=True, on a CPU the grouped strategy with a compiled hue)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -137,8 +137,11 @@ def main() -> None:
     pipelines = [("torchvision-pil", pil_pipeline(False)),
                  ("torchvision-pil+PILblur", pil_pipeline(True)),
                  ("MultiCropTransform", lambda n: run_per_image(files, n, reference_one))]
-    pipelines += [(f"FastMultiCrop ({device.type}" + ("" if s == "auto" else f", {s}") + ")", fast_pipeline(s))
-                  for s in args.colour_strategies]
+    def label(strategy: str) -> str:
+        if strategy == "auto":  # name what auto resolves to here (opencv needs OpenCV installed)
+            return f"{device.type}, auto = {BatchColorAugment().resolved_strategy(device)}"
+        return f"{device.type}, {strategy}"
+    pipelines += [(f"FastMultiCrop ({label(s)})", fast_pipeline(s)) for s in args.colour_strategies]
     chosen = [(name, work) for name, work in pipelines if name.split(" ")[0] not in args.skip]
     # rounds: every pipeline once per round, in turn, so that drifts of a shared machine hit all of them alike
     rounds = [[measure(name, work, args.images) for name, work in chosen] for _ in range(args.rounds)]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = ["adjust_brightness_batch", "adjust_contrast_batch", "adjust_saturation_batch", "adjust_hue_batch",
-           "grayscale_batch", "gaussian_blur_batch", "flip_batch", "dense_color_stage", "device_constant",
+           "grayscale_batch", "gaussian_blur_batch", "blur_kernels", "flip_batch", "dense_color_stage", "device_constant",
            "JITTER_FNS"]
 
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
@@ -147,11 +147,22 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int, 
         raise ValueError(f"kernel_size={kernel_size} is too large for {h}x{w} images: reflect "
                          f"padding needs kernel_size <= {2 * min(h, w) - 1}")
     offsets = torch.arange(-half, half + 1, device=x.device)
-    distance = offsets.to(x.dtype)
-    kernel = torch.exp(-0.5 * (distance / _per_sample(sigma, distance).view(-1, 1)) ** 2)
+    return _separable_blur(x, blur_kernels(sigma, kernel_size, x.dtype, x.device), offsets,
+                           out=x if inplace else None)
+
+
+def blur_kernels(sigma: torch.Tensor, kernel_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """``(n, kernel_size)`` normalised 1-D Gaussian kernels, one per ``sigma``, taps at ``-k//2 .. k//2``.
+
+    >>> blur_kernels(torch.tensor([1.0]), 3).sum().item()
+    1.0
+    """
+    half = kernel_size // 2
+    distance = torch.arange(-half, half + 1, device=device).to(dtype)
+    kernel = torch.exp(-0.5 * (distance / sigma.to(device=distance.device, dtype=dtype).view(-1, 1)) ** 2)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    kernel = kernel.masked_fill_(kernel < 1e-12, 0.0)  # denormal weights would slow BLAS 20x
-    return _separable_blur(x, kernel, offsets, out=x if inplace else None)
+    return kernel.masked_fill_(kernel < 1e-12, 0.0)  # denormal weights would slow BLAS 20x
 
 
 # Output columns (then rows) per matrix product of the CPU blur. A band of 13 taps in a 224-wide matrix is 94%

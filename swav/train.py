@@ -50,7 +50,7 @@ from swav.pretrain_summary import KnnMonitor
 from swav.run_folder import (RunExistsError, RunLock, check_run_folder, clear_run, count_bad_images, holds_run,
                               partial_resume_checkpoint, resume_refusal)
 from swav.schedule import warmup_cosine_schedule
-from swav.train_data import TrainLoader, build_train_loader, data_sizes, resolve_pipeline
+from swav.train_data import TrainLoader, build_train_loader, colour_stage, data_sizes, resolve_pipeline
 from swav.train_state import Progress, ResumeMismatchError, restore_training_state, save_training_state
 from swav.train_step import SwAVStep, autocast_dtype, bf16_gradients_agree, resolve_precision
 
@@ -382,11 +382,19 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
     if found is not None and progress.batch_in_epoch and hasattr(loader, "stream"):  # a shard stream, mid-epoch
         _warn_if_shard_layout_changed(found[1], config, ctx.world_size, progress.epoch)
     ahead = getattr(loader, "prefetch", 0)
-    logger.info("training %s: %d images, %d steps per epoch, %d steps in total, global batch %d, %s, %s pipeline%s",
+    colour = ""
+    if pipeline in ("batched", "device"):
+        stage = colour_stage(config, ctx.device)
+        strategy = stage.resolved_strategy(ctx.device)
+        colour = f" (colour stage: {strategy}"
+        if strategy == "grouped" and ctx.device.type == "cpu" and stage.channels == 3 and not stage.compile:
+            colour += "; pip install opencv-python-headless makes it about 2x faster"
+        colour += ")"
+    logger.info("training %s: %d images, %d steps per epoch, %d steps in total, global batch %d, %s, %s pipeline%s%s",
                 spec.backbone if model_builder is build_model else
                 f"the network of {getattr(model_builder, '__qualname__', 'model_builder')}() (load it back with "
                 "load_pretrained(..., model_builder=...))", derived.dataset_size, derived.steps_per_epoch, derived.total_steps,
-                derived.global_batch_size, precision, pipeline,
+                derived.global_batch_size, precision, pipeline, colour,
                 f" (batches made {ahead} ahead in a background thread)" if ahead else "")
     return _loop(config, derived, step_fn, loader, progress, out, ctx, stop, knn_monitor)
 

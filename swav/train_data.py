@@ -326,7 +326,8 @@ def colour_stage(config: Config, device: torch.device | None = None) -> Any:
     """The batched colour stage (:class:`~swav.batch_augment.BatchColorAugment`) of ``config``, compiled with
     ``data.compile_colour: true``, or when it is null (auto) with ``run.compile`` on a CUDA device: there the
     dense strategy under ``torch.compile`` (a few fused kernels instead of ~600 small ones), on a CPU the
-    grouped strategy with a compiled hue rotation. Same values either way."""
+    grouped strategy with a compiled hue rotation. Same values either way. Not compiled, a CPU stage runs the
+    opencv strategy where OpenCV is installed (faster than either; the same values up to float rounding)."""
     from swav.batch_augment import BatchColorAugment
     c, d = config.crops, config.data
     mean, std = resolve_normalization(d.channels, d.mean, d.std)

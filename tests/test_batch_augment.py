@@ -55,9 +55,13 @@ def naive_apply(aug: BatchColorAugment, crops: torch.Tensor, p: ColorParams) -> 
 
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("strategy, chunk_elements", [
-    ("masked", None), ("grouped", None), ("grouped", 1), ("grouped", 3000), ("dense", None)])
+    ("masked", None), ("grouped", None), ("grouped", 1), ("grouped", 3000), ("dense", None), ("opencv", None)])
 def test_apply_matches_naive_per_sample_loop(channels: int, strategy: str,
                                              chunk_elements: int | None) -> None:
+    if strategy == "opencv" and channels == 1:
+        with pytest.raises(ValueError, match="three channels"):
+            BatchColorAugment(channels=1, strategy="opencv")
+        return
     aug = BatchColorAugment(channels=channels, seed=1, strategy=strategy,
                             chunk_elements=chunk_elements)
     g = torch.Generator().manual_seed(2)
@@ -109,7 +113,7 @@ def test_compiled_hue_on_a_cpu_gives_the_grouped_strategys_values() -> None:
     eager passes do the same float arithmetic on every element."""
     g = torch.Generator().manual_seed(7)
     batches = [torch.randint(0, 256, (12, 3, s, s), dtype=torch.uint8, generator=g) for s in (24, 24, 12, 12)]
-    compiled, eager = BatchColorAugment(compile=True, seed=3), BatchColorAugment(seed=3)
+    compiled, eager = BatchColorAugment(compile=True, seed=3), BatchColorAugment(seed=3, strategy="grouped")
     for _ in range(2):
         ours, (reference, params) = compiled(batches), eager(batches, return_params=True)
         assert compiled.compile and compiled._hue_fn is not None  # it compiled, and it ran compiled
@@ -373,7 +377,9 @@ def test_grouped_strategy_above_the_blur_block_threshold_and_empty_batches() -> 
         seed=2, strategy="masked", blur_prob=1.0)
     params = grouped.sample_params(len(crops))
     assert torch.allclose(grouped.apply(crops, params), masked.apply(crops, params), atol=1e-5, rtol=0)
-    for strategy in ("grouped", "masked", "dense"):
+    opencv = BatchColorAugment(seed=2, strategy="opencv", blur_prob=1.0)  # non-square crops, crop by crop
+    assert torch.allclose(opencv.apply(crops, params), masked.apply(crops, params), atol=1e-4, rtol=0)
+    for strategy in ("grouped", "masked", "dense", "opencv"):
         empty = BatchColorAugment(strategy=strategy).apply(torch.zeros(0, 3, 8, 8, dtype=torch.uint8),
                                                            BatchColorAugment().sample_params(0))
         assert empty.shape == (0, 3, 8, 8) and empty.dtype == torch.float32
