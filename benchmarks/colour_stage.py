@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import swav.batch_augment as batch_augment
+from swav import opencv_colour
 from swav.batch_augment import BatchColorAugment, FastMultiCrop, multicrop_collate
 from swav.multicrop import crop_groups_from_lists
 
@@ -91,7 +92,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="distinct batches of crops, cycled")
     parser.add_argument("--rounds", type=int, default=5, help="passes over the batches")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--variants", nargs="+", default=["grouped", "opencv", "compiled", "masked"],
+    parser.add_argument("--variants", nargs="+",
+                        default=["grouped"] + (["opencv"] if opencv_colour.available() else []) + ["compiled", "masked"],
                         choices=["grouped", "opencv", "compiled", "masked"])
     parser.add_argument("--compare-with", metavar="REV", default=None,
                         help="also time the grouped strategy of this git revision (e.g. a commit before a change)")

@@ -206,9 +206,10 @@ class BatchColorAugment(nn.Module):
     normalisation (defaults as :class:`~swav.multicrop.MultiCropTransform`). Parameters are drawn
     on the CPU (from a generator seeded with ``seed``, else torch's global RNG) so the result does
     not depend on the device. Ways to run the same ops (``strategy``): "opencv" (default on a CPU for
-    three channels where OpenCV is installed, :mod:`swav.opencv_colour`) works crop by crop, each op one
-    OpenCV pass, about 2.3x faster than "grouped" on the development CPU (``benchmarks/colour_stage.py``), with
-    the same values up to float rounding (about 2e-5), and returns channels-last batches; "grouped" (the CPU
+    three channels where OpenCV is installed and ``compile`` is off, :mod:`swav.opencv_colour`) works crop by
+    crop, each op a vectorised OpenCV pass or two, about 2.3x faster than "grouped" on the development CPU
+    (``benchmarks/colour_stage.py``), with the same values up to float rounding (about 2e-5 at the default
+    jitter strength), and returns channels-last batches; "grouped" (the CPU
     default otherwise) sorts samples into groups that share the op sequence, in cache-sized pieces of at most
     ``chunk_elements`` floats (default 2**18), so every op runs on a whole piece; "masked"
     (default on other devices) runs each op once on the whole batch's subset that needs it;
@@ -249,9 +250,9 @@ class BatchColorAugment(nn.Module):
             raise ValueError(f"strategy={strategy!r} is invalid: expected 'auto', 'opencv', 'grouped', 'masked' "
                              "or 'dense'")
         if compile and strategy in ("masked", "opencv"):
-            raise ValueError(f"compile=True needs strategy 'auto', 'dense' or 'grouped' (got {strategy!r}): the "
-                             "masked strategy's subsets change shape with every draw, and the opencv strategy "
-                             "is not torch code")
+            reason = ("the masked strategy's subsets change shape with every draw" if strategy == "masked" else
+                      "the opencv strategy is not torch code")
+            raise ValueError(f"compile=True needs strategy 'auto', 'dense' or 'grouped' (got {strategy!r}): {reason}")
         if strategy == "opencv":
             if channels != 3:
                 raise ValueError("strategy='opencv' works on three channels: use 'auto' or 'grouped' for "

@@ -388,7 +388,9 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
         strategy = stage.resolved_strategy(ctx.device)
         colour = f" (colour stage: {strategy}"
         if strategy == "grouped" and ctx.device.type == "cpu" and stage.channels == 3 and not stage.compile:
-            colour += "; pip install opencv-python-headless makes it about 2x faster"
+            from swav import opencv_colour
+            colour += ("; pip install opencv-python-headless makes it about 2x faster" if opencv_colour.cv2 is None
+                       else "; the installed OpenCV failed the opencv stage's check, see the warning")
         colour += ")"
     logger.info("training %s: %d images, %d steps per epoch, %d steps in total, global batch %d, %s, %s pipeline%s%s",
                 spec.backbone if model_builder is build_model else

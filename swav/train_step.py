@@ -235,6 +235,8 @@ class SwAVStep:
         self.raw_model.normalize_prototypes()
         if cfg.run.channels_last:
             crops = [x.contiguous(memory_format=torch.channels_last) for x in crops]
+        else:  # the layout asked for (the CPU's OpenCV colour stage hands over channels-last crops)
+            crops = [x.contiguous() for x in crops]
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             out = self.model(list(crops))
         batch = crops[0].shape[0]

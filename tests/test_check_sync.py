@@ -106,3 +106,16 @@ def test_auto_is_per_step_on_cpu_and_deferred_needs_fused_lars_without_fp16(tmp_
             resolve_check_sync("deferred", cpu, optimizer, fp16=fp16)
     with pytest.raises(ValueError, match="run.check_sync"):
         with_values(tiny_config(tmp_path), {"run.check_sync": "later"})
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_step_gives_the_model_the_memory_layout_asked_for(tmp_path, channels_last):
+    """The CPU's OpenCV colour stage hands over channels-last crops; the model gets what ``run.channels_last``
+    says (a channels-last input alone turns oneDNN's activations channels-last, slower in fp32)."""
+    step_fn = _step_fn(tmp_path, "step", **{"run.channels_last": channels_last})
+    seen = []
+    step_fn.raw_model.register_forward_pre_hook(lambda module, args: seen.extend(args[0]))
+    step_fn([x.contiguous(memory_format=torch.channels_last) for x in _crops(0)], 0)
+    step_fn([x.contiguous() for x in _crops(1)], 1)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert len(seen) == 8 and all(x.is_contiguous(memory_format=layout) for x in seen)

@@ -8,6 +8,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from swav import opencv_colour
+
+# OpenCV is optional (the opencv extra; the test extra installs it, so CI runs these)
+pytestmark = pytest.mark.skipif(not opencv_colour.available(), reason="OpenCV (the opencv extra) is not installed")
 from swav.batch_augment import BatchColorAugment, ColorParams, FastMultiCrop
 from swav.multicrop import CropGroup
 
