@@ -152,7 +152,8 @@ def check_run_folder(output_dir: str | os.PathLike, *, resume: bool, overwrite: 
     docstring); without ``config`` any run there is refused.
     """
     if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other: continue the run or replace it")
+        raise UsageError("--resume and --overwrite exclude each other (Python: resume=True and overwrite=True): "
+                         "continue the run or replace it")
     if resume:
         return True
     if overwrite or not holds_run(output_dir):
@@ -165,14 +166,16 @@ def check_run_folder(output_dir: str | os.PathLike, *, resume: bool, overwrite: 
     if not differences:
         raise RunExistsError(f"output folder {folder!r} already holds a run of this same config, and it is complete "
                              "(checkpoints/final.pt): nothing to do. --resume confirms that without an error; "
-                             "--overwrite trains it again; or choose another --output-dir")
+                             "--overwrite trains it again; or choose another --output-dir (Python: resume=True, "
+                             "overwrite=True, or another run.output_dir)")
     if differences == ["(not compared)"]:
         why = " (config.yaml or checkpoints/)"
     else:
         shown = "; ".join(differences[:5]) + (f"; ... {len(differences) - 5} more" if len(differences) > 5 else "")
         why = f" of another config ({shown})"
     raise RunExistsError(f"output folder {folder!r} already holds a run{why}. Pass --resume to continue it, "
-                         "--overwrite to replace it, or choose another --output-dir")
+                         "--overwrite to replace it, or choose another --output-dir (Python: train(..., resume=True) "
+                         "or overwrite=True, or another run.output_dir)")
 
 
 def _differences_to_folder(output_dir: str | os.PathLike, config: Config) -> list[str]:
