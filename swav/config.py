@@ -384,6 +384,17 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
 
 def load_config_file(path: str | os.PathLike, base: Config | None = None) -> Config:
     """Read a YAML file (a full or partial config) on top of ``base`` (default: the defaults)."""
+    return merge_dict(base or Config(), _read_yaml_mapping(path), source=os.fspath(path))
+
+
+def read_config_values(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML config file (full or partial) as ``{'section.key': value}``, its sections and keys checked but not
+    yet its values: for callers that apply more values on top before validating them together (the command
+    line's flags and ``--set`` after ``--config``)."""
+    return _flatten(_read_yaml_mapping(path), os.fspath(path))
+
+
+def _read_yaml_mapping(path: str | os.PathLike) -> Mapping[str, Any]:
     with open(path, encoding="utf-8") as fh:
         try:
             raw = yaml.safe_load(fh)
@@ -394,23 +405,32 @@ def load_config_file(path: str | os.PathLike, base: Config | None = None) -> Con
     if not isinstance(raw, Mapping):
         raise ValueError(f"config file {os.fspath(path)!r} must hold a mapping of sections, "
                          f"got {type(raw).__name__}")
-    return merge_dict(base or Config(), raw, source=os.fspath(path))
+    return raw
 
 
 def merge_dict(base: Config, raw: Mapping[str, Any], source: str = "mapping") -> Config:
     """``base`` with every ``section: {key: value}`` of ``raw`` applied (unknown keys are errors)."""
+    values = _flatten(raw, source)
+    try:
+        return with_values(base, values)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def _flatten(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``{section: {key: value}}`` -> ``{'section.key': value}``, unknown sections and keys refused."""
     values: dict[str, Any] = {}
+    defaults = config_to_dict(Config())
     for section, entries in raw.items():
         if section not in SECTIONS:
             raise ValueError(f"{source}: {_unknown_key(str(section))}")
         if not isinstance(entries, Mapping):
             raise ValueError(f"{source}: section {section!r} must be a mapping, got {entries!r}")
         for key, value in entries.items():
+            if str(key) not in defaults[section]:
+                raise ValueError(f"{source}: {_unknown_key(f'{section}.{key}')}")
             values[f"{section}.{key}"] = value
-    try:
-        return with_values(base, values)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
+    return values
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

@@ -345,13 +345,13 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
         torch.backends.cudnn.benchmark = config.run.cudnn_benchmark
     if config.run.channels_last:
         raw.to(memory_format=torch.channels_last)  # before DDP registers the parameters
+    _check_model_takes_crops(raw, config, ctx.device)  # before the bf16 check on a CPU, which runs the network too
     precision = _checked_precision(config, raw, ctx.device)
     dataset_size, samples_per_rank = data_sizes(dataset, ctx.world_size)
     derived = derive_values(config, world_size=ctx.world_size, dataset_size=dataset_size,
                             samples_per_rank=samples_per_rank, device=str(ctx.device), precision=precision,
                             pipeline=pipeline)
     logger.info("derived values: %s", json.dumps(derived.to_dict()))
-    _check_model_takes_crops(raw, config, ctx.device)
     knn_monitor = KnnMonitor(config, device=ctx.device, amp_dtype=autocast_dtype(precision)) \
         if config.run.knn_every_epochs and ctx.is_main else None  # its labelled data is checked here
     # the folder is written only now that data, model, crops and monitors are known to work: with --overwrite the

@@ -135,6 +135,27 @@ def test_set_is_applied_with_the_flags_before_validation(capsys):
     assert code == 2 and "optim.warmup_epochs" in err  # still validated (a usage error)
 
 
+def test_a_partial_config_file_is_validated_with_the_flags_after_it(tmp_path, capsys):
+    """A --config file that needs a later flag or --set to make sense (epochs 5 against the recipe's 10 warm-up
+    epochs; two crop resolutions with one size) is validated together with them, not on its own."""
+    (tmp_path / "epochs.yaml").write_text("optim: {epochs: 5}\n")
+    (tmp_path / "crops.yaml").write_text("crops: {counts: [2, 6]}\n")
+    for fix in (["--warmup_epochs", "1"], ["--set", "optim.warmup_epochs=1"]):
+        code, stdout, err = run_cli(capsys, "pretrain", "--recipe", "cifar10", "--config", str(tmp_path / "epochs.yaml"),
+                                    *fix, "--print-config")
+        assert code == 0 and "epochs: 5" in stdout and "warmup_epochs: 1.0" in stdout, err
+    code, stdout, err = run_cli(capsys, "pretrain", "--data", "/some/folder", "--config", str(tmp_path / "crops.yaml"),
+                                "--size_crops", "224", "96", "--min_scale_crops", "0.14", "0.05", "--max_scale_crops",
+                                "1", "0.14", "--print-config")
+    assert code == 0 and "- 96" in stdout, err
+    code, _, err = run_cli(capsys, "pretrain", "--recipe", "cifar10", "--config", str(tmp_path / "epochs.yaml"),
+                           "--print-config")  # still validated, and the message says where the values came from
+    assert code == 2 and "optim.warmup_epochs" in err and "--config " + str(tmp_path / "epochs.yaml") in err
+    (tmp_path / "typo.yaml").write_text("optim: {epochz: 5}\n")
+    code, _, err = run_cli(capsys, "pretrain", "--data", "/x", "--config", str(tmp_path / "typo.yaml"), "--print-config")
+    assert code == 2 and "typo.yaml: unknown config key 'optim.epochz'" in err
+
+
 def test_resume_with_an_unexpanded_home_output_dir_uses_the_runs_config(tmp_path, monkeypatch):
     """`--output-dir=~/run` reaches the program with the ~ (the shell expands it only after a space)."""
     from swav.cli import build_parser

@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from swav.config import Config, config_to_dict, load_config_file, parse_override, with_values
+from swav.config import Config, config_to_dict, load_config_file, parse_override, read_config_values, with_values
 from swav.official_flags import add_official_flags, official_values
 from swav.usage import UsageError
 
@@ -129,7 +129,10 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
         if not Path(args.config).expanduser().is_file():
             raise UsageError(f"--config {args.config!r} does not exist (or is not a file): give the path of a "
                              "YAML config, e.g. a run's config.yaml, or use --recipe NAME")
-        config = load_config_file(Path(args.config).expanduser(), base=config)
+        # the file's values join the flags and --set below, validated together: a partial file may need a flag
+        # to make sense (epochs: 5 in the file, --warmup_epochs 1 on the command line)
+        file_values = read_config_values(Path(args.config).expanduser())
+        flags = {**file_values, **flags}
     if demo and "run.output_dir" not in flags:
         flags["run.output_dir"] = DEMO_OUTPUT_DIR
     if args.device:
@@ -140,7 +143,15 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     for text in args.overrides:
         key, value = parse_override(text)
         values[key] = value
-    return (with_values(config, values) if values else config), demo
+    if not values:
+        return config, demo
+    try:
+        return with_values(config, values), demo
+    except ValueError as exc:
+        if args.config:  # say where the values came from
+            raise ValueError(f"{exc} (values from --config {args.config}, the flags and --set, applied together)") \
+                from None
+        raise
 
 
 def _summary_wanted(args: argparse.Namespace, config: Config, demo: bool) -> bool:
