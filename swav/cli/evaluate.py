@@ -311,8 +311,11 @@ def _linear(args: argparse.Namespace) -> dict[str, Any]:
         )
         sizes = (len(train_ds), len(test_ds))
     _print_result(f"linear ({args.mode})", result)
+    protocol = {"epochs": args.epochs, "lr": args.lr, "final_lr": args.final_lr, "weight_decay": args.weight_decay,
+                "standardize": bool(args.standardize) if args.mode == "fast" else False}
     return setup.report(
-        "eval-linear", num_classes, *sizes, time.perf_counter() - start, mode=args.mode, **result.to_dict()
+        "eval-linear", num_classes, *sizes, time.perf_counter() - start, mode=args.mode, **protocol,
+        **result.to_dict()
     )
 
 

@@ -105,6 +105,9 @@ def test_eval_linear_end_to_end(idx_data, gray_checkpoint, tmp_path, mode):
     assert _main(argv) == 0
     result = json.loads((tmp_path / "eval-linear.json").read_text())
     assert result["mode"] == mode
+    # the protocol's settings are recorded, so that a non-official run can be told from an official one
+    assert (result["epochs"], result["lr"], result["final_lr"], result["weight_decay"], result["standardize"]) == (
+        2, 0.3, 0.0, 1e-6, False)
     assert len(result["history"]) == 2
     assert result["history"][0]["lr"] == pytest.approx(0.3)
     assert result["history"][1]["lr"] == pytest.approx(0.15)  # per-epoch cosine over 2 epochs
