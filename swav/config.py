@@ -34,7 +34,8 @@ from swav.config_coerce import coerce_value
 __all__ = [
     "DataConfig", "CropsConfig", "ModelConfig", "SwAVConfig", "OptimConfig", "RunConfig",
     "DebugConfig", "Config", "SECTIONS", "config_from_dict", "config_to_dict", "apply_overrides",
-    "with_values", "merge_dict", "parse_override", "load_config_file", "save_config", "config_keys",
+    "with_values", "merge_dict", "parse_override", "load_config_file", "read_config_values", "save_config",
+    "config_keys",
     "PIPELINES", "PRECISIONS",
 ]
 

@@ -154,6 +154,14 @@ def test_a_partial_config_file_is_validated_with_the_flags_after_it(tmp_path, ca
     (tmp_path / "typo.yaml").write_text("optim: {epochz: 5}\n")
     code, _, err = run_cli(capsys, "pretrain", "--data", "/x", "--config", str(tmp_path / "typo.yaml"), "--print-config")
     assert code == 2 and "typo.yaml: unknown config key 'optim.epochz'" in err
+    # an error of the command line alone does not point at the file
+    code, _, err = run_cli(capsys, "pretrain", "--data", "/x", "--config", str(tmp_path / "crops.yaml"), "--set",
+                           "optim.epochz=3", "--print-config")
+    assert code == 2 and "unknown config key 'optim.epochz'" in err and "--config" not in err
+    # the demo keeps its own folder unless the command line names one: not the file's run.output_dir
+    (tmp_path / "elsewhere.yaml").write_text("run: {output_dir: elsewhere}\n")
+    code, stdout, _ = run_cli(capsys, "demo", "--config", str(tmp_path / "elsewhere.yaml"), "--print-config")
+    assert code == 0 and "output_dir: swav-demo" in stdout
 
 
 def test_resume_with_an_unexpanded_home_output_dir_uses_the_runs_config(tmp_path, monkeypatch):

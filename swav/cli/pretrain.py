@@ -132,23 +132,29 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
         # the file's values join the flags and --set below, validated together: a partial file may need a flag
         # to make sense (epochs: 5 in the file, --warmup_epochs 1 on the command line)
         file_values = read_config_values(Path(args.config).expanduser())
-        flags = {**file_values, **flags}
-    if demo and "run.output_dir" not in flags:
+    else:
+        file_values = {}
+    if demo and "run.output_dir" not in flags:  # the command line's own --output-dir only, not the file's
         flags["run.output_dir"] = DEMO_OUTPUT_DIR
     if args.device:
         flags["run.device"] = args.device
     # flags and --set in one step, validated together: a --set may fix what a flag alone makes inconsistent
     # (--epochs 2 with the recipe's 10 warm-up epochs, --set optim.warmup_epochs=0)
-    values = dict(flags)
+    command_line = dict(flags)
     for text in args.overrides:
         key, value = parse_override(text)
-        values[key] = value
+        command_line[key] = value
+    values = {**file_values, **command_line}
     if not values:
         return config, demo
     try:
         return with_values(config, values), demo
     except ValueError as exc:
-        if args.config:  # say where the values came from
+        if file_values:  # name the file where its values take part in the error
+            try:
+                with_values(config, command_line)
+            except ValueError:
+                raise exc from None  # the command line alone is wrong already
             raise ValueError(f"{exc} (values from --config {args.config}, the flags and --set, applied together)") \
                 from None
         raise
