@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = ["adjust_brightness_batch", "adjust_contrast_batch", "adjust_saturation_batch", "adjust_hue_batch",
-           "grayscale_batch", "gaussian_blur_batch", "blur_kernels", "flip_batch", "dense_color_stage", "device_constant",
-           "JITTER_FNS"]
+           "grayscale_batch", "gaussian_blur_batch", "blur_kernels", "flip_batch", "dense_color_stage",
+           "device_constant", "JITTER_FNS"]
 
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 

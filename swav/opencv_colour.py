@@ -37,10 +37,8 @@ __all__ = ["available", "opencv_color_stage"]
 logger = logging.getLogger(__name__)
 
 _GRAY = np.array([0.2989, 0.587, 0.114], dtype=np.float32)  # torchvision's rgb_to_grayscale, as swav.color_ops
-_threads_set = False
-
-
-_usable: bool | None = None
+_threads_set = False  # OpenCV's thread pool set to one thread (on first use)
+_usable: bool | None = None  # available()'s answer, worked out once per process
 
 
 def available() -> bool:
