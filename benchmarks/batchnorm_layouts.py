@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe as describe_machine, header as machine_header  # noqa: E402
 import torch.nn.functional as F
 
 # (crops, channels, map): the largest BatchNorm inputs of each ResNet-50 stage at 224 px (8 crops) and 96 px (24)
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also BatchNorm + ReLU under torch.compile")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    print(machine_header())
     torch.manual_seed(0)
     rows = []
     for crops, channels, size in SHAPES:
@@ -83,7 +85,7 @@ def main() -> None:
             print(f"{r['crops']}x{r['channels']}x{r['map']}: BatchNorm + ReLU forward eager "
                   f"{r['bn+relu forward eager (CL)']:.2f} ms, compiled {r['bn+relu forward compiled (CL)']:.2f} ms")
     if args.json:
-        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": describe_machine(), "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

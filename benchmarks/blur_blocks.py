@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe as describe_machine, header as machine_header  # noqa: E402
 
 from swav import color_ops
 from swav.multicrop import blur_kernel_size
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    print(machine_header())
     if 0 not in args.blocks:
         args.blocks = [0, *args.blocks]
     torch.set_num_threads(1)
@@ -85,7 +87,7 @@ def main() -> None:
                      "speedup_vs_single": {str(b): statistics.median(ratios[b]) for b in args.blocks},
                      "speedup_range": {str(b): [min(ratios[b]), max(ratios[b])] for b in args.blocks}})
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "rounds": args.rounds,
+        args.json.write_text(json.dumps({"machine": describe_machine(), "torch": torch.__version__, "rounds": args.rounds,
                                          "default_block": color_ops._BLUR_BLOCK, "cases": rows}, indent=2))
 
 

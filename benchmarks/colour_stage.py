@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import describe as describe_machine, header as machine_header  # noqa: E402
 
 import swav.batch_augment as batch_augment
 from swav import opencv_colour
@@ -99,6 +100,7 @@ def main() -> None:
                         help="also time the grouped strategy of this git revision (e.g. a commit before a change)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    print(machine_header())
     torch.set_num_threads(1)
     files = sorted(p for p in args.data.resolve().iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
@@ -154,7 +156,7 @@ def main() -> None:
         for name, ms in breakdown.items():
             print(f"  {name:<50} {ms:6.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "batches": len(batches), "batch_size": args.batch_size,
+        args.json.write_text(json.dumps({"machine": describe_machine(), "torch": torch.__version__, "batches": len(batches), "batch_size": args.batch_size,
                                          "rounds": args.rounds, "compare_with": args.compare_with, "ms_per_image": per_image, "speed_vs_first": ratios,
                                          "first_call_s": compile_s, "grouped_breakdown_ms_per_image": breakdown},
                                         indent=2))

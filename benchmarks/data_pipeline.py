@@ -27,6 +27,7 @@ from collections.abc import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import torch  # noqa: E402
+from machine import describe as describe_machine, header as machine_header, peak_rss_gib, reset_peak_rss  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
@@ -71,12 +72,13 @@ def run_per_image(files: list[Path], num_images: int, fn: Callable[[Path], objec
 
 
 def measure(name: str, work: Callable[[int], None], num_images: int) -> dict:
+    reset_peak_rss()  # the process's peak while this pipeline ran (photos and libraries included)
     work(min(8, num_images))  # warm-up (allocators, lazy imports)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     work(num_images)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     return {"pipeline": name, "images": num_images, "cpu_s": cpu, "wall_s": wall,
-            "images_per_s_per_core": num_images / cpu}
+            "images_per_s_per_core": num_images / cpu, "peak_rss_gib": peak_rss_gib()}
 
 
 def main() -> None:
@@ -94,6 +96,7 @@ def main() -> None:
                         help="measure every pipeline this many times, in turn; report medians")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
+    print(machine_header())
     torch.set_num_threads(1)
     files = sorted(p for p in args.data.resolve().iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
@@ -121,8 +124,8 @@ def main() -> None:
             fast.augment = BatchColorAugment(strategy="dense", compile=True)
         elif strategy == "compiled":
             fast.augment = BatchColorAugment(compile=True)
-        else:
-            fast.augment.strategy = strategy
+        elif strategy != "auto":  # built anew so that the constructor checks the strategy (opencv needs OpenCV)
+            fast.augment = BatchColorAugment(strategy=strategy)
 
         def fast_work(n: int) -> None:
             for start in range(0, n, args.batch_size):
@@ -152,21 +155,35 @@ def main() -> None:
         results.append({"pipeline": name, "images": args.images, "rounds": args.rounds,
                         "images_per_s_per_core": statistics.median(rates), "per_round": rates,
                         "cpu_s": statistics.median(run["cpu_s"] for run in runs),
+                        "peak_rss_gib": max(run["peak_rss_gib"] for run in runs),
                         "wall_s": statistics.median(run["wall_s"] for run in runs)})
     base_index = next((i for i, r in enumerate(results) if r["pipeline"] == "torchvision-pil"), 0)
     base = results[base_index]
     print(f"{len(files)} photos from {args.data.resolve()}, crops 2x224 + 6x96, "
           f"{args.images} images each, torch threads 1, {args.rounds} round(s) (medians)")
-    print(f"{'pipeline':<36} {'images/s/core':>14} {'ratio vs baseline':>18} {'ratio range':>14} {'wall s':>8}")
+    # ratios are medians of per-round ratios; the second one is against the fastest per-image chain
+    pil_index = next((i for i, r in enumerate(results) if r["pipeline"] == "torchvision-pil+PILblur"), None)
+    print(f"{'pipeline':<36} {'images/s/core':>14} {'ratio vs baseline':>18} {'ratio range':>14} "
+          f"{'vs PIL-blur chain':>18} {'ratio range':>14} {'wall s':>8} {'peak GiB':>9}")
     for i, r in enumerate(results):
         ratios = [round_[i]["images_per_s_per_core"] / round_[base_index]["images_per_s_per_core"]
                   for round_ in rounds]
         r["ratio_vs_baseline"] = statistics.median(ratios)  # median of the per-round ratios
         r["ratio_per_round"] = ratios
+        pil = "-"
+        if pil_index is not None:
+            vs_pil = [round_[i]["images_per_s_per_core"] / round_[pil_index]["images_per_s_per_core"]
+                      for round_ in rounds]
+            r["ratio_vs_pil_blur_chain"], r["ratio_vs_pil_blur_chain_per_round"] = statistics.median(vs_pil), vs_pil
+            pil = f"{statistics.median(vs_pil):>18.2f} {min(vs_pil):>6.2f}-{max(vs_pil):<7.2f}"
         print(f"{r['pipeline']:<36} {r['images_per_s_per_core']:>14.1f} {r['ratio_vs_baseline']:>18.2f} "
-              f"{min(ratios):>6.2f}-{max(ratios):<7.2f} {r['wall_s']:>8.1f}")
+              f"{min(ratios):>6.2f}-{max(ratios):<7.2f} {pil:>33} {r['wall_s']:>8.1f} {r['peak_rss_gib']:>9.2f}")
+    print("peak GiB: the process's peak resident memory while the row ran, over all rounds (photos, libraries "
+          "and earlier rows' leftovers included)")
     if args.json:
-        args.json.write_text(json.dumps({"baseline": base["pipeline"], "rounds": args.rounds, "results": results},
+        args.json.write_text(json.dumps({"machine": describe_machine(), "baseline": base["pipeline"], "rounds": args.rounds,
+                                         "photos": len(files), "data": str(args.data.resolve()),
+                                         "batch_size": args.batch_size, "device": str(device), "results": results},
                                         indent=2))
 
 if __name__ == "__main__":

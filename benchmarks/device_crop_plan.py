@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe as describe_machine, header as machine_header  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import roi_align
 
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    print(machine_header())
     torch.set_num_threads(1)
     device = torch.device(args.device)
     cropper = DeviceMultiCrop(GROUPS, seed=0, device=device)
@@ -141,7 +143,7 @@ def main() -> None:
         print(f"{n:>12} {ops['per size']:>13} {ops['planned']:>12} {ms['per size']:>12.2f} {ms['planned']:>11.2f} "
               f"{row['time_ratio']:>10.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"batch": args.batch, "device": str(device), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": describe_machine(), "batch": args.batch, "device": str(device), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe as describe_machine, header as machine_header  # noqa: E402
 
 from swav.batch_augment import MultiCropCropper
 from swav.device_crops import draw_boxes, header_size
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    print(machine_header())
     torch.set_num_threads(1)
     files = sorted(p for p in args.data.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
@@ -60,7 +62,7 @@ def main() -> None:
     for name, ms in rows.items():
         print(f"{name:<30}{ms:>14.2f}{ms / args.batch:>14.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"batch": args.batch, "ms_per_batch": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": describe_machine(), "batch": args.batch, "ms_per_batch": rows}, indent=2))
 
 
 if __name__ == "__main__":

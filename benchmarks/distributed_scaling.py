@@ -41,6 +41,7 @@ import time
 from collections import defaultdict
 
 import torch
+from machine import describe as describe_machine, header as machine_header  # noqa: E402
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
@@ -219,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", default="100:16,100:256,3000:16,3000:256", help="K:batch pairs for part 2")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    print(machine_header())
 
     recipe = config_to_dict(load_recipe(args.recipe))  # read once: the YAML may change while this runs
-    results: dict = {"recipe": args.recipe, "config": recipe, "load_average": os.getloadavg(),
+    results: dict = {"machine": describe_machine(), "recipe": args.recipe, "config": recipe, "load_average": os.getloadavg(),
                      "cpu_count": os.cpu_count(), "torch": torch.__version__, "scaling": [], "volume": []}
     print(f"part 1: recipe {args.recipe}, gloo on {os.cpu_count()} CPU cores (contention-bound, not network-bound)")
     print(f"{'W':>2} {'threads':>7} {'batch/dev':>9} {'step s':>7} {'img/s':>7} {'peak RSS/process MiB':>22} "

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe as describe_machine, header as machine_header  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    print(machine_header())
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_recipe(args.recipe)
@@ -139,7 +141,7 @@ def main() -> None:
         fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
         print(f"{name:<28}{fmt(r.get('knn_top1')):>12}{fmt(r.get('linear_top1')):>14}{fmt(r.get('test_top1')):>18}")
     if args.json:
-        args.json.write_text(json.dumps({"pretrain_minutes": pretrain_s / 60, "steps": result.step,
+        args.json.write_text(json.dumps({"machine": describe_machine(), "pretrain_minutes": pretrain_s / 60, "steps": result.step,
                                          "status": result.status, "precision": precision,
                                          "backbone": config.model.backbone, "peak_rss_gb": peak_gb,
                                          "results": rows}, indent=2))

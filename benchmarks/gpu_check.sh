@@ -19,7 +19,8 @@ for stage in $stages; do
   case "$stage" in tests|engine|loop) ;; *) echo "unknown stage '$stage' (tests, engine, loop)"; exit 2 ;; esac
 done
 [ -f benchmarks/gpu_train_step.py ] || { echo "run from the repository root"; exit 2; }
-ls "$photos"/*.jpg > /dev/null 2>&1 || { echo "no JPEG files in $photos (carried to this machine?)"; exit 2; }
+find "$photos" -maxdepth 1 -type f \( -iname '*.jpg' -o -iname '*.jpeg' \) | grep -q . \
+  || { echo "no JPEG files (.jpg, .jpeg) in $photos (carried to this machine?)"; exit 2; }
 run_stage() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$out"
 export PYTHONPATH=.

@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from machine import describe as describe_machine, header as machine_header  # noqa: E402
 
 from swav.config import Config, with_values
 from swav.lars import LARS
@@ -34,6 +35,8 @@ CROPS = [(224, 2), (96, 6)]
 
 
 def make_config(batch: int, channels_last: bool) -> Config:
+    # run.nan_check off: the step timed here has no per-step finiteness check (the engine's default has one;
+    # with check_sync=deferred it adds no synchronisation, and the engine rows below time it)
     return with_values(Config(), {
         "crops.counts": [2, 6], "crops.sizes": [224, 96], "crops.min_scales": [0.14, 0.05],
         "crops.max_scales": [1.0, 0.14], "optim.batch_size_per_device": batch,
@@ -68,7 +71,9 @@ def timed(fn, steps: int, warmup: int, device) -> float:
 
 
 def backbone_only(model, crops, dtype, channels_last):
-    """Forward + backward of the backbone alone on the same crops (one pass per resolution)."""
+    """Forward + backward of the backbone alone on the same crops (one pass per resolution); gradients are
+    reset first, as the SwAV step does, so that neither side pays for accumulating into old ones."""
+    model.zero_grad(set_to_none=True)
     if channels_last:
         crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
     big, small = torch.cat(crops[:2]), torch.cat(crops[2:])
@@ -347,15 +352,20 @@ def run_engine(device, data: Path, batch: int, steps: int, workers: int, out_dir
         "optim.warmup_epochs": 0.0, "run.channels_last": True, "run.output_dir": str(out_dir / "run"),
         "run.max_steps": steps, "run.log_every_steps": 10, "run.device": device.type, "run.compile": compile_model,
         "run.check_sync": check_sync, "data.prefetch_batches": prefetch})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     result = train(config, overwrite=True)
     wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first interval includes start-up
     label = (", run.compile" if compile_model else "") + ("" if check_sync == "auto" else f", check_sync={check_sync}") \
         + (f", prefetch {prefetch}" if prefetch else "")
     return {"input": f"swav pretrain, device pipeline{label}", "batch": batch, "steps": result.step, "wall_s": wall,
-            "status": result.status, "images_per_s": sum(rates) / len(rates) if rates else float("nan")}
+            "status": result.status, "peak_gib": peak,
+            # equal intervals (10 steps): their harmonic mean = all their images / all their time
+            "images_per_s": len(rates) / sum(1 / r for r in rates) if rates else float("nan")}
 
 
 def decode_stream_check(batch, steps, warmup, device, data: Path, workers: int, repeats: int = 2) -> list[dict]:
@@ -435,6 +445,7 @@ def main() -> None:
     parser.add_argument("--smoke-cpu", action="store_true",
                         help="run every code path once on the CPU (CUDA calls become no-ops) to check the script")
     args = parser.parse_args()
+    print(machine_header())
     if args.smoke_cpu:
         for fn in ("synchronize", "reset_peak_memory_stats", "empty_cache", "set_sync_debug_mode"):
             setattr(torch.cuda, fn, lambda *a, **k: None)
@@ -449,7 +460,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device)
-    report: dict = {"device": name, "torch": torch.__version__, "rows": [], "sync_audit": {}}
+    report: dict = {"machine": describe_machine(), "device": name, "torch": torch.__version__, "rows": [], "sync_audit": {}}
 
     def guarded(label: str, fn, *fn_args):
         """One row; a failure is recorded in its place and the next rows still run (a lent GPU's time is scarce)."""

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe as describe_machine, header as machine_header  # noqa: E402
 
 from swav.config import Config, with_values
 from swav.datasets import list_image_files
@@ -65,6 +66,7 @@ def main() -> None:
                              "shards that still hold samples of the buffer, so take streams several times longer")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    print(machine_header())
     torch.set_num_threads(1)
 
     work = Path(tempfile.mkdtemp(prefix="swav-shard-resume-"))
@@ -104,7 +106,7 @@ def main() -> None:
                      "median_s": median, "vs_start": median / base})
         print(f"| {name:<55} | {median:16.2f} | {median / base:7.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"images": images, "shards": args.shards, "batch": args.batch,
+        Path(args.json).write_text(json.dumps({"machine": describe_machine(), "images": images, "shards": args.shards, "batch": args.batch,
                                                "shuffle_buffer": args.shuffle_buffer,
                                                "workers": args.workers, "rows": rows}, indent=1) + "\n")
 

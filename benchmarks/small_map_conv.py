@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from machine import describe as describe_machine, header as machine_header  # noqa: E402
 
 from swav.backbones import SmallMapConv2d, build_backbone
 
@@ -51,6 +52,7 @@ def main() -> None:
                         "takes the matrix path)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    print(machine_header())
     torch.manual_seed(0)
     shapes = {shape: count for shape, count in sorted(resnet50_convolutions().items(), key=lambda kv: (kv[0][3], kv[0][4]))
               if shape[3] in args.kernels}
@@ -99,7 +101,7 @@ def main() -> None:
     print(f"  SmallMapConv2d's rule   {rule:8.1f} ms  ({onednn / rule:.2f}x)")
     print(f"  best of the two each    {best:8.1f} ms  ({onednn / best:.2f}x)")
     if args.json:
-        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows,
+        args.json.write_text(json.dumps({"machine": describe_machine(), "threads": torch.get_num_threads(), "rows": rows,
                                          "total_ms": {"onednn": onednn, "rule": rule, "best": best}}, indent=2))
 
 

@@ -3,11 +3,13 @@
     PYTHONPATH=. python benchmarks/train_step.py --preset resnet50        # 2x224 + 6x96, batch 4
     PYTHONPATH=. python benchmarks/train_step.py --preset fashion_mnist_cpu
 
-For every configuration (fp32 / bf16 autocast, contiguous / channels-last, optionally
-torch.compile) it times the engine's full SwAV step (lr, prototype normalisation, multi-crop
+For every configuration (fp32 / bf16 autocast, contiguous / channels-last, small-map convolutions as
+matrix products or through oneDNN, LARS with or without the fused kernel, optionally torch.compile: see
+VARIANTS) it times the engine's full SwAV step (lr, prototype normalisation, multi-crop
 forward, Sinkhorn codes, loss, backward, LARS step) and a backbone-only forward+backward on the
 same crops, and reports images/s, the ratio to the plain fp32 step, the step/backbone ratio, and
-how far the first step's loss and codes are from fp32 (same weights, same crops).
+how far the first step's loss and codes are from fp32 (same weights, same crops). Before timing, each configuration runs in a child process of its own (build,
+warm-up, one step and one backbone-only call) whose peak resident memory is the "peak GiB" column.
 
 The configurations are timed in rounds: each round runs one step and one backbone-only call of every
 configuration in turn, so that a slow spell of a shared machine falls on all of them alike. The table
@@ -21,12 +23,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe as describe_machine, header as machine_header, peak_rss_gib  # noqa: E402
 
 from swav.backbones import SmallMapConv2d
 from swav.config import Config, with_values
@@ -51,10 +55,15 @@ def preset_config(name: str, batch: int | None) -> Config:
 
 
 # precision, channels-last, torch.compile, which convolutions on small maps run as matrix products
-# (SmallMapConv2d: "all", "1x1" only, or "none" = every convolution through oneDNN)
-VARIANTS = {"fp32": ("fp32", False, False, "all"), "bf16": ("bf16", False, False, "all"),
-            "bf16-cl-onednn": ("bf16", True, False, "none"), "bf16-cl-1x1": ("bf16", True, False, "1x1"),
-            "bf16-cl": ("bf16", True, False, "all"), "bf16-cl-compile": ("bf16", True, True, "all")}
+# (SmallMapConv2d: "all" = its rule for this CPU, "all+kxk1" = stride-1 3x3 ones too as on AMX CPUs,
+# "1x1" only, or "none" = every convolution through oneDNN), and whether LARS
+# uses PyTorch's fused SGD kernel (on CPUs with the trust ratio passed into it) or rescales the gradients
+# first and then runs the foreach SGD update
+VARIANTS = {"fp32": ("fp32", False, False, "all", True), "bf16": ("bf16", False, False, "all", True),
+            "bf16-cl-onednn": ("bf16", True, False, "none", True), "bf16-cl-1x1": ("bf16", True, False, "1x1", True),
+            "bf16-cl": ("bf16", True, False, "all", True), "bf16-cl-compile": ("bf16", True, True, "all", True),
+            "bf16-cl-kxk1": ("bf16", True, False, "all+kxk1", True),
+            "bf16-cl-unfused-lars": ("bf16", True, False, "all", False)}
 
 
 def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
@@ -65,17 +74,20 @@ def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
 
 
 def make_step(config: Config, model, precision: str, channels_last: bool, compile_model: bool,
-              small_map_matmul: str = "all") -> SwAVStep:
+              small_map_matmul: str = "all", fused_lars: bool = True) -> SwAVStep:
     config = with_values(config, {"run.channels_last": channels_last})
     model = copy.deepcopy(model)
     for module in model.modules():  # the others through oneDNN's convolution
-        if isinstance(module, SmallMapConv2d) and not (small_map_matmul == "all" or small_map_matmul == "1x1"
-                                                       and module.kernel_size == (1, 1)):
+        if not isinstance(module, SmallMapConv2d):
+            continue
+        if small_map_matmul == "all+kxk1":  # stride-1 3x3 ones too, whatever the CPU (the rule for AMX CPUs)
+            module.KXK_STRIDE1_MATMUL = True
+        elif not (small_map_matmul == "all" or small_map_matmul == "1x1" and module.kernel_size == (1, 1)):
             module.MATMUL_MAX_PIXELS = 0
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     wrapped = torch.compile(model) if compile_model else model
-    optimizer = LARS(model.parameters(), lr=0.1, weight_decay=config.optim.weight_decay)
+    optimizer = LARS(model.parameters(), lr=0.1, weight_decay=config.optim.weight_decay, fused=fused_lars)
     schedule = warmup_cosine_schedule(0.6, 0.0006, 10, 1000)
     return SwAVStep(wrapped, model, optimizer, config=config, lr_schedule=schedule, queue_length_per_rank=0,
                     precision=precision, device=torch.device("cpu"), rank=0)
@@ -117,6 +129,28 @@ def bootstrap_ci(values: list[float], resamples: int = 2000) -> tuple[float, flo
     return float(low), float(high)
 
 
+def probe_memory(preset: str, batch: int | None, variant: str, warmup: int) -> float:
+    """Peak resident memory (GiB) of a fresh process that builds ``variant``, warms it up and runs it once."""
+    command = [sys.executable, __file__, "--preset", preset, "--warmup", str(warmup), "--memory-probe", variant]
+    if batch:
+        command += ["--batch", str(batch)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe of {variant} failed:\n{done.stderr[-2000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_gib"])
+
+
+def run_memory_probe(config: Config, variant: str, warmup: int) -> None:
+    """The child's side of :func:`probe_memory`: prints one JSON line."""
+    torch.manual_seed(0)
+    step = make_step(config, build_model(model_spec_from_config(config)), *VARIANTS[variant])
+    crops = make_crops(config)
+    for _ in range(warmup + 1):
+        step(crops, 10**6)
+        backbone_only(step, crops)
+    print(json.dumps({"variant": variant, "peak_rss_gib": peak_rss_gib()}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="resnet50", help="resnet50 or a recipe name")
@@ -127,19 +161,29 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["fp32", "bf16", "bf16-cl-onednn", "bf16-cl"],
                         help="configurations to time (the first is the reference of 'vs fp32'); fewer "
                              "configurations leave time for more rounds")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory probes")
+    parser.add_argument("--memory-probe", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.manual_seed(0)
     config = preset_config(args.preset, args.batch)
+    if args.memory_probe:
+        run_memory_probe(config, args.memory_probe, args.warmup)
+        return
+    print(machine_header())
+    names = list(args.variants) + (["bf16-cl-compile"] if args.compile else [])
+    peaks = {}
+    if not args.no_memory:
+        for name in names:
+            peaks[name] = probe_memory(args.preset, args.batch, name, args.warmup)
+            print(f"{name}: peak resident memory {peaks[name]:.2f} GiB (a process of its own)", flush=True)
+    torch.manual_seed(0)
     model = build_model(model_spec_from_config(config))
     crops = make_crops(config)
-    variants = [VARIANTS[name] for name in args.variants]
-    if args.compile:
-        variants.append(VARIANTS["bf16-cl-compile"])
     reference = None
     rows, steps = [], []
-    for precision, channels_last, compile_model, small_map_matmul in variants:
-        step = make_step(config, model, precision, channels_last, compile_model, small_map_matmul)
+    for name in names:
+        precision, channels_last, compile_model, small_map_matmul, fused_lars = VARIANTS[name]
+        step = make_step(config, model, precision, channels_last, compile_model, small_map_matmul, fused_lars)
         first = step(crops, 10**6)  # past prototype freezing; same weights and crops for every variant
         loss, codes = float(first.loss), first.codes_ABK.float()
         if reference is None:
@@ -148,8 +192,8 @@ def main() -> None:
             step(crops, 10**6)
             backbone_only(step, crops)
         steps.append(step)
-        rows.append({"precision": precision, "channels_last": channels_last, "compile": compile_model,
-                     "small_map_matmul": small_map_matmul,
+        rows.append({"variant": name, "precision": precision, "channels_last": channels_last, "compile": compile_model,
+                     "small_map_matmul": small_map_matmul, "fused_lars": fused_lars, "peak_rss_gib": peaks.get(name),
                      "loss": loss, "loss_diff_vs_fp32": abs(loss - reference[0]),
                      "codes_max_diff_vs_fp32": float((codes - reference[1]).abs().max()),
                      "step_times_s": [], "backbone_only_times_s": [], "optimizer_times_s": []})
@@ -179,30 +223,36 @@ def main() -> None:
                     "optimizer_s": median(row["optimizer_times_s"])})
     base = rows[0]["images_per_s"]
     print(f"\n{args.preset}: crops {list(config.crops.counts)} x {list(config.crops.sizes)} px, batch "
-          f"{config.optim.batch_size_per_device}, backbone {config.model.backbone}, {torch.get_num_threads()} threads, "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+          f"{config.optim.batch_size_per_device}, backbone {config.model.backbone}, {torch.get_num_threads()} threads; "
+          f"this process, every configuration resident: peak {peak_rss_gib():.2f} GiB")
     print(f"medians of {args.repeats} interleaved rounds (min: fastest round)")
-    print(f"{'precision':<10}{'ch-last':>8}{'matmul':>7}{'compile':>8}{'s/step':>9}{'min':>8}{'img/s':>9}{'vs fp32':>9}"
-          f"{'min vs':>8}{'step/bb':>9}{'paired':>8}{'opt ms':>8}{'|dloss|':>10}{'|dcodes|':>10}")
+    print(f"{'variant':<21}{'precision':<10}{'ch-last':>8}{'matmul':>9}{'compile':>8}{'s/step':>9}{'min':>8}{'img/s':>9}{'vs fp32':>9}"
+          f"{'min vs':>8}{'step/bb':>9}{'paired':>8}{'opt ms':>8}{'|dloss|':>10}{'|dcodes|':>10}{'peak GiB':>10}")
     for r in rows:
-        print(f"{r['precision']:<10}{str(r['channels_last']):>8}{r['small_map_matmul']:>7}{str(r['compile']):>8}{r['step_s']:>9.3f}"
+        print(f"{r['variant']:<21}{r['precision']:<10}{str(r['channels_last']):>8}{r['small_map_matmul']:>9}{str(r['compile']):>8}{r['step_s']:>9.3f}"
               f"{r['step_min_s']:>8.3f}{r['images_per_s']:>9.2f}{r['images_per_s'] / base:>9.2f}"
               f"{rows[0]['step_min_s'] / r['step_min_s']:>8.2f}{r['step_over_backbone']:>9.3f}"
               f"{r['step_over_backbone_paired']:>8.3f}"
               f"{1000 * r['optimizer_s']:>8.1f}"
-              f"{r['loss_diff_vs_fp32']:>10.4f}{r['codes_max_diff_vs_fp32']:>10.4f}")
+              f"{r['loss_diff_vs_fp32']:>10.4f}{r['codes_max_diff_vs_fp32']:>10.4f}"
+              f"{'-' if r['peak_rss_gib'] is None else format(r['peak_rss_gib'], '.2f'):>10}")
     for r in rows[1:]:
         speedups = [a / b for a, b in zip(rows[0]["step_times_s"], r["step_times_s"])]
         r["speedup_paired"], r["speedup_paired_ci95"] = median(speedups), bootstrap_ci(speedups)
-        print(f"{r['precision']} channels-last={r['channels_last']} small-map-matmul={r['small_map_matmul']}: step {r['speedup_paired']:.2f}x faster than "
-              f"{rows[0]['precision']} (median of per-round ratios; 95% interval {r['speedup_paired_ci95'][0]:.2f}-"
+        print(f"{r['variant']}: step {r['speedup_paired']:.2f}x faster than "
+              f"{rows[0]['variant']} (median of per-round ratios; 95% interval {r['speedup_paired_ci95'][0]:.2f}-"
               f"{r['speedup_paired_ci95'][1]:.2f})")
     for r in rows:
         low, high = r["step_over_backbone_paired_ci95"]
-        print(f"{r['precision']} channels-last={r['channels_last']} small-map-matmul={r['small_map_matmul']}: paired step/backbone {r['step_over_backbone_paired']:.3f},"
+        print(f"{r['variant']}: paired step/backbone {r['step_over_backbone_paired']:.3f},"
               f" 95% bootstrap interval {low:.3f}-{high:.3f} over {args.repeats} rounds")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "batch": config.optim.batch_size_per_device, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({
+            "machine": describe_machine(), "preset": args.preset, "batch": config.optim.batch_size_per_device,
+            "crops": {"counts": list(config.crops.counts), "sizes": list(config.crops.sizes)},
+            "backbone": config.model.backbone, "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "warmup": args.warmup, "reference_variant": names[0],  # what the *_vs_fp32 fields compare with
+            "process_peak_rss_gib": peak_rss_gib(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
