@@ -19,6 +19,7 @@ import difflib
 import importlib
 import logging
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torchvision
@@ -51,19 +52,38 @@ _TORCHVISION_EXTRA_KWARGS: dict[str, dict[str, object]] = {
 _PROBE_CLASSES = 4099
 
 
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel's matrix units, which oneDNN's bf16 convolutions use)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_tile" in flags
+
+
 class SmallMapConv2d(nn.Conv2d):
     """A convolution (any kernel, stride and zero padding; no dilation or groups) that, on a CPU with bf16
     autocast and a channels-last input whose output maps have at most ``MATMUL_MAX_PIXELS`` pixels, runs as
     one matrix product over the output pixels (for k x k kernels, k > 1, input maps of at most that many
-    pixels too): the k x k shifted (strided) views of the padded channels-last input side by side along the
-    channels, then ``F.linear`` with the weight in the matching (kh, kw, C) order; the same arithmetic as the
-    convolution. oneDNN's bf16 convolution kernels are slow on such small maps: on ResNet-50's last stage
-    (7x7 at 224 px, 3x3 at 96 px) and its downsampling, forward + backward take 1.1-1.4x longer for the 3x3
-    convolutions on 7x7 maps, 1.9-2.8x on 3x3 maps, and 1.2-3.9x for the 1x1 ones than the matrix product
-    (``benchmarks/small_map_conv.py``).
+    pixels too, and on CPUs without AMX only strided ones): the k x k shifted (strided) views of the padded
+    channels-last input side by side along the channels, then ``F.linear`` with the weight in the matching
+    (kh, kw, C) order; the same arithmetic as the convolution. oneDNN's bf16 convolution kernels are slow on
+    such small maps (``benchmarks/small_map_conv.py``, forward + backward): on ResNet-50's last stage (7x7 at
+    224 px, 3x3 at 96 px) and its downsampling, the 1x1 convolutions take 1.2-3.9x longer than the matrix
+    product on a CPU with AMX and 1.1-1.8x on one with AVX512-BF16 only (an AMD EPYC, Zen 4). The 3x3 ones
+    differ by CPU: with AMX 1.1-1.4x longer on 7x7 maps and 1.9-2.8x on 3x3 maps; without AMX the matrix
+    product loses on stride-1 3x3 convolutions (0.6-0.9x on 6x6 and 7x7 maps) and wins only on the strided
+    one (1.2-1.5x), hence ``KXK_STRIDE1_MATMUL`` (None: decided by :func:`cpu_has_amx`).
     Anywhere else it is an ordinary ``nn.Conv2d`` with the same parameters and state-dict keys."""
 
     MATMUL_MAX_PIXELS = 49
+    KXK_STRIDE1_MATMUL: bool | None = None  # stride-1 k x k kernels (k > 1) as matrix products; None: on AMX CPUs
     force: bool | None = None  # True / False: the matrix path / oneDNN whatever the map (benchmarks and tests)
 
     def _fast(self, x: torch.Tensor) -> bool:
@@ -74,11 +94,15 @@ class SmallMapConv2d(nn.Conv2d):
         # k x k kernels: the input map too (the backward of k^2 shifted views writes k^2 input-sized gradients;
         # on 14x14 -> 7x7 stride 2 that is slower than oneDNN)
         small = out_h * out_w <= self.MATMUL_MAX_PIXELS and (
-            (kh, kw) == (1, 1) or x.shape[-2] * x.shape[-1] <= self.MATMUL_MAX_PIXELS)
+            (kh, kw) == (1, 1) or (x.shape[-2] * x.shape[-1] <= self.MATMUL_MAX_PIXELS and self._kxk_ok(sh, sw)))
         return (x.device.type == "cpu" and x.dim() == 4 and small
                 and (x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                                    and torch.get_autocast_dtype("cpu") == torch.bfloat16))
                 and x.is_contiguous(memory_format=torch.channels_last))
+
+    def _kxk_ok(self, sh: int, sw: int) -> bool:
+        stride1 = self.KXK_STRIDE1_MATMUL
+        return sh > 1 or sw > 1 or (cpu_has_amx() if stride1 is None else stride1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):

@@ -280,11 +280,16 @@ def test_invalid_options_raise() -> None:
 @pytest.mark.parametrize("kernel,pixels,stride,fast", [
     (1, 7, 1, True), (1, 3, 1, True), (1, 8, 1, False), (1, 14, 2, True), (1, 13, 2, True), (1, 15, 2, False),
     (3, 7, 1, True), (3, 3, 1, True), (3, 8, 1, False), (3, 6, 2, True), (3, 7, 2, True), (3, 14, 2, False)])
+@pytest.mark.parametrize("stride1_kxk", [True, False])
 def test_small_map_convolution_as_a_matrix_product(monkeypatch, kernel: int, pixels: int, stride: int,
-                                                   fast: bool) -> None:
+                                                   fast: bool, stride1_kxk: bool) -> None:
     """ResNet's convolutions run as one matrix product on small channels-last maps in CPU bf16 autocast
-    (faster there than oneDNN's convolution), with the values and gradients of the convolution."""
+    (faster there than oneDNN's convolution), with the values and gradients of the convolution; stride-1
+    k x k kernels only where KXK_STRIDE1_MATMUL says (by default on CPUs with AMX)."""
     from swav.backbones import SmallMapConv2d
+
+    monkeypatch.setattr(SmallMapConv2d, "KXK_STRIDE1_MATMUL", stride1_kxk)
+    fast = fast and (kernel == 1 or stride > 1 or stride1_kxk)
 
     trunk, _ = build_backbone("resnet50")
     # 1x1: conv1 + conv3 per block and the downsampling ones (36); 3x3: conv2 per block (16); the 7x7 stem
@@ -312,3 +317,20 @@ def test_small_map_convolution_as_a_matrix_product(monkeypatch, kernel: int, pix
     calls.clear()
     conv(x.detach().contiguous())  # fp32, contiguous: an ordinary convolution
     assert not calls
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_stride1_kxk_matrix_products_follow_the_cpu_by_default(monkeypatch, amx: bool) -> None:
+    """With AMX, oneDNN's 3x3 kernels are slow on small maps and the matrix product wins; without it (an
+    AVX512-BF16 CPU such as AMD's Zen 4) oneDNN wins on stride-1 3x3 convolutions, so they stay there."""
+    from swav import backbones
+
+    monkeypatch.setattr(backbones, "cpu_has_amx", lambda: amx)
+    assert backbones.SmallMapConv2d.KXK_STRIDE1_MATMUL is None
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    stride1 = backbones.SmallMapConv2d(16, 8, 3, padding=1, bias=False)
+    strided = backbones.SmallMapConv2d(16, 8, 3, stride=2, padding=1, bias=False)
+    pointwise = backbones.SmallMapConv2d(16, 8, 1, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert stride1._fast(x) == amx
+        assert strided._fast(x) and pointwise._fast(x)
