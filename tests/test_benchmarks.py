@@ -114,3 +114,24 @@ def test_end_to_end_benchmark_refuses_steps_it_cannot_time_alike():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "end_to_end.py"), "--steps", "25"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "multiples of 10" in done.stderr
+
+
+def test_gpu_benchmark_script_runs_every_path_on_the_cpu(tmp_path):
+    """The one-command GPU benchmark, with CUDA calls as no-ops (--smoke-cpu): a lent GPU's minutes are too
+    scarce to find out there that the script no longer runs."""
+    rng = np.random.default_rng(0)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(photos / f"{i}.jpg")
+    out = tmp_path / "g.json"
+    text = run_script("gpu_train_step.py", "--smoke-cpu", "--batch-sizes", "2", "--steps", "1", "--warmup", "0",
+                      "--data", str(photos), "--workers", "1", "--skip-fp32", "--work-dir", str(tmp_path / "work"),
+                      "--json", str(out), timeout=600)
+    assert "host-device synchronisations per call" in text
+    record = json.loads(out.read_text())
+    check_machine(record)
+    inputs = [row["input"] for row in record["rows"]]
+    assert inputs[0] == "synthetic" and any(i.startswith("jpeg") for i in inputs)
+    assert not [row["error"] for row in record["rows"] if "error" in row]  # a failed row is recorded, not raised
+    assert all("peak_gib" in row for row in record["rows"])
