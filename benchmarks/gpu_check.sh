@@ -5,6 +5,8 @@
 #   STAGES=loop bash benchmarks/gpu_check.sh PHOTOS_DIR OUT_DIR             (call 2: 480 s at most)
 #   optional limits after OUT_DIR: TESTS_S ENGINE_S LOOP_S (defaults 150 330 480); STAGES is required, as
 #   all three stages together exceed one 10-minute call. Run from the repository root.
+# With a lent machine's 15 minutes in all (its start-up included), call 1 is the one to make: the CUDA tests
+# and `swav pretrain`'s own throughput, the figure the speed issue asks for; call 2 only if time is left.
 # PHOTOS_DIR: JPEGs (e.g. a copy of ../shared/data/photos-500x375); OUT_DIR receives the logs and JSON,
 # written as each row finishes (a stage cut by its time limit keeps what it measured). Compiling ResNet-50
 # took about 2 minutes on an H100/H200; inductor's on-disk cache makes later compiles in the same call faster.
