@@ -76,7 +76,9 @@ def test_apply_matches_naive_per_sample_loop(channels: int, strategy: str,
 
 @pytest.mark.parametrize("channels, strength", [(3, 1.0), (1, 1.0), (3, 0.0)])
 def test_dense_strategy_equals_masked_exactly(channels: int, strength: float) -> None:
-    """Identity parameters where an op is not drawn leave those samples bit for bit as they are."""
+    """Identity parameters where an op is not drawn leave those samples bit for bit as they are. The blurred
+    samples go through the blur's matrix product in batches of another composition (all samples vs the drawn
+    ones), which some CPUs' BLAS round differently (by 1-3 ulp on a Zen 4; bit for bit on the AMX machine)."""
     kwargs = {"channels": channels, "color_jitter_strength": strength, "seed": 5}
     masked, dense = BatchColorAugment(strategy="masked", **kwargs), BatchColorAugment(strategy="dense", **kwargs)
     g = torch.Generator().manual_seed(6)
@@ -84,7 +86,10 @@ def test_dense_strategy_equals_masked_exactly(channels: int, strength: float) ->
         crops = torch.randint(0, 256, (48 if size < 100 else 12, channels, size, size), dtype=torch.uint8,
                               generator=g)
         params = masked.sample_params(len(crops))
-        assert torch.equal(dense.apply(crops, params), masked.apply(crops, params))
+        got, want = dense.apply(crops, params), masked.apply(crops, params)
+        assert params.blur.any() and not params.blur.all()
+        assert torch.equal(got[~params.blur], want[~params.blur])
+        torch.testing.assert_close(got[params.blur], want[params.blur], rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
