@@ -33,6 +33,7 @@ import torch
 from machine import describe as describe_machine, header as machine_header, peak_rss_gib  # noqa: E402
 
 from swav.backbones import SmallMapConv2d
+from swav.compact_backbones import CompactResNet
 from swav.config import Config, with_values
 from swav.lars import LARS
 from swav.model import build_model
@@ -58,12 +59,16 @@ def preset_config(name: str, batch: int | None) -> Config:
 # (SmallMapConv2d: "all" = its rule for this CPU, "all+kxk1" = stride-1 3x3 ones too as on AMX CPUs,
 # "1x1" only, or "none" = every convolution through oneDNN), and whether LARS
 # uses PyTorch's fused SGD kernel (on CPUs with the trust ratio passed into it) or rescales the gradients
-# first and then runs the foreach SGD update
-VARIANTS = {"fp32": ("fp32", False, False, "all", True), "bf16": ("bf16", False, False, "all", True),
-            "bf16-cl-onednn": ("bf16", True, False, "none", True), "bf16-cl-1x1": ("bf16", True, False, "1x1", True),
-            "bf16-cl": ("bf16", True, False, "all", True), "bf16-cl-compile": ("bf16", True, True, "all", True),
-            "bf16-cl-kxk1": ("bf16", True, False, "all+kxk1", True),
-            "bf16-cl-unfused-lars": ("bf16", True, False, "all", False)}
+# first and then runs the foreach SGD update, and whether the compact trunks pool their last map with a matrix
+# product (CompactResNet.MATMUL_POOL) or with adaptive_avg_pool2d
+VARIANTS = {"fp32": ("fp32", False, False, "all", True, True), "bf16": ("bf16", False, False, "all", True, True),
+            "bf16-cl-onednn": ("bf16", True, False, "none", True, True),
+            "bf16-cl-1x1": ("bf16", True, False, "1x1", True, True),
+            "bf16-cl": ("bf16", True, False, "all", True, True),
+            "bf16-cl-compile": ("bf16", True, True, "all", True, True),
+            "bf16-cl-kxk1": ("bf16", True, False, "all+kxk1", True, True),
+            "bf16-cl-unfused-lars": ("bf16", True, False, "all", False, True),
+            "bf16-cl-adaptive-pool": ("bf16", True, False, "all", True, False)}
 
 
 def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
@@ -74,10 +79,12 @@ def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
 
 
 def make_step(config: Config, model, precision: str, channels_last: bool, compile_model: bool,
-              small_map_matmul: str = "all", fused_lars: bool = True) -> SwAVStep:
+              small_map_matmul: str = "all", fused_lars: bool = True, matmul_pool: bool = True) -> SwAVStep:
     config = with_values(config, {"run.channels_last": channels_last})
     model = copy.deepcopy(model)
     for module in model.modules():  # the others through oneDNN's convolution
+        if isinstance(module, CompactResNet) and not matmul_pool:
+            module.MATMUL_POOL = False
         if not isinstance(module, SmallMapConv2d):
             continue
         if small_map_matmul == "all+kxk1":  # stride-1 3x3 ones too, whatever the CPU (the rule for AMX CPUs)
@@ -182,8 +189,9 @@ def main() -> None:
     reference = None
     rows, steps = [], []
     for name in names:
-        precision, channels_last, compile_model, small_map_matmul, fused_lars = VARIANTS[name]
-        step = make_step(config, model, precision, channels_last, compile_model, small_map_matmul, fused_lars)
+        precision, channels_last, compile_model, small_map_matmul, fused_lars, matmul_pool = VARIANTS[name]
+        step = make_step(config, model, precision, channels_last, compile_model, small_map_matmul, fused_lars,
+                         matmul_pool)
         first = step(crops, 10**6)  # past prototype freezing; same weights and crops for every variant
         loss, codes = float(first.loss), first.codes_ABK.float()
         if reference is None:
@@ -193,7 +201,7 @@ def main() -> None:
             backbone_only(step, crops)
         steps.append(step)
         rows.append({"variant": name, "precision": precision, "channels_last": channels_last, "compile": compile_model,
-                     "small_map_matmul": small_map_matmul, "fused_lars": fused_lars, "peak_rss_gib": peaks.get(name),
+                     "small_map_matmul": small_map_matmul, "fused_lars": fused_lars, "matmul_pool": matmul_pool, "peak_rss_gib": peaks.get(name),
                      "loss": loss, "loss_diff_vs_fp32": abs(loss - reference[0]),
                      "codes_max_diff_vs_fp32": float((codes - reference[1]).abs().max()),
                      "step_times_s": [], "backbone_only_times_s": [], "optimizer_times_s": []})
@@ -226,10 +234,10 @@ def main() -> None:
           f"{config.optim.batch_size_per_device}, backbone {config.model.backbone}, {torch.get_num_threads()} threads; "
           f"this process, every configuration resident: peak {peak_rss_gib():.2f} GiB")
     print(f"medians of {args.repeats} interleaved rounds (min: fastest round)")
-    print(f"{'variant':<21}{'precision':<10}{'ch-last':>8}{'matmul':>9}{'compile':>8}{'s/step':>9}{'min':>8}{'img/s':>9}{'vs fp32':>9}"
+    print(f"{'variant':<23}{'precision':<10}{'ch-last':>8}{'matmul':>9}{'compile':>8}{'s/step':>9}{'min':>8}{'img/s':>9}{'vs fp32':>9}"
           f"{'min vs':>8}{'step/bb':>9}{'paired':>8}{'opt ms':>8}{'|dloss|':>10}{'|dcodes|':>10}{'peak GiB':>10}")
     for r in rows:
-        print(f"{r['variant']:<21}{r['precision']:<10}{str(r['channels_last']):>8}{r['small_map_matmul']:>9}{str(r['compile']):>8}{r['step_s']:>9.3f}"
+        print(f"{r['variant']:<23}{r['precision']:<10}{str(r['channels_last']):>8}{r['small_map_matmul']:>9}{str(r['compile']):>8}{r['step_s']:>9.3f}"
               f"{r['step_min_s']:>8.3f}{r['images_per_s']:>9.2f}{r['images_per_s'] / base:>9.2f}"
               f"{rows[0]['step_min_s'] / r['step_min_s']:>8.2f}{r['step_over_backbone']:>9.3f}"
               f"{r['step_over_backbone_paired']:>8.3f}"

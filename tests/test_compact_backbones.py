@@ -88,3 +88,45 @@ def test_grid_pooled_readout_keeps_the_layout():
     for bad in ("resnet-compact-8-g9", "resnet-compact-8-g0"):
         with pytest.raises(ValueError, match="grid"):
             build_compact_backbone(bad)
+
+
+@pytest.mark.parametrize("height,width,grid", [(7, 7, 4), (7, 7, 3), (5, 6, 2), (8, 8, 4), (7, 7, 1), (3, 3, 2)])
+def test_grid_pool_as_a_matrix_product_equals_adaptive_pooling(height: int, width: int, grid: int) -> None:
+    from swav.compact_backbones import grid_pool_flat
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, height, width).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    got = grid_pool_flat(x, grid)
+    want = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(ref_x, grid), 1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    grad = torch.randn(want.shape)
+    got.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_compact_trunk_pools_channels_last_maps_by_matrix_product_with_the_same_values(monkeypatch) -> None:
+    """The Fashion-MNIST recipe's trunk (7x7 -> 4x4 grid) in CPU bf16 autocast, channels-last: the matrix
+    product path is taken and gives adaptive pooling's features and gradients up to bf16 rounding."""
+    from swav import compact_backbones
+
+    trunk, _ = build_compact_backbone("resnet-compact-16-g4", in_channels=1)
+    trunk = trunk.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = compact_backbones.grid_pool_flat
+    monkeypatch.setattr(compact_backbones, "grid_pool_flat", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for matmul in (True, False):
+        monkeypatch.setattr(compact_backbones.CompactResNet, "MATMUL_POOL", matmul)
+        trunk.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = trunk(x)
+        features.float().square().mean().backward()
+        results.append((features.float().detach(), trunk.conv1.weight.grad.clone()))
+    assert len(calls) == 1  # the matrix path with MATMUL_POOL on, adaptive pooling with it off
+    (f1, g1), (f2, g2) = results
+    assert f1.shape == (8, 64 * 16)
+    torch.testing.assert_close(f1, f2, rtol=0.02, atol=0.02 * float(f2.abs().max()))
+    torch.testing.assert_close(g1, g2, rtol=0.05, atol=0.05 * float(g2.abs().max()))
