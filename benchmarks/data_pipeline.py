@@ -27,7 +27,7 @@ from collections.abc import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import torch  # noqa: E402
-from machine import describe as describe_machine, header as machine_header, peak_rss_gib, reset_peak_rss  # noqa: E402
+from machine import describe as describe_machine, header as machine_header, peak_rss_gib, peak_windows_supported, reset_peak_rss  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     print(machine_header())
+    windows = peak_windows_supported()
     torch.set_num_threads(1)
     files = sorted(p for p in args.data.resolve().iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
@@ -181,7 +182,7 @@ def main() -> None:
     print("peak GiB: the process's peak resident memory while the row ran, over all rounds (photos, libraries "
           "and earlier rows' leftovers included)")
     if args.json:
-        args.json.write_text(json.dumps({"machine": describe_machine(), "baseline": base["pipeline"], "rounds": args.rounds,
+        args.json.write_text(json.dumps({"machine": describe_machine(), "peak_window_reset": windows, "baseline": base["pipeline"], "rounds": args.rounds,
                                          "photos": len(files), "data": str(args.data.resolve()),
                                          "batch_size": args.batch_size, "device": str(device), "results": results},
                                         indent=2))

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import describe as describe_machine, header as machine_header, peak_rss_gib, reset_peak_rss  # noqa: E402
+from machine import describe as describe_machine, header as machine_header, peak_rss_gib, peak_windows_supported, reset_peak_rss  # noqa: E402
 
 from swav.config import apply_overrides, with_values
 from swav.datasets import build_dataset
@@ -101,6 +101,7 @@ def main() -> None:
         parser.error(f"--steps and --warmup must be positive multiples of {INTERVAL} (the engine's logging "
                      "interval), so that both sides time the same steps")
     print(machine_header())
+    windows = peak_windows_supported()
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_recipe(args.recipe)
@@ -138,7 +139,7 @@ def main() -> None:
           f"({' '.join(f'{x:.3f}' for x in ratios)})")
     print(f"making the crops alone: {make_ms:.1f} ms per batch of {batch} ({1000 * batch / make_ms:.0f} img/s)")
     if args.json:
-        args.json.write_text(json.dumps({"machine": describe_machine(), "recipe": args.recipe, "overrides": args.overrides,
+        args.json.write_text(json.dumps({"machine": describe_machine(), "peak_window_reset": windows, "recipe": args.recipe, "overrides": args.overrides,
                                          "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                                          "batch": batch, "threads": torch.get_num_threads(),
                                          "peak_rss_gib": peaks,

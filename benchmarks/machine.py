@@ -7,7 +7,8 @@ that a figure is never compared with one taken on another kind of machine.
 
 It also measures peak resident memory per configuration: :func:`reset_peak_rss` before the
 configuration runs, :func:`peak_rss_gib` after (Linux's ``VmHWM``, which ``/proc/self/clear_refs``
-resets; elsewhere the process's lifetime peak, which cannot be reset, and the scripts say so).
+resets; elsewhere the process's lifetime peak, which cannot be reset: the scripts then print a note and store
+``"peak_window_reset": false``).
 
     PYTHONPATH=. python benchmarks/machine.py      # prints the description
 """
@@ -63,7 +64,8 @@ def describe() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torchvision": vision,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # only where this process already uses CUDA: asking would start it (and add to the host memory measured)
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_initialized() else None,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
 
@@ -76,6 +78,15 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def peak_windows_supported() -> bool:
+    """Whether :func:`reset_peak_rss` works here; where not, prints what the peaks then mean."""
+    if reset_peak_rss():
+        return True
+    print("note: this system cannot reset the peak resident memory: every 'peak' below is the process's "
+          "peak since it started")
+    return False
 
 
 def peak_rss_gib() -> float:

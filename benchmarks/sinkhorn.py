@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import describe as describe_machine, header as machine_header, peak_rss_gib, reset_peak_rss  # noqa: E402
+from machine import describe as describe_machine, header as machine_header, peak_rss_gib, peak_windows_supported, reset_peak_rss  # noqa: E402
 import torch.nn.functional as F
 
 from swav.sinkhorn import sinkhorn_knopp
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(machine_header())
+    windows = peak_windows_supported()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -82,7 +83,7 @@ def main() -> None:
         print(f"{r['B']:>6}{r['K']:>8}{r['exp_ms']:>16.2f}{r['log_ms']:>16.2f}{r['exp_peak_gib']:>14.2f}"
               f"{r['log_peak_gib']:>14.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": describe_machine(), "device": str(device), "repeats": args.repeats,
+        args.json.write_text(json.dumps({"machine": describe_machine(), "peak_window_reset": windows, "device": str(device), "repeats": args.repeats,
                                          "process_baseline_gib": baseline, "rows": rows}, indent=2))
 
 

@@ -61,14 +61,15 @@ def preset_config(name: str, batch: int | None) -> Config:
 # uses PyTorch's fused SGD kernel (on CPUs with the trust ratio passed into it) or rescales the gradients
 # first and then runs the foreach SGD update, and whether the compact trunks pool their last map with a matrix
 # product (CompactResNet.MATMUL_POOL) or with adaptive_avg_pool2d
-VARIANTS = {"fp32": ("fp32", False, False, "all", True, True), "bf16": ("bf16", False, False, "all", True, True),
-            "bf16-cl-onednn": ("bf16", True, False, "none", True, True),
-            "bf16-cl-1x1": ("bf16", True, False, "1x1", True, True),
-            "bf16-cl": ("bf16", True, False, "all", True, True),
-            "bf16-cl-compile": ("bf16", True, True, "all", True, True),
-            "bf16-cl-kxk1": ("bf16", True, False, "all+kxk1", True, True),
+# (fused None: LARS's own default, the fused kernel wherever PyTorch has one)
+VARIANTS = {"fp32": ("fp32", False, False, "all", None, True), "bf16": ("bf16", False, False, "all", None, True),
+            "bf16-cl-onednn": ("bf16", True, False, "none", None, True),
+            "bf16-cl-1x1": ("bf16", True, False, "1x1", None, True),
+            "bf16-cl": ("bf16", True, False, "all", None, True),
+            "bf16-cl-compile": ("bf16", True, True, "all", None, True),
+            "bf16-cl-kxk1": ("bf16", True, False, "all+kxk1", None, True),
             "bf16-cl-unfused-lars": ("bf16", True, False, "all", False, True),
-            "bf16-cl-adaptive-pool": ("bf16", True, False, "all", True, False)}
+            "bf16-cl-adaptive-pool": ("bf16", True, False, "all", None, False)}
 
 
 def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
@@ -79,9 +80,14 @@ def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
 
 
 def make_step(config: Config, model, precision: str, channels_last: bool, compile_model: bool,
-              small_map_matmul: str = "all", fused_lars: bool = True, matmul_pool: bool = True) -> SwAVStep:
+              small_map_matmul: str = "all", fused_lars: bool | None = None, matmul_pool: bool = True) -> SwAVStep:
     config = with_values(config, {"run.channels_last": channels_last})
     model = copy.deepcopy(model)
+    kinds = {type(m) for m in model.modules()}
+    if small_map_matmul != "all" and SmallMapConv2d not in kinds:
+        print(f"note: small-map matmul={small_map_matmul!r} changes nothing here: this backbone has no SmallMapConv2d")
+    if not matmul_pool and CompactResNet not in kinds:
+        print("note: matmul_pool=False changes nothing here: this backbone is not a CompactResNet")
     for module in model.modules():  # the others through oneDNN's convolution
         if isinstance(module, CompactResNet) and not matmul_pool:
             module.MATMUL_POOL = False
@@ -177,7 +183,7 @@ def main() -> None:
         run_memory_probe(config, args.memory_probe, args.warmup)
         return
     print(machine_header())
-    names = list(args.variants) + (["bf16-cl-compile"] if args.compile else [])
+    names = list(dict.fromkeys(list(args.variants) + (["bf16-cl-compile"] if args.compile else [])))  # no repeats
     peaks = {}
     if not args.no_memory:
         for name in names:

@@ -67,6 +67,10 @@ def cpu_has_amx() -> bool:
     return "amx_tile" in flags
 
 
+# read once at import: under torch.compile a call that asks the CPU would break the graph, a bool does not
+_CPU_HAS_AMX = cpu_has_amx()
+
+
 class SmallMapConv2d(nn.Conv2d):
     """A convolution (any kernel, stride and zero padding; no dilation or groups) that, on a CPU with bf16
     autocast and a channels-last input whose output maps have at most ``MATMUL_MAX_PIXELS`` pixels, runs as
@@ -79,7 +83,7 @@ class SmallMapConv2d(nn.Conv2d):
     product on a CPU with AMX and 1.1-1.8x on one with AVX512-BF16 only (an AMD EPYC, Zen 4). The 3x3 ones
     differ by CPU: with AMX 1.1-1.4x longer on 7x7 maps and 1.9-2.8x on 3x3 maps; without AMX the matrix
     product loses on stride-1 3x3 convolutions (0.6-0.9x on 6x6 and 7x7 maps) and wins only on the strided
-    one (1.2-1.5x), hence ``KXK_STRIDE1_MATMUL`` (None: decided by :func:`cpu_has_amx`).
+    one (1.2-1.5x), hence ``KXK_STRIDE1_MATMUL`` (None: decided by :func:`cpu_has_amx`, read at import).
     Anywhere else it is an ordinary ``nn.Conv2d`` with the same parameters and state-dict keys."""
 
     MATMUL_MAX_PIXELS = 49
@@ -89,20 +93,21 @@ class SmallMapConv2d(nn.Conv2d):
     def _fast(self, x: torch.Tensor) -> bool:
         if self.force is not None:
             return self.force
+        if not (x.device.type == "cpu" and x.dim() == 4
+                and (x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                                   and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            return False
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         out_h, out_w = (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
         # k x k kernels: the input map too (the backward of k^2 shifted views writes k^2 input-sized gradients;
         # on 14x14 -> 7x7 stride 2 that is slower than oneDNN)
-        small = out_h * out_w <= self.MATMUL_MAX_PIXELS and (
+        return out_h * out_w <= self.MATMUL_MAX_PIXELS and (
             (kh, kw) == (1, 1) or (x.shape[-2] * x.shape[-1] <= self.MATMUL_MAX_PIXELS and self._kxk_ok(sh, sw)))
-        return (x.device.type == "cpu" and x.dim() == 4 and small
-                and (x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                                   and torch.get_autocast_dtype("cpu") == torch.bfloat16))
-                and x.is_contiguous(memory_format=torch.channels_last))
 
     def _kxk_ok(self, sh: int, sw: int) -> bool:
         stride1 = self.KXK_STRIDE1_MATMUL
-        return sh > 1 or sw > 1 or (cpu_has_amx() if stride1 is None else stride1)
+        return sh > 1 or sw > 1 or (_CPU_HAS_AMX if stride1 is None else stride1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):

@@ -21,7 +21,6 @@ Legend: B batch, C feature dim.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 
 import torch
 from torch import nn
@@ -34,19 +33,21 @@ _EXAMPLES = ("resnet-compact-16", "resnet-compact-32", "resnet-compact-16-2", "r
              "resnet-compact-s2-16-x4")
 
 
-@lru_cache(maxsize=16)
-def _pooling_matrix(height: int, width: int, grid: int) -> torch.Tensor:
-    """``(grid*grid, height*width)``: row ``i*grid + j`` averages adaptive average pooling's cell (i, j)
-    (rows ``floor(i*H/g)`` to ``ceil((i+1)*H/g)``, columns likewise)."""
-    matrix = torch.zeros(grid * grid, height * width, dtype=torch.float64)
-    for i in range(grid):
-        top, bottom = (i * height) // grid, -(-(i + 1) * height // grid)
-        for j in range(grid):
-            left, right = (j * width) // grid, -(-(j + 1) * width // grid)
-            cell = torch.zeros(height, width, dtype=torch.float64)
-            cell[top:bottom, left:right] = 1.0 / ((bottom - top) * (right - left))
-            matrix[i * grid + j] = cell.flatten()
-    return matrix.float()
+def _window_means(size: int, grid: int, device: torch.device) -> torch.Tensor:
+    """``(grid, size)``: row i averages adaptive average pooling's window i along one axis (positions
+    ``floor(i*size/grid)`` to ``ceil((i+1)*size/grid)``). Tensor ops only, so torch.compile traces it."""
+    cells = torch.arange(grid, device=device).unsqueeze(1)
+    positions = torch.arange(size, device=device).unsqueeze(0)
+    inside = (positions >= (cells * size) // grid) & (positions < ((cells + 1) * size + grid - 1) // grid)
+    return inside.double() / inside.sum(1, keepdim=True)
+
+
+def _pooling_matrix(height: int, width: int, grid: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(grid*grid, height*width)`` float32: row ``i*grid + j`` averages the cell (i, j) (the outer product of
+    the two axes' window means)."""
+    device = device or torch.device("cpu")
+    rows, cols = _window_means(height, grid, device), _window_means(width, grid, device)
+    return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(grid * grid, height * width).float()
 
 
 def grid_pool_flat(x: torch.Tensor, grid: int) -> torch.Tensor:
@@ -56,7 +57,7 @@ def grid_pool_flat(x: torch.Tensor, grid: int) -> torch.Tensor:
     about 7 ms forward + backward against 1.5 ms this way), and the product's backward writes the
     gradient straight into the channels-last layout the convolutions want."""
     b, c, h, w = x.shape
-    pooling = _pooling_matrix(h, w, grid).to(device=x.device, dtype=x.dtype)
+    pooling = _pooling_matrix(h, w, grid, x.device).to(x.dtype)
     cells = torch.matmul(pooling, x.permute(0, 2, 3, 1).reshape(b, h * w, c))  # (B, grid*grid, C)
     return cells.transpose(1, 2).reshape(b, c * grid * grid)
 

@@ -290,10 +290,6 @@ def test_small_map_convolution_as_a_matrix_product(monkeypatch, kernel: int, pix
 
     monkeypatch.setattr(SmallMapConv2d, "KXK_STRIDE1_MATMUL", stride1_kxk)
     fast = fast and (kernel == 1 or stride > 1 or stride1_kxk)
-
-    trunk, _ = build_backbone("resnet50")
-    # 1x1: conv1 + conv3 per block and the downsampling ones (36); 3x3: conv2 per block (16); the 7x7 stem
-    assert sum(isinstance(m, SmallMapConv2d) for m in trunk.modules()) == 36 + 16 + 1
     calls = []
     linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or linear(*a))
@@ -319,13 +315,21 @@ def test_small_map_convolution_as_a_matrix_product(monkeypatch, kernel: int, pix
     assert not calls
 
 
+def test_every_resnet_convolution_is_a_small_map_convolution() -> None:
+    from swav.backbones import SmallMapConv2d
+
+    trunk, _ = build_backbone("resnet50")
+    # 1x1: conv1 + conv3 per block and the downsampling ones (36); 3x3: conv2 per block (16); the 7x7 stem
+    assert sum(isinstance(m, SmallMapConv2d) for m in trunk.modules()) == 36 + 16 + 1
+
+
 @pytest.mark.parametrize("amx", [True, False])
 def test_stride1_kxk_matrix_products_follow_the_cpu_by_default(monkeypatch, amx: bool) -> None:
     """With AMX, oneDNN's 3x3 kernels are slow on small maps and the matrix product wins; without it (an
     AVX512-BF16 CPU such as AMD's Zen 4) oneDNN wins on stride-1 3x3 convolutions, so they stay there."""
     from swav import backbones
 
-    monkeypatch.setattr(backbones, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(backbones, "_CPU_HAS_AMX", amx)
     assert backbones.SmallMapConv2d.KXK_STRIDE1_MATMUL is None
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     stride1 = backbones.SmallMapConv2d(16, 8, 3, padding=1, bias=False)
@@ -334,3 +338,23 @@ def test_stride1_kxk_matrix_products_follow_the_cpu_by_default(monkeypatch, amx:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert stride1._fast(x) == amx
         assert strided._fast(x) and pointwise._fast(x)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet-compact-16-g4"])
+@pytest.mark.parametrize("bf16_channels_last", [False, True])
+def test_trunks_compile_into_one_graph(name: str, bf16_channels_last: bool) -> None:
+    """``run.compile`` must not break the graph at the CPU-specific choices (SmallMapConv2d's rule, the compact
+    trunk's pooling): they read plain Python values, never ask the CPU during tracing."""
+    import torch._dynamo
+
+    channels = 1 if name.startswith("resnet-compact") else 3
+    trunk, _ = build_backbone(name, in_channels=channels)
+    size = 28 if channels == 1 else 64  # ResNet-18 at 64 px: 3x3 convolutions on 4x4 and 2x2 maps
+    x = torch.randn(2, channels, size, size)
+    if bf16_channels_last:
+        trunk, x = trunk.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(trunk, backend="eager", fullgraph=True)  # fullgraph: a break raises
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_channels_last):
+        got, want = compiled(x), trunk(x)
+    torch.testing.assert_close(got, want)
