@@ -28,6 +28,15 @@ def run_script(name: str, *args: str, timeout: int = 300) -> str:
     return done.stdout
 
 
+def make_photos(folder: Path, count: int, height: int, width: int) -> Path:
+    """A folder of ``count`` random JPEGs."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return folder
+
+
 def check_machine(record: dict) -> None:
     machine = record["machine"]
     assert machine["cpu_model"] and machine["torch"] and machine["threads"] >= 1
@@ -63,11 +72,7 @@ def test_sinkhorn_benchmark(tmp_path):
 
 
 def test_data_pipeline_benchmark(tmp_path):
-    rng = np.random.default_rng(0)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(photos / f"{i}.jpg")
+    photos = make_photos(tmp_path / "photos", 3, 120, 160)
     out = tmp_path / "d.json"
     text = run_script("data_pipeline.py", "--data", str(photos), "--images", "2", "--batch-size", "2",
                       "--rounds", "2", "--colour-strategies", "auto", "grouped", "--json", str(out))
@@ -119,11 +124,7 @@ def test_end_to_end_benchmark_refuses_steps_it_cannot_time_alike():
 def test_gpu_benchmark_script_runs_every_path_on_the_cpu(tmp_path):
     """The one-command GPU benchmark, with CUDA calls as no-ops (--smoke-cpu): a lent GPU's minutes are too
     scarce to find out there that the script no longer runs."""
-    rng = np.random.default_rng(0)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(photos / f"{i}.jpg")
+    photos = make_photos(tmp_path / "photos", 4, 150, 200)
     out = tmp_path / "g.json"
     text = run_script("gpu_train_step.py", "--smoke-cpu", "--batch-sizes", "2", "--steps", "1", "--warmup", "0",
                       "--data", str(photos), "--workers", "1", "--skip-fp32", "--work-dir", str(tmp_path / "work"),
