@@ -461,8 +461,9 @@ def _build_named(name: str, split: str, transform, channels, download: bool) -> 
             else "set SWAV_DATA_ROOT to the folder holding it, ")
     raise FileNotFoundError(
         f"data set {name!r} not found (looked in {', '.join(searched)}); {hint}pass "
-        "--data PATH pointing to its files, or allow downloading (command line: --set data.download=true, or --download for "
-        "`swav pack-shards`; Python: download=True)")
+        "--data PATH pointing to its files, or download it once: `swav pretrain ... --set data.download=true`, "
+        "`swav pack-shards ... --download`, or download=True in Python (the evaluation, extract and cluster "
+        "commands read local files only)")
 
 
 def _from_detected(found: tuple[str, Any], split: str, transform, channels,

@@ -268,7 +268,7 @@ def load_pretrained(
     ``strict=False`` loads only matching tensors and logs a WARNING listing the rest. A backbone-only
     file leaves head and prototypes freshly initialised, with a WARNING. The model is returned in
     eval mode (call ``.train()`` to continue training), with ``model.spec`` set. ``model_builder``: the
-    function that built the network of a run trained with one of your own (``train(..., model_builder=)``),
+    function that built the network of a run trained with one of your own (``swav.pretrain(..., model_builder=)``),
     called with the stored spec; the default builds the named backbone.
 
     Example:

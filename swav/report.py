@@ -332,6 +332,13 @@ def build_report(
     if run_dir is not None:
         from swav.curves import plot_training_curves
 
+        run = Path(run_dir)
+        if not (run.is_dir() and (run / "metrics.jsonl").is_file()):
+            what = ("is a file" if run.is_file() else "holds no metrics.jsonl" if run.is_dir() else "does not exist")
+            raise (FileNotFoundError if not run.exists() else ValueError)(
+                f"run_dir {str(run)!r} {what}: expected a training run folder holding metrics.jsonl, i.e. the "
+                "--output-dir of `swav pretrain` (command line: --run-dir RUN_FOLDER; Python: run_dir=...)")
+
         pngs = plot_training_curves(run_dir)
         body = "".join(_img(png, name) for name, png in pngs.items()) or '<p class="note">no curves logged</p>'
         sections.append(("Training curves", f'<div class="plots">{body}</div>'))

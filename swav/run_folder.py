@@ -174,7 +174,7 @@ def check_run_folder(output_dir: str | os.PathLike, *, resume: bool, overwrite: 
         shown = "; ".join(differences[:5]) + (f"; ... {len(differences) - 5} more" if len(differences) > 5 else "")
         why = f" of another config ({shown})"
     raise RunExistsError(f"output folder {folder!r} already holds a run{why}. Pass --resume to continue it, "
-                         "--overwrite to replace it, or choose another --output-dir (Python: train(..., resume=True) "
+                         "--overwrite to replace it, or choose another --output-dir (Python: swav.pretrain(..., resume=True) "
                          "or overwrite=True, or another run.output_dir)")
 
 
@@ -240,7 +240,7 @@ def resume_refusal(ckpt: dict[str, Any], config: Config, spec: dict[str, Any], p
         return ""
     return (f"checkpoint {path} was trained with a different model or crops; refusing to resume. Differences:\n  "
             + "\n  ".join(fatal) + "\nUse the original settings, start a new run (another --output-dir or "
-            "--overwrite), or load what fits with a partial resume (--resume --partial; Python: train(..., partial=True))")
+            "--overwrite), or load what fits with a partial resume (--resume --partial; Python: swav.pretrain(..., partial=True))")
 
 
 def partial_resume_checkpoint(ckpt: dict[str, Any], config: Config, model: nn.Module,

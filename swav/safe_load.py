@@ -65,6 +65,7 @@ _MAGIC = (
     (b"MM\x00*", "TIFF image file"),
     (b"\x1f\x8b", "gzip file"),
     (b"%PDF-", "PDF file"),
+    (b"\x93NUMPY", "NumPy array file, e.g. features written by `swav extract`"),
 )
 _TEXT_KINDS = {".yaml": "YAML file", ".yml": "YAML file", ".json": "JSON file", ".jsonl": "JSON lines file",
                ".csv": "CSV text file", ".html": "HTML file", ".py": "Python source file"}

@@ -163,7 +163,7 @@ def _train(config: Config, *, resume: bool, overwrite: bool, dataset: Dataset | 
                     raise RunExistsError(f"output folder {str(out)!r} received a run from another process while this "
                                          "one was loading its data and model; nothing of it was changed. Pass "
                                          "--resume to continue it, --overwrite to replace it, or choose another "
-                                         "--output-dir (Python: train(..., resume=True) or overwrite=True, or "
+                                         "--output-dir (Python: swav.pretrain(..., resume=True) or overwrite=True, or "
                                          "another run.output_dir)")
                 if replace:
                     logger.warning("--overwrite: removed %s from %s", ", ".join(clear_run(out)), out)
@@ -250,7 +250,7 @@ def _build_dataset(config: Config, out: Path, dataset: Dataset | None) -> Datase
         if not config.data.path:
             raise ValueError("data.path is not set: pass --data PATH (a folder of images, IDX or CIFAR files, "
                              "shards:PATTERN) or a data set name such as fashion-mnist or cifar10 (Python: set "
-                             "data.path in the config, or pass train(..., dataset=...))")
+                             "data.path in the config, or pass swav.pretrain(..., dataset=...))")
         from swav.datasets import build_dataset
         dataset = build_dataset(config.data.path, split="train", channels=config.data.channels,
                                 download=config.data.download, max_bad_fraction=config.data.max_bad_fraction,

@@ -218,6 +218,16 @@ def test_report_arguments_are_checked(tmp_path):
     except ImportError:
         with pytest.raises(ImportError, match="umap-learn"):
             embedding_map(np.zeros((10, 4)), method="umap")
+    # --run-dir must be a run folder: a checkpoint, a folder without metrics.jsonl or a wrong path is named as such
+    run = _write_run(tmp_path / "run", _engine_records(12))
+    (tmp_path / "model.pt").write_bytes(b"\x80\x02not json")
+    for wrong, kind, what in ((tmp_path / "model.pt", ValueError, "is a file"),
+                              (tmp_path / "empty", ValueError, "holds no metrics.jsonl"),
+                              (tmp_path / "nowhere", FileNotFoundError, "does not exist")):
+        if wrong.name == "empty":
+            wrong.mkdir()
+        with pytest.raises(kind, match=f"{what}.*--run-dir RUN_FOLDER"):
+            build_report(tmp_path / "r.html", run_dir=wrong)
     # a report of training curves alone is valid too
-    out = build_report(tmp_path / "curves.html", run_dir=_write_run(tmp_path / "run", _engine_records(12)))
+    out = build_report(tmp_path / "curves.html", run_dir=run)
     assert len(_check_self_contained(out, _parse(out))) == 4

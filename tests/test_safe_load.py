@@ -158,6 +158,7 @@ def _not_a_checkpoint_error():
 @pytest.mark.parametrize("name, kind", [
     ("config.yaml", "YAML file"), ("summary.json", "JSON file"), ("notes.pt", "text file"),
     ("picture.png", "PNG image file"), ("photo.pth.tar", "JPEG image file"), ("weights.safetensors", "text file"),
+    ("features.npy", "NumPy array file, e.g. features written by `swav extract`"),
 ])
 def test_files_that_are_plainly_no_checkpoint_say_what_they_are(tmp_path, name, kind):
     from PIL import Image
@@ -171,6 +172,9 @@ def test_files_that_are_plainly_no_checkpoint_say_what_they_are(tmp_path, name, 
         Image.new("RGB", (4, 4)).save(path, format="JPEG")
     elif kind == "JSON file":
         path.write_text('{"top1": 71.2, "epochs": 100}\n')
+    elif kind.startswith("NumPy"):
+        import numpy as np
+        np.save(path, np.zeros((4, 8), dtype=np.float32))
     elif kind == "text file":
         path.write_text("this is not a checkpoint\n" * 10)
     else:
