@@ -92,7 +92,7 @@ def derive_values(config: Config, *, world_size: int, dataset_size: int, device:
     if queue_global and queue_global >= samples_per_rank * world_size:
         logger.warning("swav.queue_length=%d (global) holds at least a whole epoch (%d images): the queue would score "
                        "each image against stale embeddings of itself; use a queue shorter than the data set, or none "
-                       "(SPEC §5: the queue is for small batches on large data sets)", queue_global,
+                       "(the queue is meant for small batches on large data sets)", queue_global,
                        samples_per_rank * world_size)
     heads = config.model.num_prototypes
     floor = min(loss_floor(k, config.swav.temperature) / math.log(k) for k in heads if k > 1) \

@@ -79,7 +79,7 @@ def add_official_flags(parser: argparse.ArgumentParser,
     """
     aliases = dict(aliases or {})
     aliases.setdefault("local_rank", ["--local-rank"])
-    group = parser.add_argument_group("official SwAV flags (SPEC §9; same names as the original main_swav.py)")
+    group = parser.add_argument_group("official SwAV flags (the same names and meanings as the original main_swav.py)")
     for name, (key, nargs) in OFFICIAL_FLAGS.items():
         flags = [*aliases.get(name, ()), f"--{name}"]
         group.add_argument(*flags, dest=_dest(name), nargs=nargs, default=None, metavar="V",

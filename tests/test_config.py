@@ -280,3 +280,12 @@ def test_a_checkpoint_written_before_a_setting_existed_compares_as_its_default()
     changed = with_values(Config(), {"data.prefetch_batches": 2})
     assert resume_differences(saved, changed) == ([], ["data.prefetch_batches: checkpoint None, config 2"])
     assert resume_differences(saved, with_values(Config(), {"data.compile_colour": True})) == ([], [])  # ignored
+
+
+@pytest.mark.parametrize("key", ["run.precision", "run.check_sync", "data.pipeline", "run.device"])
+def test_null_for_a_word_setting_says_to_write_auto(key):
+    from swav.config import Config, with_values
+
+    with pytest.raises(ValueError, match=f"{key}=None is invalid: expected a word, not null .* write auto"):
+        with_values(Config(), {key: None})
+    assert with_values(Config(), {key: "auto"})  # the automatic choice, written as the word

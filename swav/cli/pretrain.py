@@ -13,8 +13,8 @@ recipe/config), or as ``swav demo``, the ``fashion_mnist_cpu`` recipe runs on Fa
 run ends with a k-NN summary (written to ``<output-dir>/summary.json``). Limits of one invocation
 (``run.max_steps``, ``run.time_budget_minutes``, ``debug.*``) are not taken over from a run's config.yaml.
 
-Exit status: 0 done (or stopped by --set run.max_steps / run.time_budget_minutes, or already complete),
-1 error, 2 usage error, 128 + signal after SIGTERM/SIGUSR1 (a checkpoint was saved; rerun with --resume).
+Exit status: 0 done (or stopped by --set run.max_steps / run.time_budget_minutes, or --resume on a complete
+run), 1 error, 2 usage error, 128 + signal after SIGTERM/SIGUSR1 (a checkpoint was saved; rerun with --resume).
 
 Example:
     swav pretrain --data ~/images --recipe swav_200ep_bs256 --output-dir runs/r50 --set optim.epochs=100
@@ -31,6 +31,25 @@ from swav.official_flags import add_official_flags, official_values
 from swav.usage import UsageError
 
 __all__ = ["register", "run", "resolve_config", "DEMO_RECIPE", "DEMO_OUTPUT_DIR"]
+
+_DESCRIPTION = """\
+Pretrain an image encoder with SwAV.
+
+  swav pretrain --data PATH --output-dir DIR [--recipe NAME] [--config FILE] [--epochs N] [--batch-size B]
+                [--set section.key=value ...] [--resume | --overwrite] [--device auto|cpu|cuda]
+
+PATH is a folder of images (subfolders are read too), a folder of shards (see `swav pack-shards`) or a named
+data set (fashion-mnist, cifar10, ...). The original script's flags are accepted as they are
+(--nmb_crops 2 6 --size_crops 224 96 ...). Settings are taken from, last one winning: the defaults, --recipe,
+the --config file, the flags, then --set. With no --data (or as `swav demo`) the fashion_mnist_cpu recipe runs
+on Fashion-MNIST on the CPU and ends with a k-NN summary (<output-dir>/summary.json). --resume continues
+the run in --output-dir (its config.yaml is the starting point unless a recipe or config is given);
+run.max_steps, run.time_budget_minutes and debug.* apply to this invocation only.
+
+Exit status: 0 done (or stopped by run.max_steps / run.time_budget_minutes, or --resume on a complete run),
+1 error, 2 usage error, 128 + signal after SIGTERM/SIGUSR1 (a checkpoint was saved; rerun with --resume).
+`swav pretrain --list-recipes` lists the shipped recipes.
+"""
 
 DEMO_RECIPE = "fashion_mnist_cpu"
 DEMO_OUTPUT_DIR = "swav-demo"
@@ -69,7 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``pretrain`` and its alias ``demo``."""
     for name, text in (("pretrain", "pretrain SwAV on a folder of images or a named data set"),
                        ("demo", "the CPU demo: pretrain on Fashion-MNIST and print what was learned")):
-        parser = subparsers.add_parser(name, help=text, description=__doc__.split("Example:")[0],
+        parser = subparsers.add_parser(name, help=text, description=_DESCRIPTION, epilog="example: swav pretrain "
+                                       "--data ~/images --recipe swav_200ep_bs256 --output-dir runs/r50 --set optim.epochs=100",
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_arguments(parser)
         parser.set_defaults(func=run, demo=name == "demo")
