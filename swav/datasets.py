@@ -539,7 +539,8 @@ def build_dataset(
             if split != "train":
                 raise FileNotFoundError(
                     f"build_dataset: no {split!r} split under {path!r} (looked for sub-folders "
-                    f"{', '.join(_SPLIT_FOLDERS[split])}); pass the split's folder directly")
+                    f"{', '.join(_SPLIT_FOLDERS[split])}); pass the split's folder directly (the evaluation commands: "
+                    "--train-data TRAIN_FOLDER --val-data VAL_FOLDER instead of --data)")
             return ImageFolderDataset(path, transform, channels or 3,
                                       max_bad_fraction=max_bad_fraction,
                                       bad_list_path=bad_list_path, bit_depth=bit_depth)

@@ -306,8 +306,15 @@ def extract_to_dir(
         chunk_rows, done, complete = _read_marker(out, fingerprint, chunk_rows or 16 * batch_size)
     num_chunks = -(-num_rows // chunk_rows)
     if complete and (out / "meta.json").exists():
-        logger.info("%s already holds the complete extraction; nothing to do", out)
-        return out
+        try:
+            load_extracted(out)  # every file there and of the right shape, or it is written again
+        except DamagedExtractionError as exc:
+            logger.warning("%s held a complete extraction, but %s: extracting it again", out,
+                           str(exc).split("; re-run", 1)[0])
+            chunk_rows, done, complete, overwrite = chunk_rows or 16 * batch_size, 0, False, True
+        else:
+            logger.info("%s already holds the complete extraction; nothing to do", out)
+            return out
     rows = _SourceRows(dataset, min(done * chunk_rows, num_rows), num_rows)
     if done < num_chunks and (overwrite or done == 0):
         # validate first: a data set or model that cannot work must not cost an earlier extraction (a resume

@@ -73,6 +73,26 @@ def test_extract_matches_direct_forward_in_eval_mode(tmp_path):
     assert json.loads((out / "progress.json").read_text())["complete"] is True
 
 
+def test_a_complete_but_damaged_extraction_is_written_again(tmp_path, caplog):
+    """Running the same extraction again over a complete folder whose files were damaged since (a truncated
+    embeddings.npy) extracts it again instead of saying "nothing to do" and failing later."""
+    model, data = _model(), _Images()
+    out = extract_to_dir(model, data, tmp_path / "x", batch_size=5, chunk_rows=8, progress=False)
+    good = load_extracted(out).embeddings.copy()
+    path = out / "embeddings.npy"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="embeddings.npy is damaged"):
+        load_extracted(out)
+    with caplog.at_level("WARNING", logger="swav.extract"):
+        extract_to_dir(model, data, out, batch_size=5, chunk_rows=8, progress=False)
+    assert "held a complete extraction, but extraction file" in caplog.text and "extracting it again" in caplog.text
+    np.testing.assert_allclose(load_extracted(out).embeddings, good, rtol=1e-6, atol=1e-7)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="swav.extract"):
+        extract_to_dir(model, data, out, batch_size=5, chunk_rows=8, progress=False)  # intact now: nothing to do
+    assert "already holds the complete extraction; nothing to do" in caplog.text
+
+
 def test_resume_continues_after_last_complete_chunk(tmp_path):
     model = _model()
     crashing = _Images(fail_at=21)  # batches of 4, chunks of 8 rows: chunks 0-1 complete, then crash
