@@ -503,6 +503,8 @@ def _fix_command(out: Path, meta: Mapping[str, Any] | None) -> str:
         words += ["--what", meta["what"]]
     if meta.get("limit"):
         words += ["--limit", str(meta["limit"])]
+    if meta.get("safetensors"):
+        words += ["--safetensors"]
     words += ["--output-dir", os.fspath(out), "--overwrite"]
     return " ".join(shlex.quote(w) for w in words)
 

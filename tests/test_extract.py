@@ -429,3 +429,12 @@ def test_a_small_image_model_extracts_a_folder_of_mixed_sizes(tmp_path, monkeypa
     assert tuple(test(Image.open(folder / "3.png")).shape) == (3, 32, 32)
     _, test = transforms_for_checkpoint(checkpoint, spec, crop_size=24)  # --crop-size
     assert tuple(test(Image.open(folder / "0.png")).shape) == (3, 24, 24)
+
+
+def test_the_fix_command_for_a_damaged_extraction_keeps_its_options(tmp_path):
+    from swav.extract import _fix_command
+
+    meta = {"checkpoint": "m.pt", "data": "imgs", "split": "val", "what": "features", "limit": 50,
+            "safetensors": True}
+    assert _fix_command(tmp_path, meta) == (f"swav extract --checkpoint m.pt --data imgs --split val --what features "
+                                            f"--limit 50 --safetensors --output-dir {tmp_path} --overwrite")
