@@ -112,6 +112,16 @@ def test_user_errors_are_one_clear_line(tmp_path, capsys, argv, message, status)
     assert not (tmp_path / "o").exists()
 
 
+def test_demo_on_a_folder_of_photos_says_what_it_needs(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30)).save(photos / f"{i}.jpg")
+    code, _, err = run_cli(capsys, "demo", "--data", str(photos), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "swav demo runs the Fashion-MNIST recipe on Fashion-MNIST's IDX files" in err
+    assert "swav pretrain --data PATH" in err and not (tmp_path / "o").exists()
+
+
 def test_usage_errors_and_module_entry_point(capsys):
     assert main(["pretrain", "--epochs"]) == 2  # argparse: missing value
     assert main([]) == 2

@@ -137,6 +137,12 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     output_dir = flags.get("run.output_dir") or (DEMO_OUTPUT_DIR if demo else None)
     own_config = Path(output_dir) / "config.yaml" if output_dir else None
     data = flags.get("data.path")
+    if getattr(args, "demo", False) and isinstance(data, str) and Path(data).expanduser().is_dir():
+        from swav.datasets import find_idx_folder
+        if find_idx_folder(str(Path(data).expanduser())) is None:
+            raise UsageError(f"swav demo runs the Fashion-MNIST recipe on Fashion-MNIST's IDX files, and --data {data!r} "
+                             "holds none: for a folder of your own images run `swav pretrain --data PATH` (the ResNet-50 "
+                             "defaults; --recipe NAME for another recipe)")
     if args.recipe:
         config = load_recipe(args.recipe)
     elif args.resume and not args.config and own_config is not None and own_config.is_file():
