@@ -276,6 +276,18 @@ def _map_html(data: Any, table: list[dict[str, Any]] | None, class_names: dict[i
     return _img(render_map_png(coords, colours, names, title), "embedding map", title)
 
 
+def _warn_if_another_model(meta: dict, run_dir: str | os.PathLike | None) -> None:
+    """A warning when the extraction's checkpoint lies outside ``run_dir``: the clusters and the map would then
+    describe another model than the training curves (allowed: the report says what it shows, not why)."""
+    checkpoint = meta.get("checkpoint")
+    if run_dir is None or not checkpoint:
+        return
+    run, model = Path(run_dir).resolve(), Path(checkpoint).expanduser().resolve()
+    if run not in model.parents:
+        logger.warning("the features/clusters come from %s, which is not in the run folder %s: the report combines "
+                       "two different models' results", model, run)
+
+
 def build_report(
     output: str | os.PathLike, *, cluster_dir: str | os.PathLike | None = None,
     run_dir: str | os.PathLike | None = None, extract_dir: str | os.PathLike | None = None,
@@ -324,6 +336,7 @@ def build_report(
 
         data = load_extracted(extract_dir)
     class_names = {i: str(n) for i, n in enumerate((data.meta.get("classes") if data else None) or [])}
+    _warn_if_another_model(data.meta if data else {}, run_dir)
     if metrics is not None and table is not None:
         loader = _image_loader(data.meta if data else {}, dataset)
         sections.append(("Clustering", _metrics_html(metrics)))

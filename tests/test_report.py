@@ -231,3 +231,18 @@ def test_report_arguments_are_checked(tmp_path):
     # a report of training curves alone is valid too
     out = build_report(tmp_path / "curves.html", run_dir=run)
     assert len(_check_self_contained(out, _parse(out))) == 4
+
+
+def test_report_warns_when_clusters_and_curves_come_from_different_models(tmp_path, caplog):
+    from swav.report import _warn_if_another_model
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="swav.report"):
+        _warn_if_another_model({"checkpoint": str(run / "model.pt")}, run)
+        _warn_if_another_model({"checkpoint": str(run / "checkpoints" / "final.pt")}, run)
+        _warn_if_another_model({"checkpoint": str(run / "model.pt")}, None)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="swav.report"):
+        _warn_if_another_model({"checkpoint": str(tmp_path / "other" / "model.pt")}, run)
+    assert "not in the run folder" in caplog.text and "two different models" in caplog.text
