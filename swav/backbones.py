@@ -19,12 +19,13 @@ import difflib
 import importlib
 import logging
 from collections.abc import Sequence
-from functools import lru_cache
 
 import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+from swav.cpu_features import cpu_has_amx
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +53,6 @@ _TORCHVISION_EXTRA_KWARGS: dict[str, dict[str, object]] = {
 _PROBE_CLASSES = 4099
 
 
-@lru_cache(maxsize=1)
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel's matrix units, which oneDNN's bf16 convolutions use)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_tile" in flags
-
-
 # read once at import: under torch.compile a call that asks the CPU would break the graph, a bool does not
 _CPU_HAS_AMX = cpu_has_amx()
 
@@ -83,7 +69,7 @@ class SmallMapConv2d(nn.Conv2d):
     product on a CPU with AMX and 1.1-1.8x on one with AVX512-BF16 only (an AMD EPYC, Zen 4). The 3x3 ones
     differ by CPU: with AMX 1.1-1.4x longer on 7x7 maps and 1.9-2.8x on 3x3 maps; without AMX the matrix
     product loses on stride-1 3x3 convolutions (0.6-0.9x on 6x6 and 7x7 maps) and wins only on the strided
-    one (1.2-1.5x), hence ``KXK_STRIDE1_MATMUL`` (None: decided by :func:`cpu_has_amx`, read at import).
+    one (1.2-1.5x), hence ``KXK_STRIDE1_MATMUL`` (None: decided by :func:`swav.cpu_features.cpu_has_amx`, read at import).
     Anywhere else it is an ordinary ``nn.Conv2d`` with the same parameters and state-dict keys."""
 
     MATMUL_MAX_PIXELS = 49

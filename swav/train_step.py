@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import nn
 
 from swav.config import Config
+from swav.cpu_features import cpu_supports_bf16  # re-exported: part of this module's API
 from swav.distributed import all_gather_cat, all_reduce_max_
 from swav.health import NonFiniteError, gradients_finite, nonfinite_parameter_names, swapped_prediction_terms
 from swav.lars import LARS
@@ -42,22 +42,6 @@ __all__ = ["cpu_supports_bf16", "resolve_precision", "bf16_gradients_agree", "au
 
 logger = logging.getLogger(__name__)
 
-
-@lru_cache(maxsize=1)
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 (AMX or AVX512-BF16), where bf16 autocast is ~2x faster."""
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except (AttributeError, RuntimeError):
-        capability = ""
-    if "AMX" in capability.upper():
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
