@@ -83,8 +83,9 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise _invalid(key, value, "a number") from None
     if tp is str:
-        _require(value is not None, key, value, "a word, not null (for the automatic choice of a setting that has "
-                 "one, such as run.precision, run.check_sync, data.pipeline or run.device, write auto)")
+        _require(value is not None, key, value, "a string (a word, name or path), not null (for the automatic "
+                 "choice of a setting that has one, such as run.precision, run.check_sync, data.pipeline or "
+                 "run.device, write auto)")
         _require(isinstance(value, (str, int, float)), key, value, "a string")
         return str(value)
     raise TypeError(f"unsupported config field type {tp!r} for {key}")  # a bug in this module

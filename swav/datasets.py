@@ -35,7 +35,7 @@ from swav.images import BadImageTracker, ImageDecodeError, TooManyBadImagesError
 
 __all__ = [
     "IMAGE_EXTENSIONS", "TooManyBadImagesError", "BadImageTracker", "list_image_files",
-    "ImageFolderDataset", "IDXDataset", "CIFARDataset", "build_dataset", "KNOWN_DATASETS",
+    "ImageFolderDataset", "IDXDataset", "CIFARDataset", "build_dataset", "KNOWN_DATASETS", "detect_data_set_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -426,6 +426,13 @@ def _data_roots() -> list[str]:
     return roots + ["/usr/share/datasets", os.path.expanduser("~/.cache/swav")]
 
 
+def detect_data_set_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (or its ``train`` split folder) holds a data set in one of the file layouts that
+    :func:`build_dataset` recognises (IDX, CIFAR, shards), as opposed to a plain folder of images."""
+    candidates = [os.fspath(path)] + [os.path.join(os.fspath(path), sub) for sub in _SPLIT_FOLDERS["train"]]
+    return any(os.path.isdir(c) and _detect(c) is not None for c in candidates)
+
+
 def _detect(path: str) -> tuple[str, Any] | None:
     """('idx', folder) / ('cifar', (source, classes)) / ('shards', path) for a path, else None."""
     idx_folder = find_idx_folder(path)
@@ -539,8 +546,9 @@ def build_dataset(
             if split != "train":
                 raise FileNotFoundError(
                     f"build_dataset: no {split!r} split under {path!r} (looked for sub-folders "
-                    f"{', '.join(_SPLIT_FOLDERS[split])}); pass the split's folder directly (the evaluation commands: "
-                    "--train-data TRAIN_FOLDER --val-data VAL_FOLDER instead of --data)")
+                    f"{', '.join(_SPLIT_FOLDERS[split])}); pass the split's folder directly: for the evaluation commands "
+                    "--train-data TRAIN_FOLDER --val-data VAL_FOLDER instead of --data; for swav extract, cluster and "
+                    "pack-shards --data SPLIT_FOLDER with --split train (the default), as a plain folder is one split")
             return ImageFolderDataset(path, transform, channels or 3,
                                       max_bad_fraction=max_bad_fraction,
                                       bad_list_path=bad_list_path, bit_depth=bit_depth)

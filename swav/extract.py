@@ -305,9 +305,9 @@ def extract_to_dir(
     else:  # read only: refuses another job's folder before anything is written
         chunk_rows, done, complete = _read_marker(out, fingerprint, chunk_rows or 16 * batch_size)
     num_chunks = -(-num_rows // chunk_rows)
-    if complete and (out / "meta.json").exists():
+    if complete:
         try:
-            load_extracted(out)  # every file there and of the right shape, or it is written again
+            _check_complete(out)  # every file there and of the right shape, or it is written again
         except DamagedExtractionError as exc:
             logger.warning("%s held a complete extraction, but %s: extracting it again", out,
                            str(exc).split("; re-run", 1)[0])
@@ -507,6 +507,19 @@ def _fix_command(out: Path, meta: Mapping[str, Any] | None) -> str:
         words += ["--safetensors"]
     words += ["--output-dir", os.fspath(out), "--overwrite"]
     return " ".join(shlex.quote(w) for w in words)
+
+
+def _check_complete(out: Path) -> None:
+    """:func:`load_extracted`'s checks, plus the optional ``extracted.safetensors`` read whole."""
+    data = load_extracted(out)
+    if data.meta.get("safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            load_file(str(out / "extracted.safetensors"))
+        except (OSError, SafetensorError, ValueError) as exc:
+            raise _damaged(out, "extracted.safetensors", f"unreadable: {exc}", data.meta) from exc
 
 
 def _damaged(out: Path, name: str, detail: str, meta: Mapping[str, Any] | None) -> DamagedExtractionError:

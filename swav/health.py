@@ -35,11 +35,11 @@ COLLAPSE_ADVICE = (
     "lower swav.epsilon (e.g. 0.03), freeze the prototypes longer (swav.freeze_prototypes_steps), use fewer "
     "or milder crops (crops.counts / crops.min_scales), start the queue later or shorten it "
     "(swav.queue_start_epoch / swav.queue_length), lower the learning rate, or check swav.temperature (0.1: a "
-    "high temperature keeps the loss near ln K by construction) (SPEC §13)")
+    "high temperature keeps the loss near ln K by construction)")
 DIVERGENCE_ADVICE = (
     "lower the learning rate (optim.base_lr) or lengthen the warm-up (optim.warmup_epochs), and freeze the "
     "prototypes longer (swav.freeze_prototypes_steps); if the loss rose when the queue started, start it later "
-    "or shorten it (swav.queue_start_epoch / swav.queue_length) (SPEC §13)")
+    "or shorten it (swav.queue_start_epoch / swav.queue_length)")
 
 
 def loss_floor(num_prototypes: int, temperature: float) -> float:
@@ -146,7 +146,7 @@ class NonFiniteError(RuntimeError):
             f"taken and nothing was saved; the newest checkpoint (if any was written: it is from step {step - 1} or earlier) is the resume "
             "point. "
             "Common causes: "
-            "learning rate too high, fp16 overflow (try run.precision=bf16 or fp32) (SPEC §13)")
+            "learning rate too high, fp16 overflow (try run.precision=bf16 or fp32)")
 
 
 class NonFiniteStateError(NonFiniteError):

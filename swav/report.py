@@ -284,8 +284,9 @@ def _warn_if_another_model(meta: dict, run_dir: str | os.PathLike | None) -> Non
         return
     run, model = Path(run_dir).resolve(), Path(checkpoint).expanduser().resolve()
     if run not in model.parents:
-        logger.warning("the features/clusters come from %s, which is not in the run folder %s: the report combines "
-                       "two different models' results", model, run)
+        logger.warning("the features/clusters come from %s, which is not in the run folder %s: if that is another "
+                       "model than the run's (not an export or a copy of it), the report mixes two models' results",
+                       model, run)
 
 
 def build_report(
@@ -320,6 +321,15 @@ def build_report(
                         ("thumb_size", thumb_size), ("map_points", map_points)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if run_dir is not None:  # checked before any slow work
+        run = Path(run_dir)
+        if not ((run.is_dir() and (run / "metrics.jsonl").is_file()) or (run.is_file() and run.suffix == ".jsonl")):
+            what = ("is not a metrics .jsonl file" if run.is_file() else "holds no metrics.jsonl" if run.is_dir()
+                    else "does not exist")
+            raise (FileNotFoundError if not run.exists() else ValueError)(
+                f"run_dir {str(run)!r} {what}: expected a training run folder holding metrics.jsonl, i.e. the "
+                "--output-dir of `swav pretrain`, or that metrics.jsonl (command line: --run-dir RUN_FOLDER; "
+                "Python: run_dir=...)")
     sections = []
     metrics, table = None, None
     if cluster_dir is not None:
@@ -336,7 +346,8 @@ def build_report(
 
         data = load_extracted(extract_dir)
     class_names = {i: str(n) for i, n in enumerate((data.meta.get("classes") if data else None) or [])}
-    _warn_if_another_model(data.meta if data else {}, run_dir)
+    _warn_if_another_model(data.meta if data else {}, run_dir if run_dir is None or Path(run_dir).is_dir()
+                           else Path(run_dir).parent)
     if metrics is not None and table is not None:
         loader = _image_loader(data.meta if data else {}, dataset)
         sections.append(("Clustering", _metrics_html(metrics)))
@@ -345,12 +356,6 @@ def build_report(
     if run_dir is not None:
         from swav.curves import plot_training_curves
 
-        run = Path(run_dir)
-        if not (run.is_dir() and (run / "metrics.jsonl").is_file()):
-            what = ("is a file" if run.is_file() else "holds no metrics.jsonl" if run.is_dir() else "does not exist")
-            raise (FileNotFoundError if not run.exists() else ValueError)(
-                f"run_dir {str(run)!r} {what}: expected a training run folder holding metrics.jsonl, i.e. the "
-                "--output-dir of `swav pretrain` (command line: --run-dir RUN_FOLDER; Python: run_dir=...)")
 
         pngs = plot_training_curves(run_dir)
         body = "".join(_img(png, name) for name, png in pngs.items()) or '<p class="note">no curves logged</p>'

@@ -118,8 +118,21 @@ def test_demo_on_a_folder_of_photos_says_what_it_needs(tmp_path, capsys):
     for i in range(3):
         Image.new("RGB", (40, 30)).save(photos / f"{i}.jpg")
     code, _, err = run_cli(capsys, "demo", "--data", str(photos), "--output-dir", str(tmp_path / "o"))
-    assert code == 2 and "swav demo runs the Fashion-MNIST recipe on Fashion-MNIST's IDX files" in err
+    assert code == 2 and "swav demo runs the Fashion-MNIST recipe" in err and "holds none" in err
     assert "swav pretrain --data PATH" in err and not (tmp_path / "o").exists()
+    # the layouts it runs on pass: IDX files in the folder, in its train/ folder, torchvision's raw/ layout
+    from swav.datasets import detect_data_set_folder
+    fashion = Path("/usr/share/datasets/fashion-mnist")
+    if fashion.is_dir():
+        for layout in ("flat", "train", "torchvision"):
+            where = {"flat": tmp_path / "idx", "train": tmp_path / "split" / "train",
+                     "torchvision": tmp_path / "tv" / "FashionMNIST" / "raw"}[layout]
+            where.mkdir(parents=True)
+            for f in fashion.iterdir():
+                (where / f.name).symlink_to(f)
+            root = {"flat": tmp_path / "idx", "train": tmp_path / "split", "torchvision": tmp_path / "tv"}[layout]
+            assert detect_data_set_folder(root), layout
+    assert not detect_data_set_folder(photos)
 
 
 def test_usage_errors_and_module_entry_point(capsys):

@@ -73,23 +73,29 @@ def test_extract_matches_direct_forward_in_eval_mode(tmp_path):
     assert json.loads((out / "progress.json").read_text())["complete"] is True
 
 
-def test_a_complete_but_damaged_extraction_is_written_again(tmp_path, caplog):
-    """Running the same extraction again over a complete folder whose files were damaged since (a truncated
-    embeddings.npy) extracts it again instead of saying "nothing to do" and failing later."""
+@pytest.mark.parametrize("damage", ["embeddings.npy", "meta.json", "extracted.safetensors"])
+def test_a_complete_but_damaged_extraction_is_written_again(tmp_path, caplog, damage):
+    """Running the same extraction again over a complete folder whose files were damaged since (truncated or
+    missing) extracts it again instead of saying "nothing to do" and failing later."""
     model, data = _model(), _Images()
-    out = extract_to_dir(model, data, tmp_path / "x", batch_size=5, chunk_rows=8, progress=False)
+    kwargs = {"batch_size": 5, "chunk_rows": 8, "progress": False, "write_safetensors": True}
+    out = extract_to_dir(model, data, tmp_path / "x", **kwargs)
     good = load_extracted(out).embeddings.copy()
-    path = out / "embeddings.npy"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ValueError, match="embeddings.npy is damaged"):
-        load_extracted(out)
+    path = out / damage
+    if damage == "meta.json":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with caplog.at_level("WARNING", logger="swav.extract"):
-        extract_to_dir(model, data, out, batch_size=5, chunk_rows=8, progress=False)
-    assert "held a complete extraction, but extraction file" in caplog.text and "extracting it again" in caplog.text
+        extract_to_dir(model, data, out, **kwargs)
+    assert f"held a complete extraction, but extraction file {path} is damaged" in caplog.text
+    assert "extracting it again" in caplog.text
     np.testing.assert_allclose(load_extracted(out).embeddings, good, rtol=1e-6, atol=1e-7)
+    from safetensors.numpy import load_file
+    assert set(load_file(str(out / "extracted.safetensors"))) >= {"embeddings", "labels"}
     caplog.clear()
     with caplog.at_level("INFO", logger="swav.extract"):
-        extract_to_dir(model, data, out, batch_size=5, chunk_rows=8, progress=False)  # intact now: nothing to do
+        extract_to_dir(model, data, out, **kwargs)  # intact now: nothing to do
     assert "already holds the complete extraction; nothing to do" in caplog.text
 
 

@@ -126,7 +126,7 @@ def _chromium_widths(path: Path, tmp_path: Path) -> tuple[int, int, list[int]]:
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason="Fashion-MNIST IDX files not installed")
-def test_report_on_fashion_mnist_renders_in_chromium(tmp_path):
+def test_report_on_fashion_mnist_renders_in_chromium(tmp_path, caplog):
     from swav.export import export_full
     from swav.model import ModelSpec, build_model
 
@@ -140,6 +140,8 @@ def test_report_on_fashion_mnist_renders_in_chromium(tmp_path):
     out = tmp_path / "report" / "report.html"
     assert _run_cli(["report", "--cluster-dir", str(tmp_path / "cl"), "--run-dir", str(run), "--output", str(out),
                      "--top-clusters", "4", "--images-per-cluster", "6", "--map-points", "120"]) == 0
+    # the clusters' model.pt lies outside the run folder: the report says it may mix two models
+    assert "which is not in the run folder" in caplog.text
     root = _parse(out)
     images = _check_self_contained(out, root)
     alts = [img.get("alt") for img in images]
@@ -221,13 +223,15 @@ def test_report_arguments_are_checked(tmp_path):
     # --run-dir must be a run folder: a checkpoint, a folder without metrics.jsonl or a wrong path is named as such
     run = _write_run(tmp_path / "run", _engine_records(12))
     (tmp_path / "model.pt").write_bytes(b"\x80\x02not json")
-    for wrong, kind, what in ((tmp_path / "model.pt", ValueError, "is a file"),
+    for wrong, kind, what in ((tmp_path / "model.pt", ValueError, "is not a metrics .jsonl file"),
                               (tmp_path / "empty", ValueError, "holds no metrics.jsonl"),
                               (tmp_path / "nowhere", FileNotFoundError, "does not exist")):
         if wrong.name == "empty":
             wrong.mkdir()
         with pytest.raises(kind, match=f"{what}.*--run-dir RUN_FOLDER"):
             build_report(tmp_path / "r.html", run_dir=wrong)
+    # the metrics file itself is accepted too
+    assert build_report(tmp_path / "file.html", run_dir=run / "metrics.jsonl").is_file()
     # a report of training curves alone is valid too
     out = build_report(tmp_path / "curves.html", run_dir=run)
     assert len(_check_self_contained(out, _parse(out))) == 4
@@ -245,4 +249,4 @@ def test_report_warns_when_clusters_and_curves_come_from_different_models(tmp_pa
     assert not caplog.records
     with caplog.at_level("WARNING", logger="swav.report"):
         _warn_if_another_model({"checkpoint": str(tmp_path / "other" / "model.pt")}, run)
-    assert "not in the run folder" in caplog.text and "two different models" in caplog.text
+    assert "not in the run folder" in caplog.text and "mixes two models' results" in caplog.text

@@ -125,14 +125,14 @@ def _add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: st
         type=float,
         nargs="+",
         help="normalisation mean; must match pretraining (default: the mean stored in the checkpoint's "
-        "config; for checkpoints without one, ImageNet's for RGB, 0.5 for grey)",
+        "config, whether or not the other one is given; for checkpoints without one, ImageNet's for RGB, 0.5 for grey)",
     )
     parser.add_argument(
         "--std",
         type=float,
         nargs="+",
         help="normalisation std; must match pretraining (default: the std stored in the checkpoint's "
-        "config; for checkpoints without one, ImageNet's for RGB, 0.5 for grey)",
+        "config, whether or not the other one is given; for checkpoints without one, ImageNet's for RGB, 0.5 for grey)",
     )
     parser.add_argument("--crop-size", type=int, help="test images: centre crop (default: the pretraining's "
                         "large-crop size, else 224)")

@@ -41,8 +41,9 @@ Pretrain an image encoder with SwAV.
 PATH is a folder of images (subfolders are read too), a folder of shards (see `swav pack-shards`) or a named
 data set (fashion-mnist, cifar10, ...). The original script's flags are accepted as they are
 (--nmb_crops 2 6 --size_crops 224 96 ...). Settings are taken from, last one winning: the defaults, --recipe,
-the --config file, the flags, then --set. With no --data (or as `swav demo`) the fashion_mnist_cpu recipe runs
-on Fashion-MNIST on the CPU and ends with a k-NN summary (<output-dir>/summary.json). --resume continues
+the --config file, the flags, then --set. With no --data, --recipe or --config (or as `swav demo`) the
+fashion_mnist_cpu recipe (sized for a CPU) runs on Fashion-MNIST and ends with a k-NN summary
+(<output-dir>/summary.json). --resume continues
 the run in --output-dir (its config.yaml is the starting point unless a recipe or config is given);
 run.max_steps, run.time_budget_minutes and debug.* apply to this invocation only.
 
@@ -138,11 +139,12 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     own_config = Path(output_dir) / "config.yaml" if output_dir else None
     data = flags.get("data.path")
     if getattr(args, "demo", False) and isinstance(data, str) and Path(data).expanduser().is_dir():
-        from swav.datasets import find_idx_folder
-        if find_idx_folder(str(Path(data).expanduser())) is None:
-            raise UsageError(f"swav demo runs the Fashion-MNIST recipe on Fashion-MNIST's IDX files, and --data {data!r} "
-                             "holds none: for a folder of your own images run `swav pretrain --data PATH` (the ResNet-50 "
-                             "defaults; --recipe NAME for another recipe)")
+        from swav.datasets import detect_data_set_folder
+        if not detect_data_set_folder(Path(data).expanduser()):  # a plain folder of images
+            raise UsageError(f"swav demo runs the Fashion-MNIST recipe, made for small labelled data sets (IDX or CIFAR "
+                             f"files, or their shards), and --data {data!r} holds none: pass the folder that holds "
+                             "the files, or for a folder of your own images run `swav pretrain --data PATH` (the "
+                             "ResNet-50 defaults; --recipe NAME for another recipe)")
     if args.recipe:
         config = load_recipe(args.recipe)
     elif args.resume and not args.config and own_config is not None and own_config.is_file():

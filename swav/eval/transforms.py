@@ -230,8 +230,10 @@ def transforms_for_checkpoint(
     (unless ``mean``/``std`` are given) and its large-crop size (:func:`eval_sizes`, unless ``crop_size`` /
     ``resize_size`` are given). The choice is logged."""
     config = pretraining_config(checkpoint)
-    if mean is None and std is None:
-        mean, std = _normalization_of(config)
+    if mean is None or std is None:  # each one not given comes from the checkpoint's config
+        stored_mean, stored_std = _normalization_of(config)
+        mean = stored_mean if mean is None else mean
+        std = stored_std if std is None else std
     crops = config.get("crops") if isinstance(config, dict) else None
     sizes = crops.get("sizes") if isinstance(crops, dict) else None
     default_crop, _ = eval_sizes(max(sizes) if isinstance(sizes, list) and sizes else None)

@@ -205,6 +205,10 @@ def test_normalisation_comes_from_the_training_config(idx_data, tmp_path):
     argv = ["eval-knn", *_common(checkpoint, tmp_path, "--data", str(idx_data), "--mean", "0.5", "--std", "0.5")]
     assert _main(argv) == 0
     assert json.loads((tmp_path / "eval-knn.json").read_text())["normalization"] == {"mean": [0.5], "std": [0.5]}
+    # one of the two given: the other still comes from the checkpoint
+    argv = ["eval-knn", *_common(checkpoint, tmp_path, "--data", str(idx_data), "--mean", "0.2")]
+    assert _main(argv) == 0
+    assert json.loads((tmp_path / "eval-knn.json").read_text())["normalization"] == {"mean": [0.2], "std": [0.4]}
 
 
 def test_test_images_are_sized_like_pretraining(idx_data, tmp_path):
