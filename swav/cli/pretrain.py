@@ -43,9 +43,9 @@ data set (fashion-mnist, cifar10, ...). The original script's flags are accepted
 (--nmb_crops 2 6 --size_crops 224 96 ...). Settings are taken from, last one winning: the defaults, --recipe,
 the --config file, the flags, then --set. With no --data, --recipe or --config (or as `swav demo`) the
 fashion_mnist_cpu recipe (sized for a CPU) runs on Fashion-MNIST and ends with a k-NN summary
-(<output-dir>/summary.json). --resume continues
-the run in --output-dir (its config.yaml is the starting point unless a recipe or config is given);
-run.max_steps, run.time_budget_minutes and debug.* apply to this invocation only.
+(<output-dir>/summary.json). --resume continues the run in --output-dir (its config.yaml is the starting
+point unless a recipe or config is given); run.max_steps, run.time_budget_minutes and debug.* apply to this
+invocation only.
 
 Exit status: 0 done (or stopped by run.max_steps / run.time_budget_minutes, or --resume on a complete run),
 1 error, 2 usage error, 128 + signal after SIGTERM/SIGUSR1 (a checkpoint was saved; rerun with --resume).
