@@ -15,8 +15,8 @@ The decisions and factors are those :class:`~swav.batch_augment.BatchColorAugmen
 other strategies' values up to float rounding (within about 2e-5 at the default jitter strength; stronger jitter
 amplifies the rounding: ``tests/test_opencv_colour.py``). Three channels only. OpenCV
 (``opencv-python-headless``, the ``opencv`` extra) is optional: without it the grouped torch strategy runs.
-OpenCV's own thread pool is set to one thread on first use: the stage runs beside the training step (or in a
-data-loader worker) and must not compete with it for cores.
+OpenCV's own thread pool is set to one thread while the stage runs (and restored after): the stage runs beside
+the training step (or in a data-loader worker) and must not compete with it for cores.
 Legend: B batch, H/W height/width.
 """
 from __future__ import annotations
@@ -37,7 +37,6 @@ __all__ = ["available", "opencv_color_stage"]
 logger = logging.getLogger(__name__)
 
 _GRAY = np.array([0.2989, 0.587, 0.114], dtype=np.float32)  # torchvision's rgb_to_grayscale, as swav.color_ops
-_threads_set = False  # OpenCV's thread pool set to one thread (on first use)
 _usable: bool | None = None  # available()'s answer, worked out once per process
 
 
@@ -117,16 +116,12 @@ def opencv_color_stage(crops: torch.Tensor, *, flip: Sequence[bool], jitter: Seq
     ``factors[i]``) when ``jitter[i]``, grayscale, blur with the 1-D kernel ``kernels[i]`` (odd length; None when
     no sample blurs), normalisation by ``mean``/``std``.
     """
-    global _threads_set
     if not available():
         raise RuntimeError("the opencv colour strategy needs OpenCV (pip install opencv-python-headless) with a "
                            "hue conversion that wraps (see the warning); use strategy='grouped'")
     if crops.device.type != "cpu" or crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != 3:
         raise ValueError(f"crops of dtype {crops.dtype}, shape {tuple(crops.shape)} on {crops.device} are invalid "
                          "for the opencv colour strategy: expected uint8 (B, 3, H, W) on the CPU")
-    if not _threads_set:
-        cv2.setNumThreads(1)
-        _threads_set = True
     n, _, height, width = crops.shape
     planes = crops.contiguous().numpy()  # (B, 3, H, W) uint8; cv2.merge interleaves a crop 10x faster than torch
     out = torch.empty((n, height, width, 3), dtype=torch.float32)
@@ -141,18 +136,23 @@ def opencv_color_stage(crops: torch.Tensor, *, flip: Sequence[bool], jitter: Seq
 
     def other(x: np.ndarray) -> np.ndarray:  # the buffer not holding x: ops that cannot work in place write there
         return buffers[1] if x is buffers[0] else buffers[0]
-    for i in range(n):
-        image = cv2.merge((planes[i, 0], planes[i, 1], planes[i, 2]))  # (H, W, 3)
-        if flip[i]:
-            image = cv2.flip(image, 1)
-        x = np.divide(image, np.float32(255.0), out=buffers[0], dtype=np.float32)
-        if jitter[i]:
-            for j in order[i]:
-                x = _jitter(x, other(x), jitter_ops[j], factor_rows[i][j])
-        if grayscale[i]:
-            x = cv2.transform(x, to_gray, dst=other(x))
-        if blur[i]:
-            kernel = kernel_rows[i]
-            x = cv2.sepFilter2D(x, cv2.CV_32F, kernel, kernel, dst=other(x), borderType=cv2.BORDER_REFLECT_101)
-        cv2.transform(x, normalise, dst=target[i])
+    previous_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # crop by crop beside the step's threads: no pool of its own (restored below)
+    try:
+        for i in range(n):
+            image = cv2.merge((planes[i, 0], planes[i, 1], planes[i, 2]))  # (H, W, 3)
+            if flip[i]:
+                image = cv2.flip(image, 1)
+            x = np.divide(image, np.float32(255.0), out=buffers[0], dtype=np.float32)
+            if jitter[i]:
+                for j in order[i]:
+                    x = _jitter(x, other(x), jitter_ops[j], factor_rows[i][j])
+            if grayscale[i]:
+                x = cv2.transform(x, to_gray, dst=other(x))
+            if blur[i]:
+                kernel = kernel_rows[i]
+                x = cv2.sepFilter2D(x, cv2.CV_32F, kernel, kernel, dst=other(x), borderType=cv2.BORDER_REFLECT_101)
+            cv2.transform(x, normalise, dst=target[i])
+    finally:
+        cv2.setNumThreads(previous_threads)
     return out.permute(0, 3, 1, 2)

@@ -103,10 +103,10 @@ def test_the_stage_refuses_tensors_it_cannot_take_and_keeps_the_callers_threads(
         opencv_colour.opencv_color_stage(torch.zeros(2, 3, 8, 8), flip=[0, 0], jitter=[0, 0], order=[[], []],
                                          factors=torch.zeros(2, 4), grayscale=[0, 0], blur=[0, 0], kernels=None,
                                          jitter_ops=aug.jitter_ops, mean=aug.mean, std=aug.std)
-    threads = torch.get_num_threads()
+    threads, cv_threads = torch.get_num_threads(), opencv_colour.cv2.getNumThreads()
     aug([crops()])
     assert torch.get_num_threads() == threads
-    assert opencv_colour.cv2.getNumThreads() == 1  # beside the training step, not competing with it
+    assert opencv_colour.cv2.getNumThreads() == cv_threads  # one thread only while the stage runs (test below)
 
 
 def test_the_hue_check_detects_a_conversion_that_does_not_wrap(monkeypatch) -> None:
@@ -124,3 +124,20 @@ def test_the_hue_check_detects_a_conversion_that_does_not_wrap(monkeypatch) -> N
     assert not opencv_colour._hue_wraps()
     monkeypatch.setattr(cv2, "cvtColor", real)
     assert opencv_colour._hue_wraps()
+
+
+def test_opencv_runs_on_one_thread_during_the_stage_and_leaves_its_setting_as_it_was(monkeypatch) -> None:
+    import cv2
+
+    seen = []
+    real = cv2.transform
+    monkeypatch.setattr(opencv_colour.cv2, "transform", lambda *a, **k: seen.append(cv2.getNumThreads()) or real(*a, **k))
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        aug = BatchColorAugment(strategy="opencv", seed=0)
+        aug([torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)])
+        assert seen and set(seen) == {1}  # every crop's normalisation ran with one OpenCV thread
+        assert cv2.getNumThreads() == 2  # the process's own setting is back
+    finally:
+        cv2.setNumThreads(before)
