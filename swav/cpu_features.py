@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["cpu_flags", "cpu_has_amx", "cpu_supports_bf16"]
+__all__ = ["cpu_flags", "cpu_has_amx", "cpu_supports_bf16", "cpu_model", "describe_environment"]
 
 
 @lru_cache(maxsize=1)
@@ -42,3 +42,32 @@ def cpu_supports_bf16() -> bool:
     except (AttributeError, RuntimeError):
         capability = ""
     return "AMX" in capability.upper() or bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_environment(device: torch.device) -> str:
+    """One line for a run's log: library versions, the CPU and its bf16 abilities, the GPU if used; so that
+    two runs' speed or numerics can be compared knowing what they ran on."""
+    import os
+
+    import torchvision
+
+    bf16 = "AMX" if cpu_has_amx() else "AVX512-BF16" if cpu_supports_bf16() else "no native bf16"
+    line = (f"torch {torch.__version__}, torchvision {torchvision.__version__}; CPU {cpu_model()} "
+            f"({bf16}), {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+    if device.type == "cuda":
+        line += f"; GPU {torch.cuda.get_device_name(device)}"
+    return line

@@ -46,6 +46,7 @@ from swav.metrics import MetricsWriter, RateMeter, format_duration, truncate_met
 from swav.model import ModelSpec, SwAVModel, build_model
 from swav.output_paths import check_output_folder
 from swav.preemption import StopSignals, exit_code_for_signal
+from swav.cpu_features import describe_environment
 from swav.pretrain_summary import KnnMonitor
 from swav.run_folder import (RunExistsError, RunLock, check_run_folder, clear_run, count_bad_images, holds_run,
                               partial_resume_checkpoint, resume_refusal)
@@ -352,6 +353,7 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
                             samples_per_rank=samples_per_rank, device=str(ctx.device), precision=precision,
                             pipeline=pipeline)
     logger.info("derived values: %s", json.dumps(derived.to_dict()))
+    logger.info("environment: %s", describe_environment(ctx.device))
     knn_monitor = KnnMonitor(config, device=ctx.device, amp_dtype=autocast_dtype(precision)) \
         if config.run.knn_every_epochs and ctx.is_main else None  # its labelled data is checked here
     # the folder is written only now that data, model, crops and monitors are known to work: with --overwrite the

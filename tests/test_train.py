@@ -216,6 +216,7 @@ def test_a_failed_first_start_leaves_no_config_that_refuses_the_corrected_comman
     assert train(cfg, model_builder=tiny_model).status == "complete"
     log = (tmp_path / "run" / "train.log").read_text()
     assert "derived values" in log and "training" in log  # the lines logged before the folder was written
+    assert f"environment: torch {torch.__version__}" in log and " CPU " in log  # what the run ran on
     assert "no-such-folder" not in log and "knn" not in log  # nothing of the failed attempts
     # limits of one invocation are not part of "the same run": the plain command continues a limited one
     other = tmp_path / "limited"
