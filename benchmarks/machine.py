@@ -17,11 +17,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import resource
 import sys
 
 import torch
+
+from swav.cpu_features import cpu_flags, cpu_model
 
 # the instruction-set flags that decide how fast bf16/fp32 convolutions and matrix products run
 _FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx512_vnni", "avx2")
@@ -44,7 +45,7 @@ def _cpuinfo() -> dict[str, str]:
 def describe() -> dict:
     """CPU model and ISA flags, threads, library versions, GPU name, date (UTC)."""
     info = _cpuinfo()
-    flags = set(info.get("flags", "").split())
+    flags = cpu_flags()
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
@@ -55,7 +56,7 @@ def describe() -> dict:
     except ImportError:
         vision = None
     return {
-        "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_vendor": info.get("vendor_id"),
         "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}" if info else None,
         "isa_flags": [f for f in _FLAGS if f in flags],
