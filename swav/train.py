@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from swav.checkpoint import (CheckpointError, archive_checkpoint, clean_temp_files, final_checkpoint_path,
-                             find_latest_checkpoint, list_checkpoints, prune_checkpoints, renumber_after_resplit, save_model_file,
-                             step_checkpoint_path)
+                             find_latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
+                             renumber_after_resplit, save_model_file, step_checkpoint_path)
 from swav.config import Config, RunConfig, config_to_dict, save_config
 from swav.derived import DerivedValues, derive_values
 from swav.dist_setup import DistContext, configure_rank_logging, init_distributed, shutdown_distributed
@@ -132,7 +132,7 @@ def _train(config: Config, *, resume: bool, overwrite: bool, dataset: Dataset | 
     try:
         existing = holds_run(out)
         continuing = check_run_folder(out, resume=resume, overwrite=overwrite, config=config)
-        found = find_latest_checkpoint(out) if continuing else None
+        found = _agreed_checkpoint(out, continuing, ctx.world_size, ctx.rank)
         refusal = resume_refusal(found[1], config, model_spec_from_config(config).to_dict(), str(found[0])) \
             if found is not None and not partial and not found[1].get("finished") else ""
         if refusal:  # before anything in the folder is written (issue 8, item 6)
@@ -229,6 +229,55 @@ def _note_in_log(handler: logging.Handler | None, message: str) -> None:
     """Write ``message`` to train.log only: the console shows the error (or the interruption) once already."""
     if handler is not None:
         handler.handle(logging.LogRecord("swav.train", logging.ERROR, __file__, 0, message, None, None))
+
+
+def _agreed_checkpoint(out: Path, continuing: bool, world_size: int, rank: int) -> tuple[Path, dict] | None:
+    """The checkpoint every rank resumes from: rank 0's newest valid one, loaded by every rank.
+
+    Each rank lists the folder itself, and a stale network-file-system listing, a read error on one node or
+    an output folder that is not shared would let ranks pick different files and train apart. So rank 0's
+    choice is followed by all; a rank that cannot read that file stops every rank with one clear error
+    before anything is trained or written.
+    """
+    if world_size == 1:
+        return find_latest_checkpoint(out) if continuing else None
+    found, error = None, ""
+    try:
+        found = find_latest_checkpoint(out) if continuing else None
+    except CheckpointError as exc:
+        error = str(exc).splitlines()[0]
+    mine = None if found is None else found[0].relative_to(out).as_posix()
+    views = _gather_objects((mine, error))
+    errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(views) if e]
+    if errors:
+        raise CheckpointError("cannot resume: " + "; ".join(errors))
+    chosen = views[0][0]
+    problem = ""
+    if chosen != mine:
+        if chosen is None:
+            problem = (f"rank {rank} finds checkpoint {mine!r} in {str(out)!r} but rank 0 finds none"
+                       if continuing else f"rank {rank} finds no run in {str(out)!r} but rank 0 does")
+        else:
+            try:
+                found = (out / chosen, load_checkpoint(out / chosen))
+                logger.warning("rank %d: its newest readable checkpoint is %s, rank 0's is %s (a stale file-system "
+                               "listing on this node?): resuming from rank 0's, as every rank does", rank, mine,
+                               chosen)
+            except (CheckpointError, ValueError, OSError) as exc:  # damaged, unsafe or missing
+                problem = f"rank {rank} cannot read rank 0's newest checkpoint {str(out / chosen)!r}: {exc}"
+    problems = [p for p in _gather_objects(problem) if p]
+    if problems:
+        raise CheckpointError("the ranks do not see the same checkpoints, so they cannot resume from one state: "
+                              + "; ".join(problems) + ". The output folder must be one folder shared by every node "
+                              "(the same files under the same path, e.g. on a network file system); nothing was "
+                              "trained or written. On a network file system whose listings lag, start the job again")
+    return found
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    views: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(views, obj)
+    return views
 
 
 def _barrier() -> None:

@@ -98,3 +98,58 @@ def test_prototypes_in_use_counts_every_ranks_codes():
     results = run_distributed(_prototypes_seen_by_each_rank, 2)
     (local0, global0), (local1, global1) = results
     assert global0 == global1 == local0 + local1 and 2 <= local0 <= 3 and 2 <= local1 <= 3
+
+
+STALE = {"data.pipeline": "tensor", "optim.epochs": 2, "run.checkpoint_every_steps": 1, "run.keep_checkpoints": 10}
+
+
+def _resume_with_another_view(rank: int, world_size: int, root: str, view: str):
+    """Rank 1 resumes with ``view``: "missing" = its folder lacks the newest checkpoint (a folder not shared, or
+    a file not there yet); "stale" = its listing lags behind although the newest file is readable."""
+    import shutil
+
+    import swav.train as engine
+    from swav.checkpoint import find_latest_checkpoint
+
+    out = f"{root}/run"
+    if rank == 1 and view == "missing":
+        out = f"{root}/view"
+        if not Path(out).exists():
+            shutil.copytree(f"{root}/run", out)
+            Path(out, "checkpoints", "step_00000004.pt").unlink()
+    if rank == 1 and view == "stale":
+        engine.find_latest_checkpoint = lambda folder: find_latest_checkpoint(folder) if not list_checkpoints(
+            folder) else (list_checkpoints(folder)[1], load_checkpoint(list_checkpoints(folder)[1]))
+    try:
+        result = train(tiny_config(out, **STALE), dataset=InMemoryImages(24), model_builder=tiny_model, resume=True)
+        return "ok", result.status, result.step
+    except Exception as exc:  # noqa: BLE001 - the test compares both ranks' errors
+        return "error", type(exc).__name__, str(exc)
+    finally:
+        engine.find_latest_checkpoint = find_latest_checkpoint
+
+
+def _first_four_steps(rank: int, world_size: int, root: str):
+    return train(tiny_config(f"{root}/run", **STALE, **{"run.max_steps": 4}), dataset=InMemoryImages(24),
+                 model_builder=tiny_model).step
+
+
+@pytest.mark.distributed
+def test_every_rank_resumes_from_rank_zeros_checkpoint(tmp_path):
+    """Ranks that list different newest checkpoints (a stale network-file-system listing, a folder not shared)
+    never train apart: rank 0's file is loaded by all, or every rank stops with one error before training."""
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_distributed(_first_four_steps, 2, str(straight))
+    assert run_distributed(_resume_with_another_view, 2, str(straight), "none")[0][:2] == ("ok", "complete")
+    root = str(tmp_path)
+    assert run_distributed(_first_four_steps, 2, root) == [4, 4]
+    before = sorted(p.name for p in list_checkpoints(tmp_path / "run"))
+    missing = run_distributed(_resume_with_another_view, 2, root, "missing")
+    assert [m[:2] for m in missing] == [("error", "CheckpointError")] * 2 and missing[0][2] == missing[1][2]
+    assert "rank 1 cannot read rank 0's newest checkpoint" in missing[0][2] and "shared by every node" in missing[0][2]
+    assert sorted(p.name for p in list_checkpoints(tmp_path / "run")) == before  # nothing trained or written
+    stale = run_distributed(_resume_with_another_view, 2, root, "stale")
+    assert stale == [("ok", "complete", 6)] * 2
+    assert_same_state(load_checkpoint(list_checkpoints(tmp_path / "run")[0]),
+                      load_checkpoint(list_checkpoints(straight / "run")[0]))
