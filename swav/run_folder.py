@@ -62,6 +62,10 @@ _IGNORED_KEYS = ("data.workers", "data.pipeline", "data.download", "data.compile
 #: keys that may differ between the processes of one job, or name the folder itself: ignored when deciding
 #: whether a folder holds "this same run" (everything else must be equal for an automatic resume)
 SAME_RUN_IGNORED_KEYS = ("run.output_dir", "run.rank", "run.local_rank",
+                         # where a job meets and how many it is: a requeued SLURM job may start on another
+                         # first node (official launch lines pass --dist_url tcp://$master_node:40000) or with
+                         # another node count (the engine re-splits the queues on resume)
+                         "run.dist_url", "run.dist_timeout_minutes", "run.world_size",
                          # limits of one invocation (never taken over from config.yaml), and debug hooks
                          "run.max_steps", "run.time_budget_minutes")
 

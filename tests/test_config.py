@@ -271,6 +271,18 @@ def test_an_old_run_with_log_domain_false_is_the_same_run_where_the_exp_form_run
         "swav.log_domain: folder False, this command True"]
 
 
+def test_a_requeued_job_on_other_nodes_is_the_same_run():
+    """Official SLURM launch lines pass --dist_url tcp://$master_node:40000 and --world_size from the
+    allocation: a requeue on another first node or node count still continues the run by itself."""
+    from swav.config import config_to_dict
+    from swav.run_folder import run_differences
+    saved = config_to_dict(with_values(Config(), {"run.dist_url": "tcp://node017:40000", "run.world_size": 16}))
+    again = with_values(Config(), {"run.dist_url": "tcp://node023:40000", "run.world_size": 8,
+                                   "run.dist_timeout_minutes": 5.0})
+    assert run_differences(saved, again) == []
+    assert run_differences(saved, with_values(again, {"run.seed": 4})) == ["run.seed: folder 31, this command 4"]
+
+
 def test_a_checkpoint_written_before_a_setting_existed_compares_as_its_default():
     from swav.config import config_to_dict
     from swav.run_folder import resume_differences
