@@ -1,9 +1,9 @@
 #!/bin/bash
-# SwAV ResNet-50, 800 epochs, global batch 4096 (SPEC §9 row swav_800ep): 8 nodes x 8 GPUs x 64 images.
+# SwAV ResNet-50, 800 epochs, global batch 4096 (recipe swav_800ep): 8 nodes x 8 GPUs x 64 images.
 #
 #   sbatch examples/slurm_swav_800ep.sh /data/imagenet/train /checkpoints/swav_800ep
 #
-# One SLURM task per GPU; `swav pretrain` reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and takes the
+# One SLURM task per GPU; `swav pretrain` reads SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID and takes the
 # first host of the node list as the master (port 20000 + job id % 20000, or $MASTER_PORT), so no launcher
 # is needed. The output folder must be on a file system every node sees: rank 0 writes each checkpoint
 # once (model, optimiser, every rank's queue and RNG state) and every rank reads it on --resume.
