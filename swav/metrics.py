@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["MetricsWriter", "RateMeter", "format_duration", "interactive", "progress_bar", "progress_line",
@@ -46,8 +47,14 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def truncate_metrics(output_dir: str | os.PathLike, after_step: int) -> int:
-    """Drop records whose ``step`` exceeds ``after_step``; returns how many were dropped."""
+def truncate_metrics(output_dir: str | os.PathLike, after_step: int, *,
+                     renumber: Callable[[int], int] | None = None) -> int:
+    """Drop records whose ``step`` exceeds ``after_step``; returns how many were dropped.
+
+    ``renumber`` (a resume that changed the global batch or the epoch length, hence the step numbering)
+    maps each kept record's step to the new numbering, the file's one kept as ``step_before_renumbering``,
+    so that the records of the resumed run follow on. ``after_step`` is in the file's numbering.
+    """
     path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         return 0
@@ -60,6 +67,10 @@ def truncate_metrics(output_dir: str | os.PathLike, after_step: int) -> int:
             continue
         if isinstance(record, dict) and record.get("step", 0) > after_step:
             dropped += 1
+        elif renumber is not None and isinstance(record, dict) and isinstance(record.get("step"), int):
+            record.setdefault("step_before_renumbering", record["step"])
+            record["step"] = renumber(record["step"])
+            kept.append(json.dumps(record))
         else:
             kept.append(line)
     path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")

@@ -33,9 +33,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset, Subset
 
-from swav.checkpoint import (CheckpointError, archive_checkpoint, clean_temp_files, final_checkpoint_path,
-                             find_latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
-                             renumber_after_resplit, save_model_file, step_checkpoint_path)
+from swav.checkpoint import (CheckpointError, CheckpointSaveError, archive_checkpoint, clean_temp_files,
+                             final_checkpoint_path, find_latest_checkpoint, list_checkpoints, load_checkpoint,
+                             prune_checkpoints, renumber_after_resplit, save_model_file, step_checkpoint_path)
 from swav.config import Config, RunConfig, config_to_dict, save_config
 from swav.derived import DerivedValues, derive_values
 from swav.dist_setup import DistContext, configure_rank_logging, init_distributed, shutdown_distributed
@@ -52,7 +52,8 @@ from swav.run_folder import (RunExistsError, RunLock, check_run_folder, clear_ru
                               partial_resume_checkpoint, resume_refusal)
 from swav.schedule import warmup_cosine_schedule
 from swav.train_data import TrainLoader, build_train_loader, colour_stage, data_sizes, resolve_pipeline
-from swav.train_state import Progress, ResumeMismatchError, restore_training_state, save_training_state
+from swav.train_state import (Progress, ResumeMismatchError, restore_training_state, save_training_state,
+                              step_converter)
 from swav.train_step import SwAVStep, autocast_dtype, bf16_gradients_agree, resolve_precision
 
 __all__ = ["TrainResult", "train", "model_spec_from_config"]
@@ -201,7 +202,8 @@ def _train(config: Config, *, resume: bool, overwrite: bool, dataset: Dataset | 
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
         _note_in_log(log_handler, f"stopped by an error: {type(exc).__name__}: {reason}")  # the console has it too
-        if ctx.world_size > 1 and not isinstance(exc, (NonFiniteError, CheckpointError)):  # those: all ranks agree
+        if ctx.world_size > 1 and not isinstance(exc, (NonFiniteError, CheckpointError, OtherRankFailedError)):
+            # (those are agreed by all ranks, and name the rank at fault)
             logger.error("rank %d of %d stopped: %s: %s. The other ranks stop at their next collective operation "
                          "(it fails, or times out after run.dist_timeout_minutes=%g); under torchrun the launcher "
                          "also ends them. The earliest error is the cause", ctx.rank, ctx.world_size,
@@ -272,6 +274,52 @@ def _agreed_checkpoint(out: Path, continuing: bool, world_size: int, rank: int) 
                               "(the same files under the same path, e.g. on a network file system); nothing was "
                               "trained or written. On a network file system whose listings lag, start the job again")
     return found
+
+
+def _main_writes(ctx: DistContext, what: str, write: Callable[[], Any]) -> None:
+    """A file operation that rank 0 alone does, its failure agreed by every rank: rank 0 raises its error,
+    the others a :class:`CheckpointSaveError` that names rank 0's, so none waits at the next collective
+    and none is blamed for it."""
+    if ctx.world_size == 1:
+        write()
+        return
+    error = ""
+    try:
+        if ctx.is_main:
+            write()
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        _gather_objects(error)
+        raise
+    failed = _gather_objects(error)[0]
+    if failed:
+        raise CheckpointSaveError(f"rank 0 could not {what} ({failed}); every rank stops. The checkpoints written "
+                                  "so far are kept: free the space or fix the folder, then run the command again "
+                                  "with --resume")
+
+
+class OtherRankFailedError(RuntimeError):
+    """Raised on every rank when another rank failed at a step all of them agree on."""
+
+
+def _in_turn(ctx: DistContext, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank, but in turn: rank 0 first, then one process per node (local rank 0), then the
+    others, so that a download or cache fill is done once (per node where nodes do not share the folder)
+    and read by the rest, never written by several processes at once. A failure stops every rank."""
+    result, error = None, ""
+    turns = (ctx.rank == 0, ctx.rank != 0 and ctx.local_rank == 0, ctx.rank != 0 and ctx.local_rank != 0)
+    for mine in turns:
+        if mine:
+            try:
+                result = fn()
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                _gather_objects(error)
+                raise
+        failed = [f"rank {r}: {e}" for r, e in enumerate(_gather_objects(error)) if e]
+        if failed:
+            raise OtherRankFailedError(f"could not {what} ({'; '.join(failed)}); every rank stops")
+    return result
 
 
 def _gather_objects(obj: Any) -> list[Any]:
@@ -385,7 +433,10 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    dataset = _build_dataset(config, out, dataset)
+    if dataset is None and config.data.download and ctx.world_size > 1:  # one download, not one per rank
+        dataset = _in_turn(ctx, "prepare the data set", lambda: _build_dataset(config, out, None))
+    else:
+        dataset = _build_dataset(config, out, dataset)
     pipeline = resolve_pipeline(config.data.pipeline, dataset, config.data.channels)
     spec = model_spec_from_config(config)
     raw = model_builder(spec)
@@ -425,11 +476,14 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
             if partial else found[1]
         progress = restore_training_state(ckpt, step_fn, config=config, derived=derived, rank=ctx.rank,
                                           path=str(found[0]))
-        if ctx.is_main:
-            if progress.step != int(ckpt["step"]):  # converted to the new global batch's numbering
+        old_step, convert = int(ckpt["step"]), step_converter(ckpt, derived)
+
+        def tidy_folder() -> None:
+            if progress.step != old_step:  # converted to the new global batch's numbering
                 renumber_after_resplit(out, found[0], progress.step)
-            truncate_metrics(out, progress.step)
-        _barrier()
+            truncate_metrics(out, old_step, renumber=convert)  # the records after the checkpoint are redone
+
+        _main_writes(ctx, "prepare the run folder for the resume", tidy_folder)
     loader = build_train_loader(config, dataset, pipeline=pipeline, rank=ctx.rank, world_size=ctx.world_size,
                                 device=ctx.device)
     if found is not None and progress.batch_in_epoch and hasattr(loader, "stream"):  # a shard stream, mid-epoch
@@ -523,8 +577,8 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
         check_state()
         saved = save_training_state(path, step_fn, progress, config=config, derived=derived, rank=ctx.rank,
                                     finished=finished)
-        if ctx.is_main and not finished:
-            prune_checkpoints(out, run.keep_checkpoints)
+        if not finished:
+            _main_writes(ctx, "remove old step checkpoints", lambda: prune_checkpoints(out, run.keep_checkpoints))
         return saved
 
     if run.max_steps and progress.step >= run.max_steps:
@@ -560,8 +614,9 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
                 keep = epoch_done and run.keep_every_epochs and progress.epoch % run.keep_every_epochs == 0
                 if (by_steps or by_epochs or keep or reason) and progress.step < derived.total_steps:
                     last = save(step_checkpoint_path(out, progress.step))
-                    if keep and ctx.is_main:
-                        archive_checkpoint(last, progress.epoch)
+                    if keep:
+                        _main_writes(ctx, "keep the epoch's checkpoint",
+                                     lambda: archive_checkpoint(last, progress.epoch))
                 if reason:
                     logger.warning("stopping at step %d (%s); resume with --resume", progress.step, reason)
                     return TrainResult(reason, out, progress.step, progress.epoch, last, result.stop_signal,
@@ -570,10 +625,10 @@ def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: Tra
                 raise RuntimeError(f"the data loader ended after {progress.batch_in_epoch} of "
                                    f"{derived.steps_per_epoch} batches of epoch {progress.epoch}")
         check_state()  # the last step's deferred NaN check and the weights' check come before model.pt
-        if ctx.is_main:  # model.pt first: final.pt marks the run complete, so a crash between leaves it resumable
-            save_model_file(out / "model.pt", step_fn.raw_model, step_fn.raw_model.spec.to_dict(),  # type: ignore
-                            config=config_to_dict(config), step=progress.step,
-                            epoch=progress.epoch)
+        # model.pt first: final.pt marks the run complete, so a crash between leaves it resumable
+        _main_writes(ctx, f"write {out / 'model.pt'}", lambda: save_model_file(
+            out / "model.pt", step_fn.raw_model, step_fn.raw_model.spec.to_dict(),  # type: ignore
+            config=config_to_dict(config), step=progress.step, epoch=progress.epoch))
         last = save(final_checkpoint_path(out), finished=True)
         logger.info("training complete: %d steps, %d epoch%s; model in %s", progress.step, progress.epoch,
                     "" if progress.epoch == 1 else "s",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,23 @@ def _restored_queue(queues: list[Any], saved_world: int, rank: int, derived: Der
     return queue
 
 
+def step_converter(ckpt: dict[str, Any], derived: DerivedValues) -> Callable[[int], int] | None:
+    """Where a global step of the checkpoint's numbering lies in this run's, when the global batch or the epoch
+    length changed (None when they did not): the same epoch, at the batch that the images seen so far in it
+    reach with the new batch (rounded down, and never past the epoch's last batch)."""
+    saved = ckpt.get("derived") or {}
+    old_batch = int(saved.get("global_batch_size", derived.global_batch_size))
+    old_epoch_steps = int(saved.get("steps_per_epoch", derived.steps_per_epoch))
+    if (old_batch, old_epoch_steps) == (derived.global_batch_size, derived.steps_per_epoch):
+        return None
+
+    def convert(step: int) -> int:
+        epoch, batch = divmod(step, old_epoch_steps)
+        return epoch * derived.steps_per_epoch + min(batch * old_batch // derived.global_batch_size,
+                                                     derived.steps_per_epoch - 1)
+    return convert
+
+
 def restore_training_state(ckpt: dict[str, Any], step_fn: SwAVStep, *, config: Config, derived: DerivedValues,
                            rank: int, path: str) -> Progress:
     """Load ``ckpt`` into the objects of ``step_fn`` (strictly) and return the position to continue from."""
@@ -158,10 +176,9 @@ def restore_training_state(ckpt: dict[str, Any], step_fn: SwAVStep, *, config: C
     if rank < len(rngs):
         restore_rng_state(rngs[rank])
     saved = ckpt.get("derived") or {}
-    if saved.get("global_batch_size", derived.global_batch_size) != derived.global_batch_size or \
-            saved.get("steps_per_epoch", derived.steps_per_epoch) != derived.steps_per_epoch:
+    if step_converter(ckpt, derived) is not None:
         seen = progress.batch_in_epoch * int(saved.get("global_batch_size", derived.global_batch_size))
-        batch = min(seen // derived.global_batch_size, derived.steps_per_epoch - 1)
+        batch = min(seen // derived.global_batch_size, derived.steps_per_epoch - 1)  # as step_converter
         converted = Progress(progress.epoch, batch, progress.epoch * derived.steps_per_epoch + batch)
         again = seen - batch * derived.global_batch_size
         logger.warning("global batch or epoch length changed since the checkpoint (%s -> %s): continuing at "

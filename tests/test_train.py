@@ -304,6 +304,11 @@ def test_resume_with_another_global_batch_keeps_the_new_checkpoints_ahead(tmp_pa
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "superseded").iterdir()) == ["step_00000003.pt",
                                                                                        "step_00000004.pt"]
     assert train(with_values(bigger, {"run.max_steps": 0}), model_builder=tiny_model, resume=True).step == 6
+    # metrics.jsonl keeps the first run's records (none was redone: step 5 was the checkpoint), renumbered into the
+    # new numbering (old step s of epoch e at batch b -> e * 2 + min(b * 4 // 8, 1)), then the new run's steps
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r.get("step_before_renumbering"), r["step"]) for r in records if "loss" in r and "epoch_loss" not in r]
+    assert steps == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 2), (None, 3), (None, 4), (None, 5), (None, 6)], steps
 
 
 def test_an_error_is_noted_in_train_log(tmp_path, image_folder):

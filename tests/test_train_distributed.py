@@ -153,3 +153,61 @@ def test_every_rank_resumes_from_rank_zeros_checkpoint(tmp_path):
     assert stale == [("ok", "complete", 6)] * 2
     assert_same_state(load_checkpoint(list_checkpoints(tmp_path / "run")[0]),
                       load_checkpoint(list_checkpoints(straight / "run")[0]))
+
+
+def _model_file_blocked(rank: int, world_size: int, root: str):
+    try:
+        train(tiny_config(f"{root}/run", **{"data.pipeline": "tensor", "optim.epochs": 1}), dataset=InMemoryImages(24),
+              model_builder=tiny_model, resume=True)
+    except Exception as exc:  # noqa: BLE001 - the test compares both ranks' errors
+        return type(exc).__name__, str(exc)
+    return None
+
+
+@pytest.mark.distributed
+def test_a_write_only_rank_zero_does_fails_on_every_rank_with_rank_zeros_reason(tmp_path):
+    """model.pt (written by rank 0 alone) cannot be written: every rank stops with the reason at once, rather
+    than the other ranks waiting at the next collective and being named as the rank that stopped."""
+    (tmp_path / "run" / "model.pt").mkdir(parents=True)  # a folder where the file should go
+    first, second = run_distributed(_model_file_blocked, 2, str(tmp_path))
+    assert first is not None and second is not None
+    assert second[0] == "CheckpointSaveError" and second[1].startswith(f"rank 0 could not write {tmp_path / 'run'}")
+    assert first[0] != "CheckpointSaveError" or "rank 0 could not" not in first[1]  # rank 0 keeps its own error
+    assert "--resume" in second[1] and [p.name for p in list_checkpoints(tmp_path / "run")] == []
+
+
+def _turns(rank: int, world_size: int, root: str, fail_rank: int):
+    import time
+
+    from swav.dist_setup import DistContext
+    from swav.train import OtherRankFailedError, _in_turn
+
+    ctx = DistContext(rank, world_size, rank % 2, torch.device("cpu"), "gloo", False)  # 2 "nodes" of 2 ranks
+
+    def download():
+        if rank == fail_rank:
+            raise FileNotFoundError("no network")
+        Path(root, f"start{rank}").write_text(str(time.time()))
+        time.sleep(0.3)
+        Path(root, f"end{rank}").write_text(str(time.time()))
+        return rank
+    try:
+        return "ok", _in_turn(ctx, "prepare the data set", download)
+    except OtherRankFailedError as exc:
+        return "other", str(exc)
+    except FileNotFoundError as exc:
+        return "own", str(exc)
+
+
+@pytest.mark.distributed
+def test_a_download_is_done_by_rank_zero_first_then_one_process_per_node_then_the_rest(tmp_path):
+    results = run_distributed(_turns, 4, str(tmp_path), -1)
+    assert results == [("ok", r) for r in range(4)]
+    start = {r: float((tmp_path / f"start{r}").read_text()) for r in range(4)}
+    end = {r: float((tmp_path / f"end{r}").read_text()) for r in range(4)}
+    assert end[0] <= start[2] and end[0] <= start[1] and end[0] <= start[3]  # rank 0 alone first
+    assert max(end[0], end[2]) <= min(start[1], start[3])  # then local rank 0 of the other node (rank 2)
+    failed = run_distributed(_turns, 4, str(tmp_path / "x"), 0)
+    assert failed[0] == ("own", "no network")
+    assert all(f == ("other", "could not prepare the data set (rank 0: FileNotFoundError: no network); every rank "
+                              "stops") for f in failed[1:])
