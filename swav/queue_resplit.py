@@ -6,7 +6,9 @@ resumes on another world size, the saved queues are merged newest first (row ``j
 as old as row ``j`` of every other rank: all ranks push the same number of rows per step) and dealt
 out round-robin to the new ranks, ``length`` rows each. Rows beyond ``world_size * length`` (the
 oldest) are dropped; if fewer rows were saved, the new queues are partly filled and the engine waits
-until they are full before using them, as at the start of the queue.
+until they are full before using them, as at the start of the queue. Every rank gets the same number of
+rows (the up to ``world_size - 1`` oldest rows that would make the fill uneven are dropped too), so all
+ranks' queues become full at the same step and Sinkhorn never mixes ranks with and without queue rows.
 
 Legend: A assignment crops, L rows per rank, D embedding dim; row 0 is the newest.
 
@@ -59,7 +61,8 @@ def resplit_queues(saved: Sequence[Mapping[str, torch.Tensor] | None], *, world_
     merged = merge_queue_rows(saved)
     if merged is None:
         return [None] * world_size
-    merged = merged[:, :world_size * length]  # drop the oldest rows that no longer fit
+    even = min(merged.shape[1] // world_size, length) * world_size
+    merged = merged[:, :even]  # drop the oldest rows that no longer fit or would fill the ranks unevenly
     out: list[dict[str, torch.Tensor] | None] = []
     for rank in range(world_size):
         mine = merged[:, rank::world_size]

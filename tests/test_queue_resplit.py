@@ -64,6 +64,20 @@ def test_partial_and_shrinking_queues():
         resplit_queues(saved, world_size=0, length=4)
 
 
+def test_every_new_rank_gets_the_same_number_of_rows():
+    """2 ranks x 4 filled rows re-split over 3 ranks: 8 rows do not deal evenly, so the 2 oldest are dropped and
+    every rank holds 2. Uneven fills ([3, 3, 2]) would make the ranks' queues full at different steps, and
+    Sinkhorn would then mix ranks that add queue rows with ranks that do not."""
+    saved = [_state(torch.randn(1, 4, 2)), _state(torch.randn(1, 4, 2))]
+    split = resplit_queues(saved, world_size=3, length=6)
+    assert [int(q["filled"]) for q in split] == [2, 2, 2]
+    naive = _naive_merge(saved)[:6]  # the 6 newest rows, dealt round-robin
+    for rank, queue in enumerate(split):
+        assert torch.equal(queue["embeddings"][:, :2], torch.stack(naive[rank::3], dim=1))
+        assert not queue["embeddings"][:, 2:].any()
+    assert [int(q["filled"]) for q in resplit_queues(saved, world_size=3, length=2)] == [2, 2, 2]
+
+
 # 24 images, batch 4 per device: 3 steps per epoch on 2 ranks, 6 on 1; global queue 16 (8 per rank)
 VALUES = {"data.pipeline": "tensor", "swav.queue_length": 16, "swav.queue_start_epoch": 0, "optim.epochs": 2}
 
