@@ -35,7 +35,8 @@ from swav.images import BadImageTracker, ImageDecodeError, TooManyBadImagesError
 
 __all__ = [
     "IMAGE_EXTENSIONS", "TooManyBadImagesError", "BadImageTracker", "list_image_files",
-    "ImageFolderDataset", "IDXDataset", "CIFARDataset", "build_dataset", "KNOWN_DATASETS", "detect_data_set_folder",
+    "ImageFolderDataset", "IDXDataset", "CIFARDataset", "build_dataset", "build_held_out_dataset", "KNOWN_DATASETS",
+    "detect_data_set_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -476,14 +477,36 @@ def _build_named(name: str, split: str, transform, channels, download: bool) -> 
 def _from_detected(found: tuple[str, Any], split: str, transform, channels,
                    options: Mapping[str, Any]) -> Dataset:
     kind, where = found
+    if kind in ("idx", "cifar") and split == "val":
+        split = "test"  # their files have a train and a test split: the held-out one serves "val"
     if kind == "idx":
         return IDXDataset(where, split, transform, channels=channels or 1)
     if kind == "cifar":
         source, num_classes = where
         return CIFARDataset(source, split, transform, num_classes=num_classes,
                             channels=channels or 3)
+    if split != "train":
+        raise FileNotFoundError(
+            f"build_dataset: shards {where!r} hold one split, so there is no {split!r} split in them (they would be "
+            "the training images again); pass the held-out images' own shards or folder: for the evaluation "
+            "commands --train-data shards:TRAIN --val-data shards:VAL (or a folder) instead of --data")
     from swav.shards import ShardDataset
     return ShardDataset(where, transform=transform, channels=channels or 3, **options)
+
+
+def build_held_out_dataset(spec: str | os.PathLike, **kwargs: Any) -> Dataset:
+    """The images to evaluate on, given as ``--val-data``: the test split of a data set name, of IDX or CIFAR
+    files and of a folder with a ``test``/``val``/``validation`` sub-folder; shards and a folder without
+    split sub-folders are taken whole. A folder with only a ``train`` sub-folder is refused (its test split
+    is missing). ``kwargs`` go to :func:`build_dataset`."""
+    text = os.fspath(spec)
+    path = os.path.expanduser(text)
+    whole = text.startswith("shards:") or path.endswith(".tar") or ("{" in path and ".tar" in path)
+    if os.path.isdir(path) and not whole:
+        found = _detect(path)
+        whole = found[0] == "shards" if found is not None else not any(
+            os.path.isdir(os.path.join(path, sub)) for names in _SPLIT_FOLDERS.values() for sub in names)
+    return build_dataset(spec, split="train" if whole else "test", **kwargs)
 
 
 def build_dataset(

@@ -275,6 +275,20 @@ def test_build_dataset_detects_kinds_and_splits(tmp_path):
         build_dataset(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="split"):
         build_dataset(str(tmp_path / "flat"), split="dev")
+    from swav.datasets import build_held_out_dataset
+    assert build_held_out_dataset(tmp_path / "imgs").root.endswith("val")  # --val-data: the held-out split
+    assert len(build_held_out_dataset(tmp_path / "flat")) == 1  # a folder without split folders: whole
+    save_png(tmp_path / "only_train" / "train" / "a" / "1.png", 1)
+    with pytest.raises(FileNotFoundError, match="no 'test' split"):
+        build_held_out_dataset(tmp_path / "only_train")  # never its training split
+
+
+def test_idx_files_serve_val_as_their_test_split(tmp_path):
+    """``swav extract/cluster --split val`` on IDX files reads the held-out files (it used to be refused)."""
+    for stem, n in (("train", 3), ("t10k", 2)):
+        write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", np.zeros((n, 28, 28), np.uint8), True)
+        write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", np.arange(n), True)
+    assert len(build_dataset(tmp_path, split="val")) == len(build_dataset(tmp_path, split="test")) == 2
 
 
 def test_named_dataset_lookup_and_missing_message(tmp_path, monkeypatch):

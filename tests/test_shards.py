@@ -248,3 +248,14 @@ def test_pack_shards_overwrite_replaces_only_once_the_new_shards_are_complete(tm
         p.write_bytes(b"not an image")
     assert pack("--overwrite") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # ... and the old shards are kept
+
+
+def test_shards_have_no_held_out_split_but_serve_whole_as_val_data(shard_dir):
+    """Shards hold one split: asking them for the test split (an evaluation's --data) is refused rather than
+    answered with the training images; as --val-data (the held-out images themselves) they are used whole."""
+    from swav.datasets import build_dataset, build_held_out_dataset
+
+    with pytest.raises(FileNotFoundError, match="hold one split.*--val-data shards:VAL"):
+        build_dataset(f"shards:{shard_dir}", split="test")
+    assert isinstance(build_held_out_dataset(f"shards:{shard_dir}"), ShardDataset)
+    assert isinstance(build_held_out_dataset(str(shard_dir)), ShardDataset)

@@ -108,7 +108,8 @@ def _add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: st
     parser.add_argument(
         "--train-data", help="training images (folder or any --data form); overrides --data's train split"
     )
-    parser.add_argument("--val-data", help="test images (folder or any --data form); overrides --data's test split")
+    parser.add_argument("--val-data", help="test images: a folder of class folders, or any --data form (of which the "
+                        "test split is used); overrides --data's test split")
     parser.add_argument("--output-dir", default=".", help=f"where {name}.json is written (default: .)")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace an existing {name}.json there (without: refused before any work)")
@@ -463,7 +464,7 @@ class _Setup:
 
     def datasets(self, *, train_augment: bool) -> tuple[Any, Any]:
         """Train and test data sets; the train set is augmented only for full linear / fine-tuning."""
-        from swav.datasets import build_dataset
+        from swav.datasets import build_dataset, build_held_out_dataset
 
         train_tf, test_tf = self.transforms
         channels = self.spec.in_channels
@@ -476,12 +477,17 @@ class _Setup:
             bit_depth=self.bit_depth,
         )
         test = (
-            build_dataset(args.val_data, split="train", transform=test_tf, channels=channels, bit_depth=self.bit_depth)
+            build_held_out_dataset(args.val_data, transform=test_tf, channels=channels, bit_depth=self.bit_depth)
             if args.val_data
             else build_dataset(args.data, split="test", transform=test_tf, channels=channels, bit_depth=self.bit_depth)
         )
         for name, dataset in (("train", train), ("test", test)):
             _check_labelled(dataset, name)
+        sources = [(type(d).__name__, os.path.realpath(d.root), getattr(d, "split", None))
+                   if isinstance(getattr(d, "root", None), (str, os.PathLike)) else None for d in (train, test)]
+        if sources[0] is not None and sources[0] == sources[1]:
+            logger.warning("the test images are the training images (%s): the accuracy measures memorisation, not "
+                           "generalisation; pass the held-out images with --val-data", train.root)
         return train, _match_classes(train, test)
 
     def features(self, dataset: Any, split: str) -> tuple[Any, Any]:

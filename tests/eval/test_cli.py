@@ -319,3 +319,25 @@ def test_knn_reports_the_k_it_used(tmp_path, gray_checkpoint, idx_data, capsys):
     assert rows[0]["k"] == 3 and "k_asked" not in rows[0]
     assert rows[1]["k_asked"] == 100000 and rows[1]["k"] < 100000
     assert f"(asked 100000: only {rows[1]['k']} training samples)" in capsys.readouterr().out
+
+
+def test_val_data_in_any_data_form_is_its_test_split(tmp_path, gray_checkpoint, idx_data, folder_data, capsys):
+    """--val-data with IDX files or a folder holding train/ and val/ evaluates on their held-out split (it used
+    to read their training split, scoring the training images); a plain class-folder tree is used whole, and
+    the same folder for training and testing is warned about."""
+    argv = ["eval-knn", *_common(gray_checkpoint, tmp_path, "--train-data", str(idx_data), "--val-data",
+                                 str(idx_data), "--k", "3")]
+    assert _main(argv) == 0
+    result = json.loads((tmp_path / "eval-knn.json").read_text())
+    assert (result["num_train"], result["num_test"]) == (24, 12)
+
+    spec = ModelSpec("resnet18", small_images=True, in_channels=3, hidden_dim=0, output_dim=8, num_prototypes=(5,))
+    rgb = export_full(build_model(spec), tmp_path / "rgb.pt")
+    for val, expected in ((folder_data, 6), (folder_data / "val", 6), (folder_data / "train", 12)):
+        out = tmp_path / val.name
+        argv = ["eval-knn", *_common(rgb, out, "--train-data", str(folder_data / "train"), "--val-data", str(val),
+                                     "--k", "3")]
+        assert _main(argv) == 0
+        assert json.loads((out / "eval-knn.json").read_text())["num_test"] == expected
+        warned = "the test images are the training images" in capsys.readouterr().err
+        assert warned == (val.name == "train"), val
