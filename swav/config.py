@@ -70,6 +70,9 @@ class DataConfig:
     limit: int = 0  # use only the first N images (0 = all); for tests and quick checks
     download: bool = False  # allow torchvision to download a named data set
     max_bad_fraction: float = 0.01  # abort when more of the images are unreadable
+    # image files (spread over the folder) decoded before the run writes its output folder, so that data the run
+    # would stop on is refused first (with --overwrite, before the old run is removed); 0 = no check
+    check_files: int = 64
     # bits per sample of 16-bit grey image files (8..16): 12 for 12-bit medical or camera data stored in 16-bit
     # PNG/TIFF, so that 0..4095 becomes 0..255 (larger values clipped); null = full 16-bit (0..65535)
     bit_depth: int | None = None
@@ -79,7 +82,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.channels in (1, 3), "data.channels", self.channels, "1 or 3")
         _check(self.pipeline in PIPELINES, "data.pipeline", self.pipeline, f"one of {PIPELINES}")
-        for key in ("workers", "limit", "prefetch_batches"):
+        for key in ("workers", "limit", "prefetch_batches", "check_files"):
             value = getattr(self, key)
             _check(value is None and key == "prefetch_batches" or value is not None and value >= 0, f"data.{key}",
                    value, "an integer >= 0" + (" or null (auto)" if key == "prefetch_batches" else ""))

@@ -20,6 +20,7 @@ import gzip
 import zlib
 import io
 import logging
+import math
 import operator
 import os
 import pickle
@@ -187,6 +188,46 @@ class ImageFolderDataset(Dataset):
     def bad_files(self) -> list[str]:
         """Paths of unreadable files found so far (all workers, when ``bad_list_path`` is set)."""
         return self.tracker.bad_files
+
+    def check_sample(self, indices: Sequence[int] | None = None, count: int = 64) -> tuple[int, int]:
+        """Decode up to ``count`` of the files (of ``indices``, default all) spread evenly over them, recording
+        nothing, and raise :class:`TooManyBadImagesError` when they show that training would stop for
+        unreadable files: when every file was checked, by the tracker's own rule; otherwise when the unreadable
+        share of the sample is above ``max_bad_fraction`` with 99% confidence (Wilson's lower bound) and
+        the files expected to be unreadable reach the rule's minimum count. Returns (checked, unreadable).
+
+        Training would find the same files as it goes; checking a sample first lets a run refuse such data
+        before it writes into (or, with --overwrite, clears) its output folder.
+        """
+        chosen = list(range(len(self.samples))) if indices is None else [int(i) for i in indices]
+        total = len(chosen)
+        if total > count:
+            chosen = [chosen[(k * total) // count] for k in range(count)]
+        bad: dict[str, str] = {}
+        for i in chosen:
+            path = self.samples[i][0]
+            try:
+                load_image(path, channels=self.channels, max_pixels=self.max_pixels, bit_depth=self.bit_depth)
+            except ImageDecodeError as exc:
+                bad[path] = exc.reason
+        n, k = len(chosen), len(bad)
+        rule = self.tracker
+        if n == total:
+            trips = k >= rule.min_bad_count and k > rule.max_bad_fraction * total or (k == n > 0)
+        else:
+            z, share = 2.576, k / n
+            centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+            margin = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+            trips = k == n or (centre - margin > rule.max_bad_fraction and share * total >= rule.min_bad_count)
+        if trips:
+            examples = "; ".join(f"{p} ({r})" for p, r in list(bad.items())[:3])
+            of = f"the {total}" if n == total else f"a sample of {n} of the {total}"
+            raise TooManyBadImagesError(
+                f"{k} of {of} image files under {self.root} are unreadable ({k / n:.0%}; data.max_bad_fraction="
+                f"{rule.max_bad_fraction}), so training would stop for them (found before the run changed its output "
+                f"folder); e.g. {examples}. Run `swav scan` on the data to list them all, then fix or remove them, or raise "
+                "data.max_bad_fraction")
+        return n, k
 
 
 _IDX_STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -37,6 +37,7 @@ from swav.checkpoint import (CheckpointError, CheckpointSaveError, archive_check
                              final_checkpoint_path, find_latest_checkpoint, list_checkpoints, load_checkpoint,
                              prune_checkpoints, renumber_after_resplit, save_model_file, step_checkpoint_path)
 from swav.config import Config, RunConfig, config_to_dict, save_config
+from swav.datasets import ImageFolderDataset
 from swav.derived import DerivedValues, derive_values
 from swav.dist_setup import DistContext, configure_rank_logging, init_distributed, shutdown_distributed
 from swav.distributed import all_reduce_max_, all_reduce_sum_
@@ -368,6 +369,12 @@ def _build_dataset(config: Config, out: Path, dataset: Dataset | None) -> Datase
         if tracker is not None:
             tracker.total = limit  # the abort rule counts against the files used
         dataset = Subset(dataset, range(limit))
+    # a sample of the image files decoded now: a folder the run would stop on is refused before the run folder
+    # is changed (and, with --overwrite, before the old run there is removed)
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    if isinstance(base, ImageFolderDataset) and config.data.check_files:
+        checked, unreadable = base.check_sample(indices, count=config.data.check_files)
+        logger.info("checked %d of the image files: %d unreadable", checked, unreadable)
     return dataset
 
 

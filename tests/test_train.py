@@ -356,3 +356,57 @@ def test_a_users_own_data_set_is_read_through_its_items(tmp_path):
     assert train(cfg, dataset=stray, model_builder=tiny_model).status == "complete"
     derived = json.loads((tmp_path / "run" / "derived.json").read_text())
     assert derived["pipeline"] == "batched"
+
+
+def test_data_the_run_would_stop_on_is_refused_before_the_folder_changes(tmp_path, image_folder):
+    """A sample of the image files is decoded before the run writes anything: unreadable data is refused while a
+    complete run in the folder (with --overwrite) is still there, and a new folder is never created."""
+    import shutil
+
+    from swav.datasets import ImageFolderDataset, TooManyBadImagesError
+
+    done = tiny_config(tmp_path / "run", image_folder, **{"optim.epochs": 1})
+    train(done, model_builder=tiny_model)
+    before = sorted(p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(12):
+        (broken / f"{i}.jpg").write_bytes(bytes(range(i, i + 40)))  # not images
+    with pytest.raises(TooManyBadImagesError, match="12 of the 12 image files .* are unreadable"):
+        train(with_values(done, {"data.path": str(broken)}), model_builder=tiny_model, overwrite=True)
+    assert sorted(p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*")) == before
+    assert (tmp_path / "run" / "model.pt").is_file()
+
+    mixed = tmp_path / "mixed"  # 21 readable + 12 unreadable: the run would stop at its 10th (rule: >= 10, > 1%)
+    shutil.copytree(image_folder, mixed)
+    for i in range(12):
+        (mixed / "b" / f"zero{i}.png").write_bytes(b"")
+    with pytest.raises(TooManyBadImagesError, match="12 of the 33 image files"):
+        train(tiny_config(tmp_path / "new", mixed), model_builder=tiny_model)
+    assert not (tmp_path / "new").exists()
+    # a large folder with a few unreadable files passes the sampled check (they are skipped while training)
+    assert ImageFolderDataset(str(mixed), max_bad_fraction=0.5).check_sample(count=8)[0] == 8
+    assert train(with_values(tiny_config(tmp_path / "lenient", mixed), {"data.max_bad_fraction": 0.5,
+                                                                         "optim.epochs": 1}),
+                 model_builder=tiny_model).status == "complete"
+
+
+def test_a_sampled_check_refuses_only_with_confidence(tmp_path):
+    """Wilson's 99% lower bound: 1 unreadable in a sample of 64 from 1000 files (about 1.6%) is no proof of more
+    than 1%; 10 of 64 is."""
+    from swav.datasets import ImageFolderDataset, TooManyBadImagesError
+
+    def folder(name, bad_every):
+        root = tmp_path / name / "a"
+        root.mkdir(parents=True)
+        for i in range(256):
+            path = root / f"{i:04d}.png"
+            if i % bad_every == 0:
+                path.write_bytes(b"")
+            else:
+                Image.new("L", (4, 4), i % 200).save(path)
+        return ImageFolderDataset(str(tmp_path / name))
+
+    assert folder("few", 128).check_sample() == (64, 2)  # 2 bad of 256, both sampled: 3.1%, lower bound 0.6%
+    with pytest.raises(TooManyBadImagesError, match="of a sample of 64 of the 256 image files"):
+        folder("many", 4).check_sample()  # 64 bad of 256: 16 of the sample
