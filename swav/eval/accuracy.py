@@ -35,7 +35,8 @@ def topk_correct(scores_NK: Tensor, labels_N: Tensor, ks: Sequence[int] = (1, 5)
         raise ValueError(f"ks: every k must be >= 1, got {list(ks)}")
     max_k = min(max(ks), scores_NK.shape[1])
     top = scores_NK.topk(max_k, dim=1)
-    hit_NM = (top.indices == labels_N.to(scores_NK.device).unsqueeze(1)) & top.values.isfinite()
+    voted = ~(top.values.isneginf() | top.values.isnan())  # -inf marks "no vote"; +inf is the strongest score
+    hit_NM = (top.indices == labels_N.to(scores_NK.device).unsqueeze(1)) & voted
     return {k: int(hit_NM[:, : min(k, max_k)].any(dim=1).sum()) for k in ks}
 
 

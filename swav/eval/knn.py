@@ -34,6 +34,10 @@ def knn_classify(
 ) -> Tensor:
     """Return class scores ``(M, K)`` of the weighted k-NN vote; ``argmax`` is the prediction.
 
+    A neighbour at cosine similarity ``s`` votes ``exp(s / T)``; each test sample's votes are scaled by
+    ``exp(-s_max / T)`` (its nearest neighbour votes 1), which leaves its ranking of the classes as it is and
+    keeps the scores finite at any temperature.
+
     ``train_features`` (N, C) and ``test_features`` (M, C) need not be normalised (they are
     L2-normalised here). ``num_classes`` defaults to ``max(train_labels) + 1``. ``k`` above N is
     clipped to N. Computation happens on ``train_features``' device.
@@ -55,7 +59,9 @@ def knn_classify(
     for start in range(0, test_MC.shape[0], batch_size):
         chunk_bC = F.normalize(test_MC[start : start + batch_size].to(train_NC).float(), dim=1)
         sim_bk, idx_bk = (chunk_bC @ train_NC.T).topk(k, dim=1)
-        weights_bk = (sim_bk / temperature).exp()
+        # exp(s / T) scaled per test sample by exp(-s_max / T): the same vote (each row's ranking of classes),
+        # but finite at any temperature (exp(s / T) overflows float32 once s / T > 88.7, e.g. T = 0.01, s > 0.89)
+        weights_bk = ((sim_bk - sim_bk[:, :1]) / temperature).exp()
         scores_MK[start : start + batch_size].scatter_add_(1, labels_N[idx_bk], weights_bk)
     return scores_MK
 

@@ -19,8 +19,8 @@ def _slow_knn_scores(train, train_labels, test, k, temperature, num_classes):
         for j in range(train.shape[0]):
             sims.append((float(x @ train[j]) / (x.norm() * train[j].norm()).item(), j))
         sims.sort(key=lambda t: -t[0])
-        for sim, j in sims[:k]:
-            out[i, int(train_labels[j])] += math.exp(sim / temperature)
+        for sim, j in sims[:k]:  # votes exp(s / T), scaled by exp(-s_max / T) as documented
+            out[i, int(train_labels[j])] += math.exp((sim - sims[0][0]) / temperature)
     return out
 
 
@@ -107,7 +107,7 @@ def test_knn_top5_matches_reference_ranking():
 def test_k_larger_than_train_set_is_clipped():
     train = torch.eye(3)
     scores = knn_classify(train, torch.tensor([0, 1, 2]), torch.eye(3), k=50, temperature=1.0)
-    expected = torch.tensor([[math.e, 1, 1], [1, math.e, 1], [1, 1, math.e]])
+    expected = torch.tensor([[math.e, 1, 1], [1, math.e, 1], [1, 1, math.e]]) / math.e  # scaled by exp(-1 / T)
     torch.testing.assert_close(scores, expected)
 
 
@@ -123,3 +123,19 @@ def test_bad_arguments_raise(kwargs, match):
 def test_mismatched_dims_raise():
     with pytest.raises(ValueError, match="same C"):
         knn_classify(torch.randn(4, 2), torch.zeros(4, dtype=torch.long), torch.randn(2, 3))
+
+
+def test_small_temperatures_keep_the_vote():
+    """exp(s / T) overflows float32 at T = 0.01 for s > 0.89: the best matches then scored as misses (0%)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(100, 8, generator=g)
+    y = torch.arange(100) % 3
+    for temperature in (0.07, 0.01, 0.001):
+        result = knn_accuracy(x, y, x, y, k=5, temperature=temperature)
+        assert result["top1"] == 100.0 and result["top5"] == 100.0, temperature
+    assert torch.isfinite(knn_classify(x, y, x, k=5, temperature=1e-4)).all()
+
+
+def test_an_infinite_score_is_a_hit_and_minus_infinity_no_vote():
+    scores = torch.tensor([[float("inf"), 0.0, 1.0], [float("-inf"), float("-inf"), float("-inf")]])
+    assert topk_correct(scores, torch.tensor([0, 0]), ks=(1,)) == {1: 1}
