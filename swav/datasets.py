@@ -37,7 +37,7 @@ from swav.images import BadImageTracker, ImageDecodeError, TooManyBadImagesError
 __all__ = [
     "IMAGE_EXTENSIONS", "TooManyBadImagesError", "BadImageTracker", "list_image_files",
     "ImageFolderDataset", "IDXDataset", "CIFARDataset", "build_dataset", "build_held_out_dataset", "KNOWN_DATASETS",
-    "detect_data_set_folder",
+    "detect_data_set_folder", "holds_splits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -468,6 +468,29 @@ def _data_roots() -> list[str]:
     return roots + ["/usr/share/datasets", os.path.expanduser("~/.cache/swav")]
 
 
+_SPLIT_NAMES = frozenset(name for names in _SPLIT_FOLDERS.values() for name in names)
+
+
+def holds_splits(path: str | os.PathLike) -> bool:
+    """Whether folder ``path`` is split into ``train``/``val``/``test`` folders: no image file lies beside its
+    sub-folders, and either all of them have split names or at least two do (STL-10's ``train``, ``test`` and
+    ``unlabeled``). A folder of classes one of which is called ``train`` (PASCAL VOC and COCO have one) is a
+    folder of classes, not a split."""
+    try:
+        entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
+    except OSError:
+        return False
+    folders = {e.name for e in entries if e.is_dir()}
+    images = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+    named = folders & _SPLIT_NAMES
+    split = bool(named) and not images and (folders <= _SPLIT_NAMES or len(named) >= 2)
+    if not split and named:
+        logger.warning("%s has a sub-folder named %r beside other folders or images: the whole folder is one data "
+                       "set and %r one of its classes, not a split; to use that folder alone, pass its path",
+                       path, sorted(named)[0], sorted(named)[0])
+    return split
+
+
 def detect_data_set_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` (or its ``train`` split folder) holds a data set in one of the file layouts that
     :func:`build_dataset` recognises (IDX, CIFAR, shards), as opposed to a plain folder of images."""
@@ -545,8 +568,7 @@ def build_held_out_dataset(spec: str | os.PathLike, **kwargs: Any) -> Dataset:
     whole = text.startswith("shards:") or path.endswith(".tar") or ("{" in path and ".tar" in path)
     if os.path.isdir(path) and not whole:
         found = _detect(path)
-        whole = found[0] == "shards" if found is not None else not any(
-            os.path.isdir(os.path.join(path, sub)) for names in _SPLIT_FOLDERS.values() for sub in names)
+        whole = found[0] == "shards" if found is not None else not holds_splits(path)
     return build_dataset(spec, split="train" if whole else "test", **kwargs)
 
 
@@ -570,9 +592,9 @@ def build_dataset(
     folder of images; or a name from :data:`KNOWN_DATASETS` (looked up under
     ``$SWAV_DATA_ROOT``, ``/usr/share/datasets`` and ``~/.cache/swav``, in a folder named after
     it, e.g. ``fashion-mnist`` or torchvision's ``FashionMNIST``, then downloaded with torchvision
-    into ``~/.cache/swav/<name>`` when ``download=True``). For image/shard folders, a sub-folder
-    named after the split (``train``; ``test``/``val``/``validation``) is used when present; a
-    folder without one serves ``split='train'`` only. ``channels=None`` keeps the data's own
+    into ``~/.cache/swav/<name>`` when ``download=True``). For image/shard folders split into
+    folders (see :func:`holds_splits`), the one named after the split (``train``;
+    ``test``/``val``/``validation``) is used; a folder without splits serves ``split='train'`` only. ``channels=None`` keeps the data's own
     (1 for IDX, 3 otherwise). ``shard_options`` go to :class:`swav.shards.ShardDataset`.
     ``bit_depth``: bits per sample of 16-bit image files (see :func:`swav.images.load_image`; image
     folders and shards).
@@ -600,7 +622,7 @@ def build_dataset(
         if found is not None:
             return _from_detected(found, split, transform, channels, shard_opts)
         if os.path.isdir(path):
-            for sub in _SPLIT_FOLDERS[split]:
+            for sub in _SPLIT_FOLDERS[split] if holds_splits(path) else ():
                 if os.path.isdir(os.path.join(path, sub)):
                     logger.info("using the %r split folder %s", split, os.path.join(path, sub))
                     return build_dataset(os.path.join(path, sub), split="train",

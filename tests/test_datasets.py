@@ -394,3 +394,27 @@ def test_a_resumed_run_does_not_count_the_bad_files_of_earlier_runs(tmp_path):
     for i in range(3):
         tracker.record_bad(f"new{i}.jpg", "empty")  # 3 of 100: no stop
     assert len(tracker.bad_files) == 18  # the list itself still names them all (the run's report)
+
+
+def test_a_class_folder_named_train_is_a_class_not_a_split(tmp_path, caplog):
+    """PASCAL VOC and COCO have a class "train": a folder of bus/, car/ and train/ is one data set of 3 classes
+    (it used to be taken for a split folder and train on the "train" class alone)."""
+    import logging
+
+    from swav.datasets import holds_splits
+
+    for name in ("bus", "car", "train"):
+        for i in range(2):
+            save_png(tmp_path / "vehicles" / name / f"{i}.png", i)
+    with caplog.at_level(logging.WARNING, logger="swav"):
+        data = build_dataset(tmp_path / "vehicles")
+    assert len(data) == 6 and data.classes == ["bus", "car", "train"]
+    assert "'train' one of its classes" in caplog.text
+    for layout, splits in ((("train", "val"), True), (("train",), True), (("train", "test", "unlabeled"), True),
+                           (("bus", "train"), False)):
+        root = tmp_path / "_".join(layout)
+        for name in layout:
+            save_png(root / name / "a" / "0.png", 1)
+        assert holds_splits(root) == splits, layout
+    save_png(tmp_path / "train_val" / "loose.png", 2)  # an image beside the split folders: not splits
+    assert not holds_splits(tmp_path / "train_val")
