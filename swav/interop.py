@@ -61,6 +61,15 @@ _RESNET_LAYOUTS: dict[tuple[bool, tuple[int, ...], int], str] = {
     (True, (3, 4, 6, 3), 4): "resnet50w4",
     (True, (3, 4, 6, 3), 5): "resnet50w5",
 }
+#: torchvision's bottleneck variants whose stem is 64 wide but whose inner 3x3 convolutions are not: (depths,
+#: inner width of layer1, groups of its 3x3 convolution) -> name
+_WIDE_OR_GROUPED: dict[tuple[tuple[int, ...], int, int], str] = {
+    ((3, 4, 6, 3), 128, 1): "wide_resnet50_2",
+    ((3, 4, 23, 3), 128, 1): "wide_resnet101_2",
+    ((3, 4, 6, 3), 128, 32): "resnext50_32x4d",
+    ((3, 4, 23, 3), 256, 32): "resnext101_32x8d",
+    ((3, 4, 23, 3), 256, 64): "resnext101_64x4d",
+}
 _LIST_LIMIT = 12  # keys shown per category in error messages
 
 
@@ -313,6 +322,16 @@ def infer_backbone(backbone_state: Mapping[str, Any]) -> tuple[str, bool, int]:
         depths.append(len(blocks))
     width, remainder = divmod(out_channels, 64)
     name = _RESNET_LAYOUTS.get((bottleneck, tuple(depths), width)) if remainder == 0 else None
+    inner, grouped = _inner_width(backbone_state) if bottleneck else (None, None)
+    if name is not None and inner is not None and (inner, grouped) != (out_channels, 1):
+        # the stem alone does not tell torchvision's wide and grouped (ResNeXt) bottlenecks from plain ones
+        name = _WIDE_OR_GROUPED.get((tuple(depths), inner, grouped)) if width == 1 else None
+        if name is None:
+            raise ValueError(
+                f"unrecognised ResNet layout: bottleneck blocks {depths}, stem width {out_channels}, but layer1's "
+                f"inner convolutions are {inner} wide in {grouped} group(s); known wide and grouped layouts: "
+                + ", ".join(sorted(_WIDE_OR_GROUPED.values())) + ". Pass spec=ModelSpec(backbone=...) (Python), "
+                "or load a --format full / safetensors export, which carries its architecture")
     if name is None:
         known = ", ".join(f"{n} ({'bottleneck' if b else 'basic'} {list(d)}, stem {64 * w})"
                           for (b, d, w), n in _RESNET_LAYOUTS.items())
@@ -323,6 +342,15 @@ def infer_backbone(backbone_state: Mapping[str, Any]) -> tuple[str, bool, int]:
             "--format full / safetensors export instead, or pass spec=ModelSpec(backbone=...) (Python)"
         )
     return name, kernel == 3, in_channels
+
+
+def _inner_width(state: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(output channels, groups) of layer1's first 3x3 convolution, or (None, None) when not in ``state``."""
+    conv2 = state.get("layer1.0.conv2.weight")
+    if conv2 is None or len(_shape(conv2)) != 4:
+        return None, None
+    out, per_group = _shape(conv2)[:2]
+    return out, max(out // per_group, 1) if per_group else 1
 
 
 def infer_spec(state: Mapping[str, Any], defaults: ModelSpec | None = None) -> ModelSpec:

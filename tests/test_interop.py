@@ -222,6 +222,27 @@ def test_infer_backbone_rejects_unknown_layouts():
         infer_backbone({"features.0.weight": meta(3)})
 
 
+@pytest.mark.parametrize("name", ["wide_resnet50_2", "resnext50_32x4d", "resnext101_64x4d"])
+def test_wide_and_grouped_torchvision_layouts_are_told_from_resnet50(name):
+    """Their stems are 64 wide like ResNet-50's: layer1's inner width and groups tell them apart (they were read
+    as resnet50 and then failed to load with 'a different shape')."""
+    meta = torchvision.models.get_model(name, weights=None).to("meta").state_dict()
+    assert infer_backbone({k: v for k, v in meta.items() if not k.startswith("fc.")}) == (name, False, 3)
+    meta["layer1.0.conv2.weight"] = torch.empty(96, 96, 3, 3, device="meta")  # a width no known layout has
+    with pytest.raises(ValueError, match="inner convolutions are 96 wide in 1 group.*spec=ModelSpec"):
+        infer_backbone(meta)
+
+
+def test_a_wide_resnet_exported_for_torchvision_loads_back(tmp_path):
+    from swav.export import export_backbone_torchvision
+
+    model = build_model(ModelSpec("wide_resnet50_2", hidden_dim=0, output_dim=8, num_prototypes=5))
+    path = export_backbone_torchvision(model, tmp_path / "wide.pth")
+    loaded = load_pretrained(path)
+    assert loaded.spec.backbone == "wide_resnet50_2"
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in loaded.backbone.state_dict().items())
+
+
 def test_torchvision_backbone_only_state_dict(tmp_path, caplog):
     reference = torchvision.models.resnet18()
     path = tmp_path / "resnet18_supervised.pth"
