@@ -444,6 +444,10 @@ class _Setup:
         self.spec = self.model.spec
         self.backbone = self.model.backbone.to(self.device)
         self.bit_depth = pretraining_bit_depth(args.checkpoint, args.bit_depth)
+        if args.resize_size and self.spec.small_images:
+            raise UsageError(f"--resize-size {args.resize_size}: this model is for small images (stem without "
+                             "downsampling), which it takes whole at one size, resized to it where they differ: "
+                             "set that size with --crop-size, without --resize-size")
         self.transforms = transforms_for_checkpoint(args.checkpoint, self.spec, mean=args.mean, std=args.std,
                                                     crop_size=args.crop_size, resize_size=args.resize_size)
         normalize = next(t for t in self.transforms[1].transforms if isinstance(t, v2.Normalize))

@@ -341,3 +341,10 @@ def test_val_data_in_any_data_form_is_its_test_split(tmp_path, gray_checkpoint, 
         assert json.loads((out / "eval-knn.json").read_text())["num_test"] == expected
         warned = "the test images are the training images" in capsys.readouterr().err
         assert warned == (val.name == "train"), val
+
+
+def test_resize_size_is_refused_for_a_small_images_model(tmp_path, gray_checkpoint, idx_data, capsys):
+    """Small-image models take the image whole at one size: --resize-size had no effect (it was ignored)."""
+    argv = ["eval-knn", *_common(gray_checkpoint, tmp_path, "--data", str(idx_data), "--resize-size", "40")]
+    assert _main(argv) == 2
+    assert "--resize-size 40: this model is for small images" in capsys.readouterr().err
