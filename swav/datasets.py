@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from swav.images import BadImageTracker, ImageDecodeError, TooManyBadImagesError, check_bit_depth, load_image
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "TooManyBadImagesError", "BadImageTracker", "list_image_files",
+    "IMAGE_EXTENSIONS", "UNREAD_IMAGE_EXTENSIONS", "warn_unread_formats", "TooManyBadImagesError", "BadImageTracker", "list_image_files",
     "ImageFolderDataset", "IDXDataset", "CIFARDataset", "build_dataset", "build_held_out_dataset", "KNOWN_DATASETS",
     "detect_data_set_folder", "holds_splits",
 ]
@@ -49,9 +49,20 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 
 
+#: image formats swav does not read, named when a folder holds some (they would be left out silently)
+UNREAD_IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".dcm", ".dicom", ".nii", ".svg", ".psd", ".exr", ".hdr",
+    ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw",
+)
+
+
 def list_image_files(root: str | os.PathLike,
-                     extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[str]:
+                     extensions: Iterable[str] = IMAGE_EXTENSIONS,
+                     skipped: dict[str, int] | None = None) -> list[str]:
     """Sorted paths (relative to ``root``) of all image files below ``root``.
+
+    ``skipped``, when given, receives the number of visible files left out, per lower-case extension
+    (``""`` for none).
 
     Follows directory symlinks but visits each real directory once (no hang on symlink loops),
     skips hidden files and folders (names starting with ``.``) and keeps non-ASCII names.
@@ -80,10 +91,28 @@ def list_image_files(root: str | os.PathLike,
             d for d in dirnames
             if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in visited)
         for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(suffixes):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(suffixes):
                 found.append(os.path.relpath(os.path.join(dirpath, name), root))
+            elif skipped is not None:
+                extension = os.path.splitext(name)[1].lower()
+                skipped[extension] = skipped.get(extension, 0) + 1
     found.sort()
     return found
+
+
+def warn_unread_formats(root: str | os.PathLike, skipped: dict[str, int]) -> None:
+    """A warning naming the files under ``root`` in image formats swav does not read (see
+    :data:`UNREAD_IMAGE_EXTENSIONS`), which are left out; other skipped files (annotations...) at DEBUG."""
+    unread = {e: n for e, n in sorted(skipped.items()) if e in UNREAD_IMAGE_EXTENSIONS}
+    if unread:
+        logger.warning("%d file(s) under %s are images in formats swav does not read and are left out (%s): convert "
+                       "them to PNG or JPEG (or TIFF for 16-bit data) to use them", sum(unread.values()), root,
+                       ", ".join(f"{e} {n}" for e, n in unread.items()))
+    others = {e or "(no extension)": n for e, n in skipped.items() if e not in UNREAD_IMAGE_EXTENSIONS}
+    if others:
+        logger.debug("files under %s that are not images, left out: %s", root, others)
 
 
 def _class_folders(root: str) -> list[str]:
@@ -132,7 +161,9 @@ class ImageFolderDataset(Dataset):
                                      "expected a folder of images")
         if channels not in (1, 3):
             raise ValueError(f"ImageFolderDataset: channels must be 1 or 3, got {channels!r}")
-        files = list_image_files(root, extensions)
+        skipped: dict[str, int] = {}
+        files = list_image_files(root, extensions, skipped)
+        warn_unread_formats(root, skipped)
         if not files:
             raise FileNotFoundError(
                 f"ImageFolderDataset: no image files under {root!r} (looked for extensions "

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
-from swav.datasets import IMAGE_EXTENSIONS, list_image_files
+from swav.datasets import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, list_image_files
 from swav.images import ImageDecodeError, load_image
 
 __all__ = ["BadFile", "ScanReport", "scan_folder", "format_report"]
@@ -54,6 +54,7 @@ class ScanReport:
     seconds: float = 0.0
     high_bit_files: int = 0  # readable 16-bit (or 32-bit / float) grey files
     high_bit_max: int = 0  # the largest value in the 16-bit ones
+    skipped: dict[str, int] = field(default_factory=dict)  # visible files not read as images, per extension
 
     @property
     def suggested_bit_depth(self) -> int | None:
@@ -88,7 +89,8 @@ class ScanReport:
                 "bad_count": len(self.bad), "bad_fraction": self.bad_fraction,
                 "bad_by_kind": self.bad_by_kind, "bad": [asdict(b) for b in self.bad],
                 "sizes": self.size_stats(), "seconds": self.seconds, "high_bit_files": self.high_bit_files,
-                "high_bit_max": self.high_bit_max, "suggested_bit_depth": self.suggested_bit_depth}
+                "high_bit_max": self.high_bit_max, "suggested_bit_depth": self.suggested_bit_depth,
+                "skipped_by_extension": self.skipped}
 
 
 def _check(path: str, channels: int, max_pixels: int | None) -> tuple[int, int, int] | BadFile:
@@ -140,8 +142,9 @@ def scan_folder(
     if workers < 1:
         raise ValueError(f"scan_folder: workers must be >= 1, got {workers!r}")
     start = time.perf_counter()
-    paths = [os.path.join(root, rel) for rel in list_image_files(root, extensions)]
-    report = ScanReport(root=root, total=len(paths))
+    skipped: dict[str, int] = {}
+    paths = [os.path.join(root, rel) for rel in list_image_files(root, extensions, skipped)]
+    report = ScanReport(root=root, total=len(paths), skipped=dict(sorted(skipped.items())))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for result in pool.map(lambda p: _check(p, channels, max_pixels), paths):
             if isinstance(result, BadFile):
@@ -160,6 +163,15 @@ def scan_folder(
 def format_report(report: ScanReport, max_listed: int = 50) -> str:
     """Human-readable summary: counts, error kinds, size range, then the bad files."""
     lines = [f"scanned {report.root}: {report.total} image files in {report.seconds:.1f} s"]
+    unread = {e: n for e, n in report.skipped.items() if e in UNREAD_IMAGE_EXTENSIONS}
+    others = sum(n for e, n in report.skipped.items() if e not in UNREAD_IMAGE_EXTENSIONS)
+    if unread:
+        lines.append("  images in formats swav does not read, left out: "
+                     + ", ".join(f"{e} {n}" for e, n in unread.items()) + " (convert them to PNG or JPEG to use them)")
+    if others:
+        lines.append(f"  other files, not images: {others} ("
+                     + ", ".join(f"{e or '(no extension)'} {n}" for e, n in report.skipped.items()
+                                 if e not in UNREAD_IMAGE_EXTENSIONS) + ")")
     if report.total == 0:
         lines.append("  no image files found (hidden files and folders are skipped)")
         return "\n".join(lines)

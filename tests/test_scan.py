@@ -82,3 +82,27 @@ def test_cli_exit_codes_and_outputs(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "void").mkdir()
     assert run_cli(["scan", str(tmp_path / "void")]) == 2
+
+
+def test_images_in_formats_not_read_are_named_not_left_out_silently(tmp_path, caplog):
+    """An iPhone export holds HEIC files beside JPEGs: they are counted by extension (scan) and named in a
+    warning (training), rather than the data set silently shrinking to the JPEGs."""
+    import logging
+
+    from PIL import Image
+
+    from swav.datasets import ImageFolderDataset
+    from swav.scan import format_report, scan_folder
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "1.jpg")
+    for i in range(3):
+        (tmp_path / "a" / f"IMG_{i}.HEIC").write_bytes(b"\x00" * 16)
+    (tmp_path / "a" / "labels.csv").write_text("x")
+    report = scan_folder(tmp_path)
+    assert report.total == 1 and report.to_dict()["skipped_by_extension"] == {".csv": 1, ".heic": 3}
+    text = format_report(report)
+    assert "images in formats swav does not read, left out: .heic 3" in text and "not images: 1 (.csv 1)" in text
+    with caplog.at_level(logging.WARNING, logger="swav"):
+        assert len(ImageFolderDataset(str(tmp_path))) == 1
+    assert "3 file(s) under" in caplog.text and "(.heic 3)" in caplog.text and ".csv" not in caplog.text
