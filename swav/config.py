@@ -398,10 +398,30 @@ def read_config_values(path: str | os.PathLike) -> dict[str, Any]:
     return _flatten(_read_yaml_mapping(path), os.fspath(path))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first at line {seen[key].start_mark.line + 1}): only one "
+                    "of them would be used; keep one", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: Any) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (see :class:`_UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml_mapping(path: str | os.PathLike) -> Mapping[str, Any]:
     with open(path, encoding="utf-8") as fh:
         try:
-            raw = yaml.safe_load(fh)
+            raw = load_yaml_text(fh)
         except yaml.YAMLError as exc:
             raise ValueError(f"config file {os.fspath(path)!r} is not valid YAML: {exc}") from None
     if raw is None:

@@ -302,3 +302,20 @@ def test_null_for_a_word_setting_says_to_write_auto(key):
         with_values(Config(), {key: None})
     section, name = key.split(".")
     assert getattr(getattr(with_values(Config(), {key: "auto"}), section), name) == "auto"  # the word is accepted
+
+
+def test_config_files_apply_in_order_and_a_key_given_twice_is_refused(tmp_path):
+    """--config twice: both files apply, the later one's values win (the first used to be dropped silently);
+    a YAML key given twice in one file is an error (PyYAML would keep the last one silently)."""
+    base, change = tmp_path / "base.yaml", tmp_path / "change.yaml"
+    base.write_text("swav:\n  epsilon: 0.03\n  temperature: 0.2\n")
+    change.write_text("swav:\n  temperature: 0.15\n")
+    config = parse(["--config", str(base), "--config", str(change), "--data", "x"])
+    assert (config.swav.epsilon, config.swav.temperature) == (0.03, 0.15)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("swav:\n  epsilon: 0.03\n  temperature: 0.2\n  epsilon: 0.05\n")
+    with pytest.raises(ValueError, match="'epsilon' is given twice \\(first at line 2\\)"):
+        parse(["--config", str(twice), "--data", "x"])
+    twice.write_text("swav:\n  epsilon: 0.03\noptim:\n  epochs: 2\nswav:\n  temperature: 0.2\n")
+    with pytest.raises(ValueError, match="'swav' is given twice"):
+        load_config_file(twice)

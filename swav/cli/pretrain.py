@@ -61,7 +61,9 @@ _PER_INVOCATION = {"run.max_steps": 0, "run.time_budget_minutes": 0.0, "debug.in
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML config (full or partial), applied after --recipe")
+    parser.add_argument("--config", metavar="FILE", action="append", default=[],
+                        help="YAML config (full or partial), applied after --recipe; repeatable: later files' values "
+                             "win")
     parser.add_argument("--recipe", metavar="NAME", help="a shipped recipe (see --list-recipes)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set optim.base_lr=0.6")
@@ -153,15 +155,14 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
         config = load_recipe(DEMO_RECIPE)
     else:
         config = Config()
-    if args.config:
-        if not Path(args.config).expanduser().is_file():
-            raise UsageError(f"--config {args.config!r} does not exist (or is not a file): give the path of a "
+    file_values: dict[str, object] = {}
+    for path in args.config:  # in order, later files' values win
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"--config {path!r} does not exist (or is not a file): give the path of a "
                              "YAML config, e.g. a run's config.yaml, or use --recipe NAME")
-        # the file's values join the flags and --set below, validated together: a partial file may need a flag
+        # the files' values join the flags and --set below, validated together: a partial file may need a flag
         # to make sense (epochs: 5 in the file, --warmup_epochs 1 on the command line)
-        file_values = read_config_values(Path(args.config).expanduser())
-    else:
-        file_values = {}
+        file_values.update(read_config_values(Path(path).expanduser()))
     if demo and "run.output_dir" not in flags:  # the command line's own --output-dir only, not the file's
         flags["run.output_dir"] = DEMO_OUTPUT_DIR
     if args.device:
@@ -183,8 +184,8 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
                 with_values(config, command_line)
             except ValueError:
                 raise exc from None  # the command line alone is wrong already
-            raise ValueError(f"{exc} (values from --config {args.config}, the flags and --set, applied together)") \
-                from None
+            files = " ".join(args.config)
+            raise ValueError(f"{exc} (values from --config {files}, the flags and --set, applied together)") from None
         raise
 
 

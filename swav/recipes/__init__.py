@@ -15,9 +15,8 @@ import difflib
 from importlib import resources
 from typing import Any
 
-import yaml
 
-from swav.config import Config, merge_dict
+from swav.config import Config, load_yaml_text, merge_dict
 
 __all__ = ["available_recipes", "recipe_text", "recipe_dict", "load_recipe"]
 
@@ -39,7 +38,7 @@ def recipe_text(name: str) -> str:
 
 def recipe_dict(name: str) -> dict[str, Any]:
     """The raw mapping of a recipe (sections -> keys -> values)."""
-    raw = yaml.safe_load(recipe_text(name)) or {}
+    raw = load_yaml_text(recipe_text(name)) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {name!r} must hold a mapping of sections")
     return raw
