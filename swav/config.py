@@ -313,9 +313,15 @@ def config_keys() -> list[str]:
 
 
 def _unknown_key(key: str) -> ValueError:
-    close = difflib.get_close_matches(key, config_keys(), n=3, cutoff=0.5)
+    from swav.official_flags import OFFICIAL_FLAGS  # lazy: that module builds on this one
+
+    name = key.rpartition(".")[2]
+    official = OFFICIAL_FLAGS.get(name.lstrip("-"), (None,))[0]
+    close = [official] if official else difflib.get_close_matches(key, config_keys(), n=3, cutoff=0.5)
     section = key.split(".")[0]
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    if official:
+        hint += f"({name!r} is the original --{name.lstrip('-')} flag; config files and --set use the key above) "
     if section in SECTIONS:
         valid = ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
         return ValueError(f"unknown config key {key!r}; {hint}valid keys of section {section!r}: {valid}")
@@ -330,6 +336,11 @@ def _build_section(name: str, values: Mapping[str, Any]) -> Any:
         if key not in hints:
             raise _unknown_key(f"{name}.{key}")
         kwargs[key] = coerce_value(value, hints[key], f"{name}.{key}")
+        numbers = kwargs[key] if isinstance(kwargs[key], tuple) else (kwargs[key],)
+        # no setting takes NaN or an infinity (swav.epsilon=.inf would train on uniform codes without a word)
+        _check(all(math.isfinite(v) for v in numbers if isinstance(v, float)), f"{name}.{key}", kwargs[key],
+               "finite numbers (not NaN or infinity)" if isinstance(kwargs[key], tuple) else "a finite number (not "
+               "NaN or infinity)")
     return cls(**kwargs)
 
 

@@ -6,6 +6,7 @@ numbers also as strings (``1e-6``, which YAML 1.1 reads as a string); lists also
 """
 from __future__ import annotations
 
+import os
 import types
 import typing
 from typing import Any
@@ -86,6 +87,8 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
         _require(value is not None, key, value, "a string (a word, name or path), not null (for the automatic "
                  "choice of a setting that has one, such as run.precision, run.check_sync, data.pipeline or "
                  "run.device, write auto)")
+        if isinstance(value, os.PathLike):  # data.path, run.output_dir from Python as pathlib.Path
+            return os.fspath(value)
         _require(isinstance(value, (str, int, float)), key, value, "a string")
         return str(value)
     raise TypeError(f"unsupported config field type {tp!r} for {key}")  # a bug in this module

@@ -46,7 +46,7 @@ from swav.usage import UsageError
 
 __all__ = ["RunExistsError", "RUN_FILES", "holds_run", "clear_run", "check_run_folder", "resume_differences",
            "run_differences", "resume_refusal", "partial_resume_checkpoint", "count_bad_images", "FATAL_KEYS",
-           "SAME_RUN_IGNORED_KEYS", "RunLock", "RunLockedError"]
+           "SAME_RUN_IGNORED_KEYS", "RunLock", "RunLockedError", "bad_images_offset"]
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +302,17 @@ def _optimizer_state_fits(state: dict[str, Any], model: nn.Module) -> bool:
     return True
 
 
-def count_bad_images(output_dir: str | os.PathLike, *, deduplicate: bool = False) -> int:
-    """Distinct unreadable image files listed in the run's ``bad_images.txt`` (0 when there is none).
+def bad_images_offset(output_dir: str | os.PathLike) -> int:
+    """The size of the run's ``bad_images.txt`` now (0 when there is none): where this invocation's lines begin."""
+    try:
+        return (Path(output_dir) / "bad_images.txt").stat().st_size
+    except OSError:
+        return 0
+
+
+def count_bad_images(output_dir: str | os.PathLike, *, deduplicate: bool = False, since: int = 0) -> int:
+    """Distinct unreadable image files listed in the run's ``bad_images.txt`` (0 when there is none); with
+    ``since`` (a :func:`bad_images_offset`), only those listed after that point (this invocation's).
 
     Every data-loader worker appends the files it met, so a file can be listed more than once;
     ``deduplicate=True`` (the main process at the end of a run) rewrites the list with each file once, in
@@ -313,7 +322,11 @@ def count_bad_images(output_dir: str | os.PathLike, *, deduplicate: bool = False
     if not path.is_file():
         return 0
     with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        if since:
+            fh.seek(since)
         lines = list(dict.fromkeys(line.rstrip("\n") for line in fh if line.strip()))
+    if since:
+        return len(lines)
     if deduplicate:
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:

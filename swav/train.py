@@ -49,13 +49,15 @@ from swav.output_paths import check_output_folder
 from swav.preemption import StopSignals, exit_code_for_signal
 from swav.cpu_features import describe_environment
 from swav.pretrain_summary import KnnMonitor
-from swav.run_folder import (RunExistsError, RunLock, check_run_folder, clear_run, count_bad_images, holds_run,
+from swav.run_folder import (RunExistsError, RunLock, bad_images_offset, check_run_folder, clear_run,
+                             count_bad_images, holds_run,
                               partial_resume_checkpoint, resume_refusal)
 from swav.schedule import warmup_cosine_schedule
 from swav.train_data import TrainLoader, build_train_loader, colour_stage, data_sizes, resolve_pipeline
 from swav.train_state import (Progress, ResumeMismatchError, restore_training_state, save_training_state,
                               step_converter)
 from swav.train_step import SwAVStep, autocast_dtype, bf16_gradients_agree, resolve_precision
+from swav.usage import UsageError
 
 __all__ = ["TrainResult", "train", "model_spec_from_config"]
 
@@ -107,6 +109,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, data
         raise TypeError(f"config is {type(config).__name__}: expected a swav.Config, e.g. "
                         "swav.with_values(swav.Config(), {'data.path': ..., 'run.output_dir': ...}) or "
                         "swav.load_recipe(name)")
+    if partial and not resume:  # only a resumed run loads a checkpoint (as the command line's --partial)
+        raise UsageError("partial=True applies with resume=True only (it loads what fits from the run's checkpoint): "
+                         "pass both, or neither")
     package_logger = logging.getLogger("swav")
     console = None
     if not package_logger.hasHandlers():  # a Python caller without logging set up would see no progress
@@ -131,6 +136,7 @@ def _train(config: Config, *, resume: bool, overwrite: bool, dataset: Dataset | 
     log_handler, lock = None, RunLock(out)
     early_log: logging.handlers.MemoryHandler | None = None
     workers_stopped = ctx.world_size == 1  # no process may append to bad_images.txt any more (see finally)
+    bad_offset = 0  # where this invocation's lines of bad_images.txt begin (set once the folder is prepared)
     try:
         existing = holds_run(out)
         continuing = check_run_folder(out, resume=resume, overwrite=overwrite, config=config)
@@ -159,7 +165,7 @@ def _train(config: Config, *, resume: bool, overwrite: bool, dataset: Dataset | 
 
         def prepare_folder() -> None:
             """Clear a run being replaced, open the log file (with the lines logged so far) and hold the lock."""
-            nonlocal log_handler, early_log
+            nonlocal log_handler, early_log, bad_offset
             if ctx.is_main:
                 lock.acquire()  # a no-op when held already
                 if not existing and holds_run(out):  # another process started (and left) a run here meanwhile
@@ -172,6 +178,7 @@ def _train(config: Config, *, resume: bool, overwrite: bool, dataset: Dataset | 
                     logger.warning("--overwrite: removed %s from %s", ", ".join(clear_run(out)), out)
                 out.mkdir(parents=True, exist_ok=True)
                 clean_temp_files(out)
+                bad_offset = bad_images_offset(out)  # earlier runs' list (a resumed run's), counted apart
                 log_handler = _attach_log_file(out / "train.log")
                 if early_log is not None:
                     early_log.setTarget(log_handler)
@@ -213,12 +220,20 @@ def _train(config: Config, *, resume: bool, overwrite: bool, dataset: Dataset | 
     finally:
         if log_handler is not None:
             try:  # rewritten without duplicates only once nothing appends to it (else counted as it is)
+                met = count_bad_images(out, since=bad_offset) if bad_offset else None
                 bad = count_bad_images(out, deduplicate=workers_stopped)
             except OSError as exc:  # a full disk must not hide the run's own outcome (or error)
                 logger.warning("could not rewrite %s without duplicates: %s", out / "bad_images.txt", exc)
-                bad = count_bad_images(out)
+                met, bad = None, count_bad_images(out)
             if bad:
-                logger.warning("%d unreadable image files skipped, listed in %s", bad, out / "bad_images.txt")
+                if met is None:
+                    logger.warning("%d unreadable image files skipped, listed in %s", bad, out / "bad_images.txt")
+                elif met:
+                    logger.warning("%d unreadable image files skipped in this run; %s lists %d with earlier runs'",
+                                   met, out / "bad_images.txt", bad)
+                else:
+                    logger.info("no unreadable image file met in this run (%s lists %d from earlier runs)",
+                                out / "bad_images.txt", bad)
             logging.getLogger("swav").removeHandler(log_handler)
             log_handler.close()
         if early_log is not None:  # stopped before anything was written: the console had these lines

@@ -319,3 +319,27 @@ def test_config_files_apply_in_order_and_a_key_given_twice_is_refused(tmp_path):
     twice.write_text("swav:\n  epsilon: 0.03\noptim:\n  epochs: 2\nswav:\n  temperature: 0.2\n")
     with pytest.raises(ValueError, match="'swav' is given twice"):
         load_config_file(twice)
+
+
+@pytest.mark.parametrize("key,value", [("swav.epsilon", float("inf")), ("swav.temperature", float("inf")),
+                                       ("run.time_budget_minutes", float("nan")),
+                                       ("crops.color_jitter_strength", float("-inf"))])
+def test_no_setting_takes_nan_or_an_infinity(key, value):
+    """swav.epsilon=.inf trained silently on uniform codes (prototypes in use 1 of K)."""
+    with pytest.raises(ValueError, match=f"{key}=.* is invalid: expected a finite number"):
+        with_values(Config(), {key: value})
+
+
+def test_an_original_flag_name_in_a_config_file_points_to_its_key(tmp_path):
+    path = tmp_path / "official.yaml"
+    path.write_text("nmb_crops: [2, 6]\n")
+    with pytest.raises(ValueError, match="did you mean 'crops.counts'\\? \\('nmb_crops' is the original --nmb_crops"):
+        load_config_file(path)
+    path.write_text("model:\n  arch: resnet50\n")
+    with pytest.raises(ValueError, match="did you mean 'model.backbone'"):
+        load_config_file(path)
+
+
+def test_paths_may_be_pathlib_objects(tmp_path):
+    config = with_values(Config(), {"data.path": tmp_path / "images", "run.output_dir": tmp_path / "run"})
+    assert (config.data.path, config.run.output_dir) == (str(tmp_path / "images"), str(tmp_path / "run"))

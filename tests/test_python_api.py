@@ -60,3 +60,12 @@ def test_library_inputs_that_would_mislead_are_refused(tmp_path):
         tensors = export_safetensors(model, tmp_path / "m.safetensors")
         with pytest.raises(ValueError, match="CUDA is not available here"):
             swav.load_pretrained(tensors, map_location="cuda:0")
+
+
+def test_partial_without_resume_is_refused_as_on_the_command_line(tmp_path):
+    from swav.usage import UsageError
+
+    with pytest.raises(UsageError, match="partial=True applies with resume=True only"):
+        swav.pretrain(tiny_config(tmp_path / "run"), dataset=InMemoryImages(8), model_builder=tiny_model,
+                      partial=True)
+    assert not (tmp_path / "run").exists()
