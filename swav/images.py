@@ -127,8 +127,9 @@ def _read_source(source: ImageSource, name: str | None) -> tuple[bytes, str]:
     return data, label
 
 
-def _open_checked(data: bytes, label: str, max_pixels: int) -> Image.Image:
-    """Parse the header, refuse decompression bombs, then decode fully (first frame)."""
+def _open_checked(data: bytes, label: str, max_pixels: int) -> tuple[Image.Image, bool]:
+    """Parse the header, refuse decompression bombs, then decode fully (first frame); also whether the file is
+    a 16-bit colour one (:func:`is_16bit_colour`, read from the header before decoding)."""
     try:
         with warnings.catch_warnings():  # the size is checked below against max_pixels, with our own message
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -150,6 +151,7 @@ def _open_checked(data: bytes, label: str, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(
             label, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
                    "(decompression-bomb guard; raise max_pixels to allow it)", "too_large")
+    wide = is_16bit_colour(img)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -165,7 +167,7 @@ def _open_checked(data: bytes, label: str, max_pixels: int) -> Image.Image:
                                or isinstance(exc, EOFError)) else "corrupt"
         raise ImageDecodeError(label, f"decoding failed ({message or type(exc).__name__})",
                                kind) from exc
-    return img
+    return img, wide
 
 
 def _apply_exif_orientation(img: Image.Image, label: str) -> Image.Image:
@@ -244,6 +246,62 @@ def _warn_if_low_bit_depth(maximum: int) -> None:
                        maximum, (maximum * 255 + 32767) // 65535)
 
 
+_TRANSPOSES = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
+_no_opencv_warned = False
+
+
+def is_16bit_colour(img: Image.Image) -> bool:
+    """A colour file with 16 bits per sample (48/64-bit PNG, TIFF), which Pillow decodes to 8-bit RGB(A) keeping
+    only each sample's high byte; read from the header's raw mode before any pixel is decoded."""
+    tiles = getattr(img, "tile", None) or []
+    for tile in tiles[:1]:
+        args = tile[3] if len(tile) > 3 else None
+        rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+        if isinstance(rawmode, str) and rawmode.split(";")[0] in ("RGB", "RGBA", "RGBX") and ";16" in rawmode:
+            return True
+    return False
+
+
+def _decode_16bit_colour(data: bytes, header: Image.Image, label: str, bit_depth: int | None) -> Image.Image | None:
+    """The 16-bit colour file at full precision (OpenCV's decoder), scaled to 8 bits as 16-bit grey files are
+    (``bit_depth``, the low-bit-depth warning) and turned by its EXIF orientation; None without OpenCV (then
+    Pillow's high bytes are used, with a warning once) or when OpenCV cannot read it."""
+    global _no_opencv_warned
+    try:
+        import cv2
+    except ImportError:
+        if not _no_opencv_warned:
+            _no_opencv_warned = True
+            logger.warning("16-bit colour image files (such as %s) are read by Pillow as 8 bits (their high bytes: "
+                           "12-bit data comes out nearly black, and data.bit_depth has no effect on them); "
+                           "pip install opencv-python-headless to read them at full precision", label)
+        return None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        return None
+    colour = arr[..., 2::-1]  # OpenCV's BGR(A) -> RGB
+    maximum = int(colour.max()) if colour.size else 0
+    if bit_depth is None:
+        _warn_if_low_bit_depth(maximum)
+        top = 65535
+    else:
+        top = (1 << bit_depth) - 1
+        _warn_if_clipped(maximum, bit_depth)
+    out = ((np.minimum(colour.astype(np.uint32), top) * 255 + top // 2) // top).astype(np.uint8)
+    if arr.shape[2] == 4:  # alpha: 16-bit too, scaled by its own range
+        out = np.dstack([out, ((arr[..., 3].astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)])
+    img = Image.fromarray(out, "RGBA" if arr.shape[2] == 4 else "RGB")
+    try:
+        orientation = header.getexif().get(_EXIF_ORIENTATION, 1)
+    except _DECODER_ERRORS:
+        orientation = 1
+    if orientation in _TRANSPOSES:
+        img = img.transpose(_TRANSPOSES[orientation])
+    return img
+
+
 def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info
 
@@ -310,8 +368,12 @@ def load_image(
     check_bit_depth(bit_depth)
     limit = default_max_pixels() if max_pixels is None else max_pixels
     data, label = _read_source(source, name)
-    img = _open_checked(data, label, limit)
-    img = _apply_exif_orientation(img, label)
+    img, wide = _open_checked(data, label, limit)
+    if wide:
+        wide = _decode_16bit_colour(data, img, label, bit_depth)
+        if wide is not None:
+            img = wide
+    img = _apply_exif_orientation(img, label)  # (a 16-bit colour image made above is turned already: no EXIF)
     try:
         return _to_8bit(img, channels, bit_depth)
     except _DECODER_ERRORS as exc:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from swav.datasets import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, list_image_files
-from swav.images import ImageDecodeError, load_image
+from swav.images import ImageDecodeError, is_16bit_colour, load_image
 
 __all__ = ["BadFile", "ScanReport", "scan_folder", "format_report"]
 
@@ -52,7 +52,7 @@ class ScanReport:
     widths: list[int] = field(default_factory=list, repr=False)
     heights: list[int] = field(default_factory=list, repr=False)
     seconds: float = 0.0
-    high_bit_files: int = 0  # readable 16-bit (or 32-bit / float) grey files
+    high_bit_files: int = 0  # readable 16-bit grey (or 32-bit / float) and 16-bit colour files
     high_bit_max: int = 0  # the largest value in the 16-bit ones
     skipped: dict[str, int] = field(default_factory=dict)  # visible files not read as images, per extension
 
@@ -103,12 +103,22 @@ def _check(path: str, channels: int, max_pixels: int | None) -> tuple[int, int, 
 
 
 def _high_bit_maximum(path: str) -> int:
-    """The largest value of a 16-bit grey file (decoded a second time, for those only), else -1."""
+    """The largest value of a 16-bit grey or colour file (decoded a second time, for those only), else -1."""
     try:
         with Image.open(path) as opened:  # the header tells the mode
-            if not (opened.mode.startswith("I;16") or opened.mode == "I"):
+            if is_16bit_colour(opened):
+                try:
+                    import cv2
+                except ImportError:
+                    return -1
+                values = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+                if values is None or values.dtype != np.uint16:
+                    return -1
+                values = values[..., :3] if values.ndim == 3 else values  # not the alpha channel
+            elif not (opened.mode.startswith("I;16") or opened.mode == "I"):
                 return -1
-            values = np.asarray(opened)
+            else:
+                values = np.asarray(opened)
     except (OSError, ValueError):  # load_image read it: a second read failing is not the file's fault
         return -1
     return int(values.max()) if values.size and 0 <= values.min() and values.max() <= 65535 else -1

@@ -76,3 +76,44 @@ def test_a_data_set_object_must_agree_with_the_config(twelve_bit_folder, tmp_pat
     with pytest.raises(ValueError, match="set data.bit_depth=12 in the config"):
         train(cfg, dataset=ImageFolderDataset(twelve_bit_folder, bit_depth=12), model_builder=tiny_model)
     assert not (tmp_path / "run").exists()
+
+
+def _with_exif_orientation(png: bytes, orientation: int) -> bytes:
+    """``png`` with an eXIf chunk holding ``orientation`` (OpenCV writes none)."""
+    import struct
+    import zlib
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes()[6:]  # the TIFF structure, without the "Exif\0\0" marker
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    at = png.index(b"IDAT") - 4
+    return png[:at] + chunk + png[at:]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_colour_files_are_read_at_full_precision(tmp_path, suffix, caplog):
+    """Pillow decodes 48-bit PNG/TIFF to 8-bit RGB keeping the high bytes (12-bit data: at most 15 of 255, and
+    data.bit_depth had no effect). They are read with OpenCV and scaled like 16-bit grey files."""
+    import logging
+
+    cv2 = pytest.importorskip("cv2")
+    from swav.images import load_image
+
+    rgb = np.random.default_rng(0).integers(0, 4096, (6, 5, 3)).astype(np.uint16)
+    path = tmp_path / f"c{suffix}"
+    cv2.imwrite(str(path), rgb[..., ::-1])  # OpenCV writes BGR
+    twelve = np.asarray(load_image(path, bit_depth=12)).astype(int)
+    assert np.array_equal(twelve, (rgb.astype(int) * 255 + 2047) // 4095)
+    with caplog.at_level(logging.WARNING, logger="swav"):
+        full = np.asarray(load_image(path)).astype(int)
+    assert np.array_equal(full, (rgb.astype(int) * 255 + 32767) // 65535)
+    from swav.scan import scan_folder
+    report = scan_folder(tmp_path)
+    assert (report.high_bit_files, report.suggested_bit_depth) == (1, 12)  # scan names the setting for them too
+    if suffix == ".png":
+        rotated = tmp_path / "rotated.png"
+        rotated.write_bytes(_with_exif_orientation(path.read_bytes(), 6))
+        turned = load_image(rotated, bit_depth=12)
+        assert turned.size == (6, 5)  # 5 wide x 6 high, turned by 90 degrees
+        assert np.array_equal(np.asarray(turned), np.rot90(twelve.astype(np.uint8), k=-1))
