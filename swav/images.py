@@ -345,9 +345,9 @@ def load_image(
             above its own global threshold on open; to allow bigger ones the application must
             raise ``PIL.Image.MAX_IMAGE_PIXELS`` itself (we never change globals).
         name: label used in error messages when ``source`` is bytes.
-        bit_depth: bits per sample of 16-bit grey files (8..16; e.g. 12 for 12-bit data stored in 16-bit
-            PNG/TIFF, so that 0..4095 becomes 0..255); None scales the full 0..65535. 8-bit files and
-            colour images are not affected.
+        bit_depth: bits per sample of 16-bit files, grey or colour (8..16; e.g. 12 for 12-bit data stored in
+            16-bit PNG/TIFF, so that 0..4095 becomes 0..255); None scales the full 0..65535. 8-bit files are
+            not affected.
 
     Raises:
         ImageDecodeError: empty, unreadable, not an image, too large, truncated or corrupt.
