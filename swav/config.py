@@ -73,8 +73,8 @@ class DataConfig:
     # image files (spread over the folder) decoded before the run writes its output folder, so that data the run
     # would stop on is refused first (with --overwrite, before the old run is removed); 0 = no check
     check_files: int = 64
-    # bits per sample of 16-bit image files, grey or colour (8..16): 12 for 12-bit medical or camera data stored in 16-bit
-    # PNG/TIFF, so that 0..4095 becomes 0..255 (larger values clipped); null = full 16-bit (0..65535)
+    # bits per sample of 16-bit image files, grey or colour (8..16): 12 for 12-bit medical or camera data stored
+    # in 16-bit PNG/TIFF, so that 0..4095 becomes 0..255 (larger values clipped); null = full 16-bit (0..65535)
     bit_depth: int | None = None
     mean: tuple[float, ...] | None = None  # normalisation; None = ImageNet (RGB) or 0.5 (grey)
     std: tuple[float, ...] | None = None
