@@ -201,6 +201,26 @@ def test_resume_with_an_unexpanded_home_output_dir_uses_the_runs_config(tmp_path
     assert config.run.output_dir == str(tmp_path / "run")
 
 
+def test_resume_without_config_yaml_uses_the_checkpoints_config(tmp_path, caplog):
+    """A run folder whose config.yaml was deleted: --resume continues with the config its checkpoint stores
+    (it used to be compared with the default job's recipe and refused)."""
+    import logging
+
+    from swav.cli import build_parser
+    from swav.cli.pretrain import resolve_config
+    from swav.train import train
+    from tests.train_helpers import InMemoryImages, tiny_config, tiny_model
+
+    run = tmp_path / "run"
+    train(tiny_config(run, **{"data.pipeline": "tensor", "run.max_steps": 2, "optim.epochs": 2}),
+          dataset=InMemoryImages(16), model_builder=tiny_model)
+    (run / "config.yaml").unlink()
+    with caplog.at_level(logging.WARNING, logger="swav"):
+        config, demo = resolve_config(build_parser().parse_args(["pretrain", "--output-dir", str(run), "--resume"]))
+    assert not demo and (config.model.hidden_dim, config.optim.epochs, config.crops.sizes) == (16, 2, (12, 8))
+    assert "config.yaml is missing: continuing with the config stored in" in caplog.text
+
+
 def test_a_summary_asked_for_on_unlabelled_data_is_refused_before_training(tmp_path, folder, capsys):
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "pretrain", "--data", str(folder), "--output-dir", str(out), "--epochs", "1",

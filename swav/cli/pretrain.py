@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from swav.config import Config, config_to_dict, load_config_file, parse_override, read_config_values, with_values
 from swav.official_flags import add_official_flags, official_values
 from swav.usage import UsageError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["register", "run", "resolve_config", "DEMO_RECIPE", "DEMO_OUTPUT_DIR"]
 
@@ -116,6 +119,25 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     return config, demo
 
 
+def _stored_config(output_dir: Path) -> Config | None:
+    """The config of the run in ``output_dir``: its config.yaml, or where that file is missing the one stored
+    in its newest readable checkpoint (with a warning); None when the folder holds neither."""
+    own = output_dir / "config.yaml"
+    if own.is_file():
+        return load_config_file(own)
+    from swav.checkpoint import CheckpointError, find_latest_checkpoint
+    from swav.config import config_from_dict
+
+    try:
+        found = find_latest_checkpoint(output_dir)
+    except CheckpointError:
+        return None  # the run itself names the damaged checkpoints
+    if found is None or not isinstance(found[1].get("config"), dict):
+        return None
+    logger.warning("%s is missing: continuing with the config stored in %s", own, found[0])
+    return config_from_dict(found[1]["config"])
+
+
 def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     from swav.recipes import load_recipe
 
@@ -128,7 +150,8 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     explicit_dir = flags.get("run.output_dir")
     if explicit_dir:  # `--output-dir=~/run` reaches us unexpanded
         explicit_dir = flags["run.output_dir"] = str(Path(explicit_dir).expanduser())
-    resumed_run = bool(args.resume and explicit_dir and (Path(explicit_dir) / "config.yaml").is_file())
+    stored = _stored_config(Path(explicit_dir)) if args.resume and explicit_dir else None
+    resumed_run = stored is not None
     if (args.resume and explicit_dir and not resumed_run and not getattr(args, "demo", False)
             and "data.path" not in flags and not args.recipe and not args.config):
         from swav.run_folder import holds_run
@@ -138,7 +161,8 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     demo = bool(getattr(args, "demo", False)) or ("data.path" not in flags and not args.recipe and not args.config
                                                   and not resumed_run)
     output_dir = flags.get("run.output_dir") or (DEMO_OUTPUT_DIR if demo else None)
-    own_config = Path(output_dir) / "config.yaml" if output_dir else None
+    if args.resume and output_dir and not explicit_dir:  # the default job's own folder
+        stored = _stored_config(Path(output_dir))
     data = flags.get("data.path")
     if getattr(args, "demo", False) and isinstance(data, str) and Path(data).expanduser().is_dir():
         from swav.datasets import detect_data_set_folder
@@ -149,8 +173,8 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
                              "ResNet-50 defaults; --recipe NAME for another recipe)")
     if args.recipe:
         config = load_recipe(args.recipe)
-    elif args.resume and not args.config and own_config is not None and own_config.is_file():
-        config = with_values(load_config_file(own_config), _PER_INVOCATION)
+    elif args.resume and not args.config and stored is not None:
+        config = with_values(stored, _PER_INVOCATION)
     elif demo or (isinstance(data, str) and data.lower() in _SMALL_LABELLED and not args.config):
         config = load_recipe(DEMO_RECIPE)
     else:
