@@ -179,6 +179,11 @@ def check_run_folder(output_dir: str | os.PathLike, *, resume: bool, overwrite: 
     else:
         shown = "; ".join(differences[:5]) + (f"; ... {len(differences) - 5} more" if len(differences) > 5 else "")
         why = f" of another config ({shown})"
+    if not list_checkpoints(output_dir) and not (Path(output_dir) / "model.pt").exists():
+        raise RunExistsError(f"output folder {folder!r} holds a run{why} that saved no checkpoint (a start that "
+                             "failed, or one stopped early), so nothing trained there would be lost: pass --overwrite "
+                             "to start this config there, or choose another --output-dir (Python: "
+                             "swav.pretrain(..., overwrite=True), or another run.output_dir)")
     raise RunExistsError(f"output folder {folder!r} already holds a run{why}. Pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --output-dir (Python: swav.pretrain(..., resume=True) "
                          "or overwrite=True, or another run.output_dir)")

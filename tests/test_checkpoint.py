@@ -127,11 +127,14 @@ def test_run_folder_protection(tmp_path):
     (tmp_path / "config.yaml").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
     assert holds_run(tmp_path)
+    with pytest.raises(RunExistsError, match="holds a run .*that saved no checkpoint.*nothing trained there would be "
+                                             "lost: pass --overwrite"):  # a start that failed: say it is safe
+        check_run_folder(tmp_path, resume=False, overwrite=False)
+    save_checkpoint(state(1), step_checkpoint_path(tmp_path, 1))
     with pytest.raises(RunExistsError, match="already holds a run.*--resume.*--overwrite"):
         check_run_folder(tmp_path, resume=False, overwrite=False)
     check_run_folder(tmp_path, resume=True, overwrite=False)
     with pytest.raises(ValueError, match="exclude each other"):
         check_run_folder(tmp_path, resume=True, overwrite=True)
-    save_checkpoint(state(1), step_checkpoint_path(tmp_path, 1))
     assert sorted(clear_run(tmp_path)) == ["checkpoints", "config.yaml"]
     assert not holds_run(tmp_path) and (tmp_path / "notes.txt").read_text() == "mine"
