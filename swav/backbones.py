@@ -96,8 +96,17 @@ class SmallMapConv2d(nn.Conv2d):
         return sh > 1 or sw > 1 or (_CPU_HAS_AMX if stride1 is None else stride1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fast(x):
-            return super().forward(x)
+        # TorchScript (torch.jit.script) compiles the plain convolution only: the matrix path is a speed-up of
+        # eager CPU training whose Python it cannot compile
+        if torch.jit.is_scripting():
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x):  # no annotations: TorchScript's stub of it takes and returns a Tensor
+        return self._as_matmul(x) if self._fast(x) else self._conv_forward(x, self.weight, self.bias)
+
+    def _as_matmul(self, x: torch.Tensor) -> torch.Tensor:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         if ph or pw:
             x = nn.functional.pad(x, (pw, pw, ph, ph))

@@ -114,8 +114,14 @@ class CompactResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        if self.num_stages == 4:
+        if hasattr(self, "layer4"):  # (not num_stages: TorchScript resolves hasattr before compiling the branch)
             x = self.layer4(x)
+        if torch.jit.is_scripting():  # torch.jit.script: the plain pooling (the one below is eager CPU speed-up)
+            return torch.flatten(self.avgpool(x), 1)
+        return self._pool(x)
+
+    @torch.jit.unused
+    def _pool(self, x):  # no annotations: TorchScript's stub of it takes and returns a Tensor
         if x.shape[-2:] == self.avgpool.output_size:  # pooling a map to its own size is the identity: skip it
             return torch.flatten(x, 1)
         if self.MATMUL_POOL and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):

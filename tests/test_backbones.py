@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from swav.backbones import ResNetTrunk, available_backbones, build_backbone
+from swav.backbones import ResNetTrunk, SmallMapConv2d, available_backbones, build_backbone
 
 # key names and shapes of the original release (copied from the project's reference notes)
 REFERENCE_DIR = Path(__file__).resolve().parent / "data"
@@ -358,3 +358,20 @@ def test_trunks_compile_into_one_graph(name: str, bf16_channels_last: bool) -> N
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_channels_last):
         got, want = compiled(x), trunk(x)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet-compact-16-g4", "resnet-compact-s2-16-x4"])
+def test_trunks_script_with_torchscript(name: str) -> None:
+    """torch.jit.script of a backbone (deployment code that still uses TorchScript) compiles the plain
+    convolutions and pooling; the eager CPU speed-ups stay in the eager model, which is left unchanged."""
+    import warnings
+
+    channels = 1 if name.startswith("resnet-compact") else 3
+    trunk, _ = build_backbone(name, in_channels=channels)
+    trunk.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in favour of torch.export
+        scripted = torch.jit.script(trunk)
+    x = torch.randn(2, channels, 64, 64)
+    torch.testing.assert_close(scripted(x), trunk(x))
+    assert any(type(m) is SmallMapConv2d for m in trunk.modules()) == (name == "resnet50")  # still swapped in
