@@ -186,6 +186,9 @@ class OptimConfig:
     momentum: float = 0.9
     lars: bool = True
     trust_coefficient: float = 0.001
+    # the global batch base_lr was set for (the recipes state theirs); a run with another global batch is warned
+    # that its learning rate may not fit. 0 = not stated, no warning
+    lr_global_batch: int = 0
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "optim.epochs", self.epochs, "an integer >= 1")
@@ -199,6 +202,8 @@ class OptimConfig:
                f"recipes: with fewer epochs set --warmup_epochs or --set optim.warmup_epochs=N, e.g. "
                f"{min(self.epochs, max(0.0, round(self.epochs / 10, 2))):g})")
         _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a value in [0, 1)")
+        _check(self.lr_global_batch >= 0, "optim.lr_global_batch", self.lr_global_batch,
+               "an integer >= 0 (0 = not stated)")
         _check(self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient, "a value > 0")
 
 

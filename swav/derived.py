@@ -75,6 +75,14 @@ def derive_values(config: Config, *, world_size: int, dataset_size: int, device:
         raise ValueError(
             f"data: {dataset_size} images give {samples_per_rank} per rank, fewer than one batch of "
             f"optim.batch_size_per_device={batch} (world size {world_size}); use a smaller batch or more data")
+    stated = config.optim.lr_global_batch
+    if stated and stated != global_batch:
+        logger.warning("optim.base_lr=%g was set for a global batch of %d (optim.lr_global_batch), and this run's is "
+                       "%d (%d per device x %d process(es)): the learning rate may not fit it. Run on %s, or set "
+                       "optim.base_lr for this batch (swav_200ep_bs256 uses 0.6 with a queue at 256) and "
+                       "optim.lr_global_batch=%d", config.optim.base_lr, stated, global_batch, batch, world_size,
+                       f"{stated // batch} processes of {batch}" if stated % batch == 0 else "that global batch",
+                       global_batch)
     queue = config.swav.queue_length
     queue_global = queue - queue % global_batch
     if queue and queue_global == 0:

@@ -58,7 +58,8 @@ FATAL_KEYS = ("model.backbone", "model.small_images", "model.hidden_dim", "model
               "model.num_prototypes", "model.head_batch_norm", "data.channels", "crops.counts", "crops.sizes",
               "swav.crops_for_assign")
 _IGNORED_SECTIONS = ("run", "debug")
-_IGNORED_KEYS = ("data.workers", "data.pipeline", "data.download", "data.compile_colour", "data.check_files")
+_IGNORED_KEYS = ("data.workers", "data.pipeline", "data.download", "data.compile_colour", "data.check_files",
+                 "optim.lr_global_batch")
 #: keys that may differ between the processes of one job, or name the folder itself: ignored when deciding
 #: whether a folder holds "this same run" (everything else must be equal for an automatic resume)
 SAME_RUN_IGNORED_KEYS = ("run.output_dir", "run.rank", "run.local_rank",
@@ -67,7 +68,7 @@ SAME_RUN_IGNORED_KEYS = ("run.output_dir", "run.rank", "run.local_rank",
                          # another node count (the engine re-splits the queues on resume)
                          "run.dist_url", "run.dist_timeout_minutes", "run.world_size",
                          # what is checked before a start, not how the run trains
-                         "data.check_files",
+                         "data.check_files", "optim.lr_global_batch",
                          # limits of one invocation (never taken over from config.yaml), and debug hooks
                          "run.max_steps", "run.time_budget_minutes")
 

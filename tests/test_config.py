@@ -343,3 +343,22 @@ def test_an_original_flag_name_in_a_config_file_points_to_its_key(tmp_path):
 def test_paths_may_be_pathlib_objects(tmp_path):
     config = with_values(Config(), {"data.path": tmp_path / "images", "run.output_dir": tmp_path / "run"})
     assert (config.data.path, config.run.output_dir) == (str(tmp_path / "images"), str(tmp_path / "run"))
+
+
+def test_a_run_on_another_global_batch_than_its_recipe_is_warned(caplog):
+    """swav_800ep's base_lr 4.8 is for 64 x 64 = 4096 images per step: on 8 GPUs (512) it may not fit."""
+    import logging
+
+    config = load_recipe("swav_800ep")
+    assert config.optim.lr_global_batch == 4096
+    for world, warned in ((64, False), (8, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            derive_values(config, world_size=world, dataset_size=1_281_167, device="cuda", precision="bf16",
+                          pipeline="device")
+        assert ("was set for a global batch of 4096" in caplog.text) == warned, world
+    assert "Run on 64 processes of 64" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # not stated (the defaults, a user's own config): no warning
+        derive_values(Config(), world_size=1, dataset_size=10_000, device="cpu", precision="fp32", pipeline="pil")
+    assert "was set for a global batch" not in caplog.text
