@@ -167,7 +167,8 @@ class SwAVConfig:
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "swav.temperature", self.temperature, "a value > 0")
         _check(self.epsilon > 0, "swav.epsilon", self.epsilon, "a value > 0")
-        _check(self.sinkhorn_iterations >= 1, "swav.sinkhorn_iterations", self.sinkhorn_iterations, "an integer >= 1")
+        _check(self.sinkhorn_iterations >= 0, "swav.sinkhorn_iterations", self.sinkhorn_iterations,
+               "an integer >= 0 (0: the codes are the unbalanced softmax kernel, as the original allows)")
         for key in ("queue_length", "queue_start_epoch", "freeze_prototypes_steps"):
             _check(getattr(self, key) >= 0, f"swav.{key}", getattr(self, key), "an integer >= 0")
 

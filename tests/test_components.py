@@ -51,6 +51,18 @@ def test_grouped_forward_equals_crop_by_crop():
     torch.testing.assert_close(out.scores[0], one_by_one @ model.prototypes.weight.t(), atol=1e-6, rtol=1e-5)
 
 
+def test_embeddings_and_scores_are_float32_under_autocast():
+    """Sinkhorn's exp(score / eps) magnifies a score's rounding 1 / eps times: under bf16 autocast the
+    embeddings and their prototype scores are still computed in float32 from the head's output."""
+    model = SwAVModel(tiny_backbone(), 8, hidden_dim=16, output_dim=4, num_prototypes=(10, 7)).eval()
+    crops = [torch.randn(3, 3, 24, 24), torch.randn(3, 3, 12, 12)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(crops)
+    assert out.embeddings.dtype == torch.float32 and all(s.dtype == torch.float32 for s in out.scores)
+    for scores, weight in zip(out.scores, model.prototypes.weights(), strict=True):
+        torch.testing.assert_close(scores, out.embeddings @ weight.t(), atol=1e-6, rtol=1e-6)
+
+
 def test_one_backbone_pass_per_resolution_run():
     calls = []
     backbone = tiny_backbone()

@@ -362,3 +362,9 @@ def test_a_run_on_another_global_batch_than_its_recipe_is_warned(caplog):
     with caplog.at_level(logging.WARNING):  # not stated (the defaults, a user's own config): no warning
         derive_values(Config(), world_size=1, dataset_size=10_000, device="cpu", precision="fp32", pipeline="pil")
     assert "was set for a global batch" not in caplog.text
+
+
+def test_zero_sinkhorn_iterations_are_accepted_as_by_the_original():
+    assert with_values(Config(), {"swav.sinkhorn_iterations": 0}).swav.sinkhorn_iterations == 0
+    with pytest.raises(ValueError, match="swav.sinkhorn_iterations=-1 is invalid"):
+        with_values(Config(), {"swav.sinkhorn_iterations": -1})
