@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 from collections.abc import Callable, Mapping
@@ -109,6 +110,49 @@ def dataset_paths(dataset: Dataset, num_rows: int, source: str | None = None) ->
         return [os.fspath(samples[i][0]) for i in range(num_rows)]
     source = source or type(dataset).__name__
     return [f"{source}#{i}" for i in range(num_rows)]
+
+
+def _data_digest(dataset: Dataset, num_rows: int) -> str | None:
+    """SHA-256 of what the first ``num_rows`` items of ``dataset`` are: an image folder's file names and labels
+    (relative to its root, so that moving the whole folder keeps it; a file replaced in place under the same name
+    is not noticed), in-memory data's bytes (IDX, CIFAR), shards' file names; None for other data sets."""
+    digest = hashlib.sha256()
+    samples = getattr(dataset, "samples", None)
+    data = getattr(dataset, "data", None)
+    urls = getattr(dataset, "urls", None)
+    if isinstance(samples, list):
+        root = os.fspath(getattr(dataset, "root", ""))
+        for path, label in samples[:num_rows]:
+            name = os.path.relpath(path, root) if root else path
+            digest.update(f"{name}\0{label}\n".encode("utf-8", "surrogateescape"))
+    elif isinstance(data, torch.Tensor):
+        digest.update(str(tuple(data.shape)).encode())
+        digest.update(data[:num_rows].contiguous().numpy().tobytes())
+    elif isinstance(data, np.ndarray):
+        digest.update(str(data.shape).encode())
+        digest.update(np.ascontiguousarray(data[:num_rows]).tobytes())
+    elif isinstance(urls, (list, tuple)):
+        digest.update("\n".join(os.path.basename(os.fspath(u)) for u in urls).encode("utf-8", "surrogateescape"))
+    else:
+        return None
+    return digest.hexdigest()
+
+
+def _add_safetensors(out: Path) -> None:
+    """``extracted.safetensors`` for a complete extraction made without it (meta.json then says so)."""
+    from safetensors.numpy import save_file
+
+    with open(out / "meta.json", encoding="utf-8") as fh:
+        meta = json.load(fh)
+    names = [n for n in ("features", "embeddings") if (out / f"{n}.npy").is_file()]
+    tensors = {name: np.ascontiguousarray(np.load(out / f"{name}.npy")) for name in names}
+    save_file({**tensors, "labels": np.load(out / "labels.npy")}, str(out / "extracted.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "extracted.safetensors", 0o666 & ~umask)
+    meta["safetensors"] = True
+    _atomic_json(out / "meta.json", meta)
+    logger.info("wrote %s (the extraction was complete without it)", out / "extracted.safetensors")
 
 
 def _model_digest(model: torch.nn.Module) -> str:
@@ -209,6 +253,14 @@ def _probe(model: SwAVModel, rows: _SourceRows, names: tuple[str, ...], device: 
         raise ValueError(f"the data (--data) has no readable image in rows {start}..{stop - 1}; "
                          "run `swav scan` on it to see why")
     images, _ = split_batch(torch.utils.data.default_collate([item]))
+    # a few more images: sizes that cannot be batched show now, not after an earlier extraction is cleared
+    shapes = {tuple(images.shape[1:])}
+    for k in range(j + 1, min(j + 16, len(rows))):
+        _, readable, more = rows.read_ahead(k)
+        if readable:
+            shapes.add(tuple(split_batch(torch.utils.data.default_collate([more]))[0].shape[1:]))
+    if len(shapes) > 1:
+        raise ValueError(_sizes_message(shapes))
     was_training = model.training
     model.eval()
     try:
@@ -220,6 +272,9 @@ def _probe(model: SwAVModel, rows: _SourceRows, names: tuple[str, ...], device: 
     finally:
         if was_training:
             model.train()
+
+
+_LATER_KEYS = frozenset({"data_sha256", "transform", "amp"})  # fingerprint keys added after the first versions
 
 
 def _read_marker(out: Path, fingerprint: dict[str, Any], chunk_rows: int) -> tuple[int, int, bool]:
@@ -235,17 +290,23 @@ def _read_marker(out: Path, fingerprint: dict[str, Any], chunk_rows: int) -> tup
         raise ValueError(f"{marker_path} is damaged ({exc}); {fix}") from exc
     if not isinstance(marker, dict) or not {"chunk_rows", "completed_chunks"} <= set(marker):
         raise ValueError(f"{marker_path} is damaged (not a progress record); {fix}")
-    if marker.get("fingerprint") != fingerprint:
-        changed = sorted(k for k in set(fingerprint) | set(marker.get("fingerprint", {}))
-                         if fingerprint.get(k) != marker.get("fingerprint", {}).get(k))
+    saved = marker.get("fingerprint") if isinstance(marker.get("fingerprint"), dict) else {}
+    # keys a marker of an earlier version lacks (the data digest, transform, precision) are not compared
+    changed = sorted(k for k in set(fingerprint) | set(saved) if (k in saved or k not in _LATER_KEYS)
+                     and fingerprint.get(k) != saved.get(k))
+    if changed:
         if changed == ["format"]:
             raise ValueError(
                 f"{str(out)!r} holds an extraction made by an earlier version of swav (format "
                 f"{marker.get('fingerprint', {}).get('format')}, now {_FORMAT_VERSION}: unreadable images are now "
                 "left out); extract again with --overwrite (Python: overwrite=True)")
+        why = {"data_sha256": "the images (files added, removed or renamed since)", "transform": "the image "
+               "transform (normalisation or sizes of another checkpoint file)", "amp": "the precision (--amp)",
+               "model_sha256": "the model's weights"}
         raise ValueError(
-            f"{str(out)!r} holds an extraction of a different job (differs in {changed}); "
-            "choose another --output-dir, or pass --overwrite (Python: overwrite=True) to start again")
+            f"{str(out)!r} holds an extraction of a different job (differs in "
+            f"{', '.join(why.get(k, k) for k in changed)}); its rows would not match this one's. Choose another "
+            "--output-dir, or pass --overwrite (Python: overwrite=True) to start again")
     if marker["chunk_rows"] != chunk_rows:
         logger.info("resuming with the chunk size of the first run (%d rows)", marker["chunk_rows"])
     return int(marker["chunk_rows"]), int(marker["completed_chunks"]), bool(marker.get("complete"))
@@ -299,7 +360,12 @@ def extract_to_dir(
         raise ValueError("the data (--data) is empty; nothing to extract")
     device = torch.device(device)
     fingerprint = {"format": _FORMAT_VERSION, "num_rows": num_rows, "what": what,
-                   "source": source or type(dataset).__name__, "model_sha256": _model_digest(model)}
+                   "source": source or type(dataset).__name__, "model_sha256": _model_digest(model),
+                   # what a resume must find unchanged besides: the images (their listing), how they are
+                   # transformed (normalisation, sizes) and the precision
+                   "data_sha256": _data_digest(dataset, num_rows),
+                   "transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(getattr(dataset, "transform", None))),
+                   "amp": str(amp_dtype) if amp_dtype is not None else None}
     if overwrite:
         chunk_rows, done, complete = chunk_rows or 16 * batch_size, 0, False
     else:  # read only: refuses another job's folder before anything is written
@@ -313,6 +379,8 @@ def extract_to_dir(
                            str(exc).split("; re-run", 1)[0])
             chunk_rows, done, complete, overwrite = chunk_rows or 16 * batch_size, 0, False, True
         else:
+            if write_safetensors and not (out / "extracted.safetensors").is_file():
+                _add_safetensors(out)
             logger.info("%s already holds the complete extraction; nothing to do", out)
             return out
     rows = _SourceRows(dataset, min(done * chunk_rows, num_rows), num_rows)
@@ -335,13 +403,32 @@ def extract_to_dir(
     return out
 
 
+def _sizes_message(shapes: set[tuple[int, ...]]) -> str:
+    shown = ", ".join("x".join(str(n) for n in shape[-2:]) for shape in sorted(shapes)[:4])
+    return (f"the images come out of the model's test transform in different sizes ({shown}), so they cannot be "
+            "batched: it takes small images whole, at the pretraining's crop size when the model file stores one, "
+            "and this one stores none. Use the run's model.pt or training checkpoint (they store it), or resize "
+            "the images to one size first")
+
+
+def _collate(items: list[Any]) -> Any:
+    """``default_collate``, with images of different sizes named in a :class:`ValueError`."""
+    try:
+        return torch.utils.data.default_collate(items)
+    except RuntimeError as exc:
+        if "stack expects each tensor to be equal size" not in str(exc):
+            raise
+        raise ValueError(_sizes_message({tuple(split_batch(torch.utils.data.default_collate([item]))[0].shape[1:])
+                                         for item in items})) from None
+
+
 def _run_chunks(model: SwAVModel, rows: _SourceRows, out: Path, names: tuple[str, ...],
                 marker: dict[str, Any], *, batch_size: int, device: torch.device, workers: int,
                 amp_dtype: torch.dtype | None, progress: bool) -> None:
     from swav.metrics import progress_bar
 
     loader = DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", collate_fn=_collate)
     chunk_rows = marker["chunk_rows"]
     # names and "labels": readable rows only; "rows"/"readable": every source row, in order
     buffers: dict[str, list[np.ndarray]] = {name: [] for name in (*names, "labels", "rows", "readable")}
@@ -427,7 +514,7 @@ def _assemble(out: Path, model: SwAVModel, dataset: Dataset, names: tuple[str, .
         os.replace(out / f"{name}.tmp.npy", out / f"{name}.npy")
     _save_npy(out / "labels.npy", labels)
     all_paths = dataset_paths(dataset, num_rows, source)
-    with open(out / "index.csv", "w", newline="", encoding="utf-8") as fh:
+    with open(out / "index.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.writer(fh)
         writer.writerow(["row", "path", "label"])
         writer.writerows(zip(range(num_kept), (all_paths[r] for r in kept_rows.tolist()), labels.tolist()))
@@ -584,7 +671,7 @@ def load_extracted(path: str | os.PathLike) -> ExtractedData:
     if not (out / "index.csv").is_file():
         raise _damaged(out, "index.csv", "missing", meta)
     try:
-        with open(out / "index.csv", newline="", encoding="utf-8") as fh:
+        with open(out / "index.csv", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             paths = [row["path"] for row in csv.DictReader(fh)]
     except (KeyError, ValueError, csv.Error) as exc:
         raise _damaged(out, "index.csv", f"not valid: {exc}", meta) from exc

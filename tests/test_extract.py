@@ -158,8 +158,8 @@ def test_resume_after_a_crash_while_assembling(tmp_path):
 def test_resume_refuses_another_model_unless_overwrite(tmp_path):
     with pytest.raises(RuntimeError):
         extract_to_dir(_model(0), _Images(fail_at=30), tmp_path, batch_size=4, chunk_rows=8, progress=False)
-    with pytest.raises(ValueError, match=r"differs in \['model_sha256'\]\); choose another --output-dir, or pass "
-                                         r"--overwrite \(Python: overwrite=True\)"):
+    with pytest.raises(ValueError, match=r"differs in the model's weights\); .*Choose another --output-dir, or "
+                                         r"pass --overwrite \(Python: overwrite=True\)"):
         extract_to_dir(_model(1), _Images(), tmp_path, batch_size=4, chunk_rows=8, progress=False)
     data = _Images()
     extract_to_dir(_model(1), data, tmp_path, batch_size=4, chunk_rows=8, overwrite=True, progress=False)
@@ -444,3 +444,72 @@ def test_the_fix_command_for_a_damaged_extraction_keeps_its_options(tmp_path):
             "safetensors": True}
     assert _fix_command(tmp_path, meta) == (f"swav extract --checkpoint m.pt --data imgs --split val --what features "
                                             f"--limit 50 --safetensors --output-dir {tmp_path} --overwrite")
+
+
+def _folder(root, names, size=(6, 6)):
+    rng = np.random.default_rng(0)
+    for name in names:
+        (root / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name)
+
+
+def _to_tensor(im):
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def test_a_resume_or_rerun_with_other_images_or_transform_is_refused(tmp_path):
+    """The resume check covered the row count and the --data string only: files renamed between a crash and
+    the resume gave rows of other images' features; a finished folder said "nothing to do" for a changed
+    folder or another normalisation. Now the listing, the transform and the precision must match."""
+    _folder(tmp_path / "imgs", [f"{c}/{i}.png" for c in ("a", "b") for i in range(6)])
+    model = _model()
+    data = ImageFolderDataset(tmp_path / "imgs", transform=_to_tensor)
+    extract_to_dir(model, data, tmp_path / "o", batch_size=4, chunk_rows=4, progress=False, source="imgs")
+    os.rename(tmp_path / "imgs" / "a" / "0.png", tmp_path / "imgs" / "b" / "9.png")  # same count, other order
+    renamed = ImageFolderDataset(tmp_path / "imgs", transform=_to_tensor)
+    with pytest.raises(ValueError, match="differs in the images \\(files added, removed or renamed since\\)"):
+        extract_to_dir(model, renamed, tmp_path / "o", batch_size=4, progress=False, source="imgs")
+    out = extract_to_dir(model, renamed, tmp_path / "o", batch_size=4, progress=False, source="imgs", overwrite=True)
+    assert extract_to_dir(model, ImageFolderDataset(tmp_path / "imgs", transform=_to_tensor), out, batch_size=4,
+                          progress=False, source="imgs") == out  # the same job again (a fresh listing): done
+
+    class Scaled:  # another normalisation, as another checkpoint file's Normalize would give
+        def __call__(self, im):
+            return _to_tensor(im) * 2
+
+        def __repr__(self):
+            return "Scaled(2)"
+    with pytest.raises(ValueError, match="differs in the image transform"):
+        extract_to_dir(model, ImageFolderDataset(tmp_path / "imgs", transform=Scaled()), out, batch_size=4,
+                       progress=False, source="imgs")
+    assert [os.path.relpath(p, tmp_path / "imgs") for p in load_extracted(out).paths][-1] == os.path.join("b", "9.png")
+    with pytest.raises(ValueError, match="differs in the precision"):
+        extract_to_dir(model, renamed, out, batch_size=4, progress=False, source="imgs", amp_dtype=torch.bfloat16)
+    assert not (out / "extracted.safetensors").exists()  # asked for on a complete folder: written, not skipped
+    extract_to_dir(model, renamed, out, batch_size=4, progress=False, source="imgs", write_safetensors=True)
+    assert (out / "extracted.safetensors").is_file() and load_extracted(out).meta["safetensors"] is True
+
+
+def test_file_names_that_are_not_utf8_are_kept(tmp_path):
+    root = tmp_path / "imgs"
+    _folder(root, ["a/ok.png"])
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    Image.new("RGB", (6, 6)).save(root / "a" / name)
+    data = ImageFolderDataset(root, transform=_to_tensor)
+    out = extract_to_dir(_model(), data, tmp_path / "o", batch_size=4, progress=False)
+    assert sorted(os.path.basename(p) for p in load_extracted(out).paths) == sorted([name, "ok.png"])
+
+
+def test_images_of_several_sizes_that_cannot_be_batched_are_named_first(tmp_path):
+    """A small-image model whose file stores no crop size takes images whole: sizes that differ are refused
+    before an earlier extraction in the folder is cleared (it was, and a stack traceback followed)."""
+    _folder(tmp_path / "same", ["a/0.png", "a/1.png"])
+    model = _model()
+    out = extract_to_dir(model, ImageFolderDataset(tmp_path / "same", transform=_to_tensor), tmp_path / "o",
+                         batch_size=4, progress=False)
+    _folder(tmp_path / "mixed", ["a/0.png"], size=(6, 6))
+    _folder(tmp_path / "mixed", ["a/1.png"], size=(8, 7))
+    with pytest.raises(ValueError, match="different sizes \\(6x6, 8x7\\).*stores none"):
+        extract_to_dir(model, ImageFolderDataset(tmp_path / "mixed", transform=_to_tensor), out, batch_size=4,
+                       progress=False, overwrite=True)
+    assert load_extracted(out).features.shape[0] == 2  # the earlier extraction is intact
