@@ -141,6 +141,8 @@ def assign_clusters(
     """
     if method not in ASSIGNMENT_METHODS:
         raise ValueError(f"method must be one of {ASSIGNMENT_METHODS}, got {method!r}")
+    if method == "equipartition" and iterations < 1:  # 0 rounds balance nothing: that would be argmax
+        raise ValueError(f"iterations (--sinkhorn-iterations) must be >= 1 for equipartition, got {iterations}")
     z_ND, c_KD = _prepare(embeddings, prototypes, device)
     n, k = z_ND.shape[0], c_KD.shape[0]
     if chunk_rows is None:
@@ -236,7 +238,9 @@ def clustering_metrics(labels: Any, clusters: Any) -> dict[str, float] | None:
 def raw_pixels(dataset: Any, num_rows: int, *, size: int | None = None) -> np.ndarray:
     """(N, P) float32 pixels in [0, 1] of the first ``num_rows`` images, for the k-means baseline.
 
-    Images of different sizes must be resized to a common ``size`` x ``size``.
+    Images of different sizes must be resized to a common ``size`` x ``size``. Without ``size``, images larger
+    than 64 x 64 pixels are resized to 32 x 32 (k-means on full-resolution photos would hold gigabytes of
+    pixels for a few thousand images, and raw-pixel k-means is a baseline, not a method that needs detail).
 
     Example:
         >>> from PIL import Image
@@ -245,12 +249,18 @@ def raw_pixels(dataset: Any, num_rows: int, *, size: int | None = None) -> np.nd
     """
     from PIL import Image
 
+    if size is not None and size < 1:
+        raise ValueError(f"size (--kmeans-size) must be >= 1 pixel, got {size}")
     rows = []
     for i in range(num_rows):
         image = dataset[i][0]
         if not isinstance(image, Image.Image):
             raise TypeError(f"dataset[{i}] gave a {type(image).__name__}; raw pixels need a data set "
                              "built without a transform (PIL images)")
+        if size is None and i == 0 and image.width * image.height > 64 * 64:
+            size = 32
+            logger.info("k-means baseline: images resized to 32 x 32 pixels (they are larger than 64 x 64; "
+                        "--kmeans-size sets the size)")
         if size is not None:
             image = image.resize((size, size), Image.BILINEAR)
         array = np.asarray(image, dtype=np.float32).reshape(-1) / 255.0
@@ -283,7 +293,7 @@ def kmeans_baseline(pixels: np.ndarray, num_clusters: int, *, seed: int = 0) -> 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     import csv
 
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
@@ -352,7 +362,30 @@ def cluster_extracted(
     sizes = np.bincount(result.clusters, minlength=len(prototypes))
     merge = merge_prototypes(prototypes, sizes, threshold=merge_threshold)
     merged = merge.groups[result.clusters]
+    baseline_metrics = None
+    if kmeans == "raw":  # computed before anything is written: its failure leaves an earlier clustering whole
+        # row i of the extraction = item i of the aligned data set (unreadable images left out)
+        dataset = align_to_extraction(dataset, data.meta) if dataset is not None else open_source_dataset(data.meta)
+        if dataset is None:
+            raise ValueError("kmeans='raw' needs the data set (built without a transform) for its pixels; "
+                             "pass dataset=... (the extraction does not record where its images came from)")
+        if not (np.asarray(data.labels) >= 0).any():
+            logger.warning("the images have no labels: the k-means baseline has nothing to be compared with, so it "
+                           "is left out (it needs a labelled data set, e.g. class folders)")
+        else:
+            size = kmeans_size
+            if size is None and len(result.clusters):  # the size raw_pixels chooses, recorded
+                first = dataset[0][0]
+                size = 32 if getattr(first, "width", 0) * getattr(first, "height", 0) > 64 * 64 else None
+            pixels = raw_pixels(dataset, len(result.clusters), size=size)
+            baseline = kmeans_baseline(pixels, merge.num_effective, seed=seed)
+            baseline_metrics = {"num_clusters": merge.num_effective, "pixel_size": size,
+                                **(clustering_metrics(data.labels, baseline) or {})}
+    if not (np.asarray(data.labels) >= 0).any():
+        logger.info("the images have no labels: no NMI, ARI or purity (they compare the clusters with labels)")
     out.mkdir(parents=True, exist_ok=True)
+    # the metrics are written last: a folder never pairs old metrics with new tables
+    (out / "cluster_metrics.json").unlink(missing_ok=True)
     header = ["row", "path", "label", "cluster", "merged_cluster", "score"]
     columns = [np.arange(len(result.clusters)), data.paths, data.labels,
                result.clusters, merged, result.scores]
@@ -375,16 +408,8 @@ def cluster_extracted(
         "unreadable_list": (str(Path(extract_dir).resolve() / data.meta["unreadable_list"])
                             if data.meta.get("unreadable_list") else None),
     }
-    if kmeans == "raw":
-        # row i of the extraction = item i of the aligned data set (unreadable images left out)
-        dataset = align_to_extraction(dataset, data.meta) if dataset is not None else open_source_dataset(data.meta)
-        if dataset is None:
-            raise ValueError("kmeans='raw' needs the data set (built without a transform) for its pixels; "
-                             "pass dataset=... (the extraction does not record where its images came from)")
-        pixels = raw_pixels(dataset, len(result.clusters), size=kmeans_size)
-        baseline = kmeans_baseline(pixels, merge.num_effective, seed=seed)
-        metrics["kmeans_raw"] = {"num_clusters": merge.num_effective, "pixel_size": kmeans_size,
-                                 **(clustering_metrics(data.labels, baseline) or {})}
+    if baseline_metrics is not None:
+        metrics["kmeans_raw"] = baseline_metrics
     with open(out / "cluster_metrics.json", "w", encoding="utf-8") as fh:
         json.dump(metrics, fh, indent=2)
     logger.info("%d images -> %d prototypes used, %d effective clusters (%d duplicates merged)",

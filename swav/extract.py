@@ -704,7 +704,7 @@ def extract_job(
     workers: int = 0, amp_dtype: torch.dtype | None = None, limit: int | None = None,
     chunk_rows: int | None = None, write_safetensors: bool = False, overwrite: bool = False,
     strict: bool = True, progress: bool = True, check_model: Callable[[SwAVModel], None] | None = None,
-    bit_depth: int | None = None,
+    bit_depth: int | None = None, max_bad_fraction: float | None = None,
 ) -> Path:
     """What ``swav extract`` does: load any file :func:`swav.load_pretrained` reads, build the
     data set (``--data`` forms of :func:`swav.datasets.build_dataset`) with the evaluation
@@ -716,7 +716,7 @@ def extract_job(
         >>> extract_job("run/checkpoint.pt", "fashion-mnist", "feats/", split="test")  # doctest: +SKIP
     """
     from swav.datasets import build_dataset
-    from swav.eval.transforms import pretraining_bit_depth, transforms_for_checkpoint
+    from swav.eval.transforms import pretraining_bit_depth, pretraining_max_bad_fraction, transforms_for_checkpoint
     from swav.pretrained import load_pretrained
 
     check_output_dir(output_dir)
@@ -734,7 +734,8 @@ def extract_job(
     expanded = os.path.expanduser(os.fspath(data))
     where = os.path.abspath(expanded) if os.path.exists(expanded) else os.fspath(data)
     dataset = build_dataset(where, split=split, transform=test_transform, channels=spec.in_channels,
-                            bit_depth=bit_depth)
+                            bit_depth=bit_depth,
+                            max_bad_fraction=pretraining_max_bad_fraction(checkpoint, max_bad_fraction))
     metadata = {"checkpoint": os.path.abspath(os.path.expanduser(os.fspath(checkpoint))), "data": where, "split": split,
                 "channels": spec.in_channels, "bit_depth": bit_depth, "model_spec": spec.to_dict(), "limit": limit,
                 # model tensors that were not in the checkpoint (--partial), initialised at random

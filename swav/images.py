@@ -503,7 +503,8 @@ class BadImageTracker:
             raise TooManyBadImagesError(
                 f"{n_bad} unreadable images out of {what} ({n_bad / base:.1%} > max_bad_fraction="
                 f"{self.max_bad_fraction}); e.g. {examples}. Run `swav scan` on the data to list "
-                "them all, then fix or remove them, or raise max_bad_fraction.")
+                "them all, then fix or remove them, or allow a larger share (swav pretrain: --set "
+                "data.max_bad_fraction=F; extract, cluster and the evaluation commands: --max-bad-fraction F).")
 
     @property
     def bad_files(self) -> list[str]:

@@ -124,7 +124,7 @@ def render_map_png(coords: np.ndarray, colours: Sequence[int], names: dict[int, 
 
 
 def _read_table(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         return [{"row": int(r["row"]), "path": r["path"], "label": int(r["label"]),
                  "cluster": int(r["cluster"]), "merged_cluster": int(r["merged_cluster"]),
                  "score": float(r["score"])} for r in csv.DictReader(fh)]
@@ -264,7 +264,10 @@ def _map_html(data: Any, table: list[dict[str, Any]] | None, class_names: dict[i
     rows = np.sort(rng.choice(len(vectors), size=min(points, len(vectors)), replace=False))
     coords = embedding_map(np.asarray(vectors[rows]), method=method, seed=seed)
     if color_by == "auto":
-        color_by = "label" if (data.labels >= 0).any() else "cluster"
+        color_by = "label" if (data.labels >= 0).any() or table is None else "cluster"
+    if color_by == "label" and not (data.labels >= 0).any():
+        logger.warning("color_by='label', but the images have no labels: the map has one colour; colour by "
+                       "cluster (--color-by cluster) with a clustering, or use labelled data (class folders)")
     if color_by == "label":
         colours, names = data.labels[rows], class_names
     elif table is not None:
@@ -274,6 +277,17 @@ def _map_html(data: Any, table: list[dict[str, Any]] | None, class_names: dict[i
         raise ValueError("color_by='cluster' needs a clustering (cluster_dir)")
     title = f"{method.upper() if method == 'umap' else 't-SNE'} of {len(rows)} embeddings, coloured by {color_by}"
     return _img(render_map_png(coords, colours, names, title), "embedding map", title)
+
+
+def _check_same_rows(table: list[dict[str, Any]], data: Any, cluster_dir: Any, extract_dir: Any) -> None:
+    """The clustering must be of this extraction: the same number of rows and the same image in each."""
+    paths = [record.get("path") for record in table]
+    if len(paths) != len(data.paths) or any(a != b for a, b in zip(paths, data.paths)):
+        raise ValueError(f"--cluster-dir {os.fspath(cluster_dir)!r} clusters another extraction than --features-dir "
+                         f"{os.fspath(extract_dir)!r} ({len(paths)} rows against {len(data.paths)}"
+                         + ("" if len(paths) != len(data.paths) else ", other images in the same rows")
+                         + "): leave out --features-dir (the clustering names its own), or cluster this extraction "
+                         "with `swav cluster --features-dir DIR`")
 
 
 def _warn_if_another_model(meta: dict, run_dir: str | os.PathLike | None) -> None:
@@ -345,6 +359,8 @@ def build_report(
         from swav.extract import load_extracted
 
         data = load_extracted(extract_dir)
+        if table is not None:
+            _check_same_rows(table, data, cluster_dir, extract_dir)
     class_names = {i: str(n) for i, n in enumerate((data.meta.get("classes") if data else None) or [])}
     _warn_if_another_model(data.meta if data else {}, run_dir if run_dir is None or Path(run_dir).is_dir()
                            else Path(run_dir).parent)

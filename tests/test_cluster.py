@@ -389,3 +389,36 @@ def test_cluster_and_report_keep_earlier_results_without_overwrite(tmp_path, cap
     page.write_text("an earlier report")
     assert _run_cli(["report", "--cluster-dir", str(out), "--output", str(page), "--map", "none"]) == 1
     assert "--overwrite" in capsys.readouterr().err and page.read_text() == "an earlier report"
+
+
+def test_a_failed_rerun_leaves_the_earlier_clustering_whole_and_large_images_are_shrunk(tmp_path, caplog):
+    """--overwrite with a k-means baseline that fails (images of different sizes): the tables used to be rewritten
+    before the failure, beside the old metrics. Photos larger than 64 x 64 are clustered by k-means at 32 x 32
+    (full-resolution pixels held gigabytes)."""
+    import logging
+
+    from PIL import Image
+
+    from swav.cluster import cluster_extracted, raw_pixels
+
+    _, folder = _small_extraction(tmp_path)
+    first = cluster_extracted(folder, tmp_path / "c", method="equipartition")
+    before = {name: (tmp_path / "c" / name).read_bytes() for name in ("clusters.csv", "cluster_sizes.csv",
+                                                                        "cluster_metrics.json")}
+    Image.new("RGB", (20, 15)).save(tmp_path / "imgs" / "cat" / "0.png")  # another size than the others
+    with pytest.raises(ValueError, match="--kmeans-size"):
+        cluster_extracted(folder, tmp_path / "c", method="argmax", kmeans="raw")
+    assert {name: (tmp_path / "c" / name).read_bytes() for name in before} == before
+    assert first["method"] == "equipartition"
+    photos = [(Image.new("RGB", (500, 375), (i, 0, 0)), 0) for i in range(3)]
+    with caplog.at_level(logging.INFO, logger="swav"):
+        assert raw_pixels(photos, 3).shape == (3, 32 * 32 * 3)
+    assert "resized to 32 x 32" in caplog.text
+    with pytest.raises(ValueError, match="--kmeans-size\\) must be >= 1"):
+        raw_pixels(photos, 3, size=0)
+
+
+def test_equipartition_needs_a_sinkhorn_round():
+    """0 iterations balance nothing: the clusters would be argmax's, recorded as equipartition."""
+    with pytest.raises(ValueError, match="--sinkhorn-iterations\\) must be >= 1 for equipartition"):
+        assign_clusters(_unit(10, 4, 0), _unit(3, 4, 1), method="equipartition", iterations=0)

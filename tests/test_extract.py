@@ -384,8 +384,19 @@ def test_cli_extract_unreadable_images_overwrite_validation_and_file_output_dir(
     all_bad = _image_folder(tmp_path / "allbad", size=12,
                             bad=[os.path.join(c, f"{i}.png") for c in ("cat", "dog") for i in range(13)])
     assert _run_cli(["extract", *common, "--data", str(all_bad), "--output-dir", str(out), "--overwrite"]) == 1
-    assert "unreadable images out of" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unreadable images out of" in err and "--max-bad-fraction F" in err  # the option these commands have
     assert _folder_digest(out) == before and load_extracted(out).embeddings.shape == (24, 8)
+    # 12 unreadable of 36: above the default 1% (and 10 files), within --max-bad-fraction 0.5: left out
+    many_bad = _image_folder(tmp_path / "manybad", size=12, bad=[os.path.join("cat", f"{i}.png") for i in range(12)])
+    for extra in range(10):
+        Image.new("RGB", (12, 12), (extra * 20, 0, 0)).save(many_bad / "dog" / f"extra{extra}.png")
+    assert _run_cli(["extract", *common, "--data", str(many_bad), "--output-dir", str(tmp_path / "m1")]) == 1
+    assert "unreadable images out of" in capsys.readouterr().err
+    assert _run_cli(["extract", *common, "--data", str(many_bad), "--output-dir", str(tmp_path / "m2"),
+                     "--max-bad-fraction", "0.5"]) == 0
+    assert load_extracted(tmp_path / "m2").embeddings.shape[0] == 24
+    assert "12 unreadable images not extracted" in capsys.readouterr().err
 
     afile = tmp_path / "afile"
     afile.write_text("keep me")
@@ -451,10 +462,6 @@ def _folder(root, names, size=(6, 6)):
     for name in names:
         (root / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name)
-
-
-def _to_tensor(im):
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def test_a_resume_or_rerun_with_other_images_or_transform_is_refused(tmp_path):

@@ -250,3 +250,29 @@ def test_report_warns_when_clusters_and_curves_come_from_different_models(tmp_pa
     with caplog.at_level("WARNING", logger="swav.report"):
         _warn_if_another_model({"checkpoint": str(tmp_path / "other" / "model.pt")}, run)
     assert "not in the run folder" in caplog.text and "mixes two models' results" in caplog.text
+
+
+def test_a_clustering_of_another_extraction_is_refused(tmp_path):
+    """--features-dir of another extraction than the clustering's: a KeyError traceback, or a map coloured by
+    another data set's clusters with no images."""
+    from torch.utils.data import TensorDataset
+
+    from swav.cluster import cluster_extracted
+    from swav.export import export_full
+    from swav.extract import extract_to_dir
+    from swav.model import ModelSpec, build_model
+    from swav.report import build_report
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet-compact-8", small_images=True, hidden_dim=16, output_dim=8,
+                                  num_prototypes=6)).eval()
+    export_full(model, tmp_path / "m.pt")
+    ten = TensorDataset(torch.rand(10, 3, 12, 12), torch.arange(10) % 2)
+    twelve = TensorDataset(torch.rand(12, 3, 12, 12), torch.arange(12) % 2)
+    a = extract_to_dir(model, ten, tmp_path / "a", batch_size=4, progress=False)
+    b = extract_to_dir(model, twelve, tmp_path / "b", batch_size=4, progress=False)
+    cluster_extracted(a, tmp_path / "c")
+    with pytest.raises(ValueError, match="clusters another extraction than --features-dir .*10 rows against 12"):
+        build_report(tmp_path / "r.html", cluster_dir=tmp_path / "c", extract_dir=b, map_method="none")
+    assert build_report(tmp_path / "r.html", cluster_dir=tmp_path / "c", map_method="none").is_file()
+    assert np.load(a / "labels.npy").shape == (10,)

@@ -141,6 +141,9 @@ def _add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: st
                         "8/7 of the crop for crops of 224 px and more, else the crop size)")
     parser.add_argument("--bit-depth", type=int, metavar="BITS", help="bits per sample of 16-bit image files, e.g. 12 "
                         "(default: the pretraining's data.bit_depth, else full 16-bit)")
+    parser.add_argument("--max-bad-fraction", type=float, metavar="FRACTION",
+                        help="stop when more than this share of the image files is unreadable (at least 10 of them; "
+                             "they are left out below it); default: the pretraining's data.max_bad_fraction, else 0.01")
     parser.add_argument("--partial", action="store_true", help="accept a checkpoint that only partly fits the model")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -199,6 +202,8 @@ def _check_args(command: str, args: argparse.Namespace) -> None:
     if args.bit_depth is not None and not 8 <= args.bit_depth <= 16:
         raise UsageError(f"--bit-depth: must be 8..16 (bits per sample of 16-bit image files), got {args.bit_depth}")
     at_least("resize-size", args.resize_size, 1)
+    if args.max_bad_fraction is not None and not 0.0 <= args.max_bad_fraction <= 1.0:
+        raise UsageError(f"--max-bad-fraction: must be in [0, 1], got {args.max_bad_fraction}")
     for value in args.std or []:
         at_least("std", value, 0, strict=True)
     args.device = check_device(args.device)
@@ -430,7 +435,7 @@ class _Setup:
         import torch
         from torchvision.transforms import v2
 
-        from swav.eval.transforms import pretraining_bit_depth, transforms_for_checkpoint
+        from swav.eval.transforms import pretraining_bit_depth, pretraining_max_bad_fraction, transforms_for_checkpoint
         from swav.pretrained import load_pretrained
 
         self.args = args  # checked by _check_args already
@@ -444,6 +449,7 @@ class _Setup:
         self.spec = self.model.spec
         self.backbone = self.model.backbone.to(self.device)
         self.bit_depth = pretraining_bit_depth(args.checkpoint, args.bit_depth)
+        self.max_bad_fraction = pretraining_max_bad_fraction(args.checkpoint, args.max_bad_fraction)
         if args.resize_size and self.spec.small_images:
             raise UsageError(f"--resize-size {args.resize_size}: this model is for small images (stem without "
                              "downsampling), which it takes whole at one size, resized to it where they differ: "
@@ -478,12 +484,14 @@ class _Setup:
             split="train",
             transform=train_tf if train_augment else test_tf,
             channels=channels,
-            bit_depth=self.bit_depth,
+            bit_depth=self.bit_depth, max_bad_fraction=self.max_bad_fraction,
         )
         test = (
-            build_held_out_dataset(args.val_data, transform=test_tf, channels=channels, bit_depth=self.bit_depth)
+            build_held_out_dataset(args.val_data, transform=test_tf, channels=channels, bit_depth=self.bit_depth,
+                                   max_bad_fraction=self.max_bad_fraction)
             if args.val_data
-            else build_dataset(args.data, split="test", transform=test_tf, channels=channels, bit_depth=self.bit_depth)
+            else build_dataset(args.data, split="test", transform=test_tf, channels=channels, bit_depth=self.bit_depth,
+                               max_bad_fraction=self.max_bad_fraction)
         )
         for name, dataset in (("train", train), ("test", test)):
             _check_labelled(dataset, name)

@@ -42,6 +42,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser, *, required: bool = T
                              "clustering)")
     parser.add_argument("--bit-depth", type=int, metavar="BITS", help="bits per sample of 16-bit image files, e.g. 12 "
                         "(default: the pretraining's data.bit_depth, else full 16-bit)")
+    parser.add_argument("--max-bad-fraction", type=float, metavar="FRACTION",
+                        help="stop when more than this share of the image files is unreadable (at least 10 of them; "
+                             "they are left out below it); default: the pretraining's data.max_bad_fraction, else 0.01")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,11 +82,13 @@ def job_kwargs(args: argparse.Namespace) -> dict:
             raise UsageError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'workers' else 1}, got {value}")
     if args.bit_depth is not None and not 8 <= args.bit_depth <= 16:
         raise UsageError(f"--bit-depth: must be 8..16 (bits per sample of 16-bit image files), got {args.bit_depth}")
+    if args.max_bad_fraction is not None and not 0.0 <= args.max_bad_fraction <= 1.0:
+        raise UsageError(f"--max-bad-fraction: must be in [0, 1], got {args.max_bad_fraction}")
     amp = AMP_DTYPES[args.amp]
     return {"split": args.split, "batch_size": args.batch_size, "device": args.device, "workers": args.workers,
             "amp_dtype": getattr(torch, amp) if amp else None, "limit": args.limit, "chunk_rows": args.chunk_rows,
             "overwrite": args.overwrite, "strict": not args.partial, "progress": not args.no_progress,
-            "bit_depth": args.bit_depth}
+            "bit_depth": args.bit_depth, "max_bad_fraction": args.max_bad_fraction}
 
 
 def unreadable_note(meta: dict, folder) -> str | None:

@@ -148,6 +148,16 @@ def pretraining_bit_depth(checkpoint: str | os.PathLike, given: int | None = Non
     return value if isinstance(value, int) and not isinstance(value, bool) and 8 <= value <= 16 else None
 
 
+def pretraining_max_bad_fraction(checkpoint: str | os.PathLike, given: float | None = None) -> float:
+    """``given`` if not None (a ``--max-bad-fraction``), else the pretraining's ``data.max_bad_fraction`` stored in
+    the checkpoint, else 0.01: the share of unreadable image files above which reading a folder stops."""
+    if given is not None:
+        return given
+    value = ((pretraining_config(checkpoint) or {}).get("data") or {}).get("max_bad_fraction")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1 \
+        else 0.01
+
+
 def pretraining_config(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     """The training config stored in our checkpoints (a nested dict), else None (official and safetensors
     files carry none). Memory-mapped: only the small config is actually read."""
