@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from swav.features import split_batch
 from swav.model import SwAVModel
+from swav.run_folder import RunLock
 
 __all__ = [
     "BAD_IMAGES_FILE",
@@ -380,7 +381,8 @@ def extract_to_dir(
             chunk_rows, done, complete, overwrite = chunk_rows or 16 * batch_size, 0, False, True
         else:
             if write_safetensors and not (out / "extracted.safetensors").is_file():
-                _add_safetensors(out)
+                with RunLock(out, activity="extracting into"):
+                    _add_safetensors(out)
             logger.info("%s already holds the complete extraction; nothing to do", out)
             return out
     rows = _SourceRows(dataset, min(done * chunk_rows, num_rows), num_rows)
@@ -388,6 +390,26 @@ def extract_to_dir(
         # validate first: a data set or model that cannot work must not cost an earlier extraction (a resume
         # of this same job has proven both already, and may have no rows left: stopped while assembling)
         _probe(model, rows, names, device, amp_dtype)
+    with RunLock(out, activity="extracting into"):  # one process writes the folder at a time
+        if not overwrite:  # read again under the lock: another process may have written chunks meanwhile
+            chunk_rows, done, complete = _read_marker(out, fingerprint, chunk_rows)
+            if complete:
+                logger.info("%s received the complete extraction from another process meanwhile", out)
+                return out
+            rows = _SourceRows(dataset, min(done * chunk_rows, num_rows), num_rows)
+            num_chunks = -(-num_rows // chunk_rows)
+        _write_extraction(out, model, dataset, rows, names, fingerprint, chunk_rows, done, num_chunks, num_rows,
+                          overwrite=overwrite, batch_size=batch_size, device=device, workers=workers,
+                          amp_dtype=amp_dtype, progress=progress, source=source, metadata=metadata,
+                          write_safetensors=write_safetensors)
+    return out
+
+
+def _write_extraction(out: Path, model: SwAVModel, dataset: Dataset, rows: _SourceRows, names: tuple[str, ...],
+                      fingerprint: dict[str, Any], chunk_rows: int, done: int, num_chunks: int, num_rows: int, *,
+                      overwrite: bool, batch_size: int, device: torch.device, workers: int,
+                      amp_dtype: torch.dtype | None, progress: bool, source: str | None,
+                      metadata: dict[str, Any] | None, write_safetensors: bool) -> None:
     if overwrite and out.is_dir():
         _clear_outputs(out)
     (out / "chunks").mkdir(parents=True, exist_ok=True)
@@ -400,7 +422,6 @@ def extract_to_dir(
                     batch_size=batch_size, device=device, workers=workers,
                     amp_dtype=amp_dtype, progress=progress)
     _assemble(out, model, dataset, names, marker, num_rows, source, metadata or {}, write_safetensors)
-    return out
 
 
 def _sizes_message(shapes: set[tuple[int, ...]]) -> str:

@@ -520,3 +520,23 @@ def test_images_of_several_sizes_that_cannot_be_batched_are_named_first(tmp_path
         extract_to_dir(model, ImageFolderDataset(tmp_path / "mixed", transform=_to_tensor), out, batch_size=4,
                        progress=False, overwrite=True)
     assert load_extracted(out).features.shape[0] == 2  # the earlier extraction is intact
+
+
+def test_a_second_process_extracting_into_the_same_folder_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from swav.run_folder import RunLockedError
+
+    out = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from swav.run_folder import RunLock; "
+                               f"lock = RunLock({str(out)!r}); lock.acquire(); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"another process \\(pid {holder.pid} on .*\\) is extracting into"):
+            extract_to_dir(_model(), _Images(), out, batch_size=4, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert extract_to_dir(_model(), _Images(), out, batch_size=4, progress=False) == out  # free again
