@@ -353,7 +353,12 @@ def build_report(
         with open(Path(cluster_dir) / "cluster_metrics.json", encoding="utf-8") as fh:
             metrics = json.load(fh)
         table = _read_table(Path(cluster_dir) / "clusters.csv")
-        extract_dir = extract_dir or metrics.get("extract_dir")
+        recorded = metrics.get("extract_dir")
+        if extract_dir is None and recorded and not Path(recorded).is_dir():
+            raise FileNotFoundError(f"the extraction that --cluster-dir {os.fspath(cluster_dir)!r} clusters, "
+                                    f"{recorded!r}, is not there any more (moved or deleted?): pass its new place "
+                                    "with --features-dir (Python: extract_dir=...)")
+        extract_dir = extract_dir or recorded
     data = None
     if extract_dir is not None:
         from swav.extract import load_extracted

@@ -276,3 +276,26 @@ def test_a_clustering_of_another_extraction_is_refused(tmp_path):
         build_report(tmp_path / "r.html", cluster_dir=tmp_path / "c", extract_dir=b, map_method="none")
     assert build_report(tmp_path / "r.html", cluster_dir=tmp_path / "c", map_method="none").is_file()
     assert np.load(a / "labels.npy").shape == (10,)
+
+
+def test_a_moved_extraction_is_named_with_the_option_that_finds_it(tmp_path):
+    import shutil
+
+    from torch.utils.data import TensorDataset
+
+    from swav.cluster import cluster_extracted
+    from swav.extract import extract_to_dir
+    from swav.model import ModelSpec, build_model
+    from swav.report import build_report
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet-compact-8", small_images=True, hidden_dim=16, output_dim=8,
+                                  num_prototypes=6)).eval()
+    data = TensorDataset(torch.rand(10, 3, 12, 12), torch.arange(10) % 2)
+    folder = extract_to_dir(model, data, tmp_path / "feats", batch_size=4, progress=False)
+    cluster_extracted(folder, tmp_path / "c")
+    shutil.move(folder, tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="is not there any more .*pass its new place with --features-dir"):
+        build_report(tmp_path / "r.html", cluster_dir=tmp_path / "c", map_method="none")
+    assert build_report(tmp_path / "r.html", cluster_dir=tmp_path / "c", extract_dir=tmp_path / "moved",
+                        map_method="none").is_file()
