@@ -273,8 +273,7 @@ def _agreed_checkpoint(out: Path, continuing: bool, world_size: int, rank: int) 
     problem = ""
     if chosen != mine:
         if chosen is None:
-            problem = (f"rank {rank} finds checkpoint {mine!r} in {str(out)!r} but rank 0 finds none"
-                       if continuing else f"rank {rank} finds no run in {str(out)!r} but rank 0 does")
+            problem = f"rank {rank} finds checkpoint {mine!r} in {str(out)!r} but rank 0 finds none"
         else:
             try:
                 found = (out / chosen, load_checkpoint(out / chosen))
