@@ -249,14 +249,14 @@ class ImageFolderDataset(Dataset):
             z, share = 2.576, k / n
             centre = (share + z * z / (2 * n)) / (1 + z * z / n)
             margin = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-            trips = k == n or (centre - margin > rule.max_bad_fraction and share * total >= rule.min_bad_count)
+            trips = centre - margin > rule.max_bad_fraction and share * total >= rule.min_bad_count
         if trips:
             examples = "; ".join(f"{p} ({r})" for p, r in list(bad.items())[:3])
             of = f"the {total}" if n == total else f"a sample of {n} of the {total}"
             raise TooManyBadImagesError(
                 f"{k} of {of} image files under {self.root} are unreadable ({k / n:.0%}; data.max_bad_fraction="
-                f"{rule.max_bad_fraction}), so training would stop for them (found before the run changed its output "
-                f"folder); e.g. {examples}. Run `swav scan` on the data to list them all, then fix or remove them, or raise "
+                f"{rule.max_bad_fraction}), so training would stop for them (found before training started); "
+                f"e.g. {examples}. Run `swav scan` on the data to list them all, then fix or remove them, or raise "
                 "data.max_bad_fraction")
         return n, k
 
@@ -500,22 +500,23 @@ def _data_roots() -> list[str]:
 
 
 _SPLIT_NAMES = frozenset(name for names in _SPLIT_FOLDERS.values() for name in names)
+_warned_class_splits: set[str] = set()
 
 
 def holds_splits(path: str | os.PathLike) -> bool:
-    """Whether folder ``path`` is split into ``train``/``val``/``test`` folders: no image file lies beside its
-    sub-folders, and either all of them have split names or at least two do (STL-10's ``train``, ``test`` and
-    ``unlabeled``). A folder of classes one of which is called ``train`` (PASCAL VOC and COCO have one) is a
-    folder of classes, not a split."""
+    """Whether folder ``path`` is split into ``train``/``val``/``test`` folders: either all its sub-folders have
+    split names or at least two do (STL-10's ``train``, ``test`` and ``unlabeled``); files beside them (a stray
+    preview image, a README) and folders whose names start with ``_`` or ``.`` (``__MACOSX``) do not count. A
+    folder of classes one of which is called ``train`` (PASCAL VOC and COCO have one) is a folder of classes,
+    not a split: the whole folder is used, with a warning (once per folder)."""
     try:
-        entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
+        folders = {e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith((".", "_"))}
     except OSError:
         return False
-    folders = {e.name for e in entries if e.is_dir()}
-    images = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     named = folders & _SPLIT_NAMES
-    split = bool(named) and not images and (folders <= _SPLIT_NAMES or len(named) >= 2)
-    if not split and named:
+    split = bool(named) and (folders <= _SPLIT_NAMES or len(named) >= 2)
+    if not split and named and os.fspath(path) not in _warned_class_splits:
+        _warned_class_splits.add(os.fspath(path))
         logger.warning("%s has a sub-folder named %r beside other folders or images: the whole folder is one data "
                        "set and %r one of its classes, not a split; to use that folder alone, pass its path",
                        path, sorted(named)[0], sorted(named)[0])

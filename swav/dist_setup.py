@@ -220,7 +220,8 @@ def init_distributed(requested_device: str = "auto", *, world_size: int = -1, ra
             else init_method
         raise ProcessGroupError(
             f"rank {found.rank} of {found.world_size} (from {_SOURCES[found.source]}) could not meet the other "
-            f"processes at {where} ({backend}, timeout {timeout_minutes:g} min): "
+            f"processes at {where} ({backend}, "
+            f"{f'timeout {timeout_minutes:g} min' if timeout_minutes > 0 else 'PyTorch default timeout'}): "
             f"{str(exc).splitlines()[0].rstrip('.') if str(exc) else type(exc).__name__}. Check that all "
             f"{found.world_size} processes were started (one per GPU: torchrun --nproc_per_node, or srun with one "
             "task per GPU), that MASTER_ADDR/MASTER_PORT name a host and free port every node reaches, and raise "

@@ -123,8 +123,9 @@ def _data_digest(dataset: Dataset, num_rows: int) -> str | None:
     urls = getattr(dataset, "urls", None)
     if isinstance(samples, list):
         root = os.fspath(getattr(dataset, "root", ""))
+        prefix = os.path.join(root, "") if root else ""
         for path, label in samples[:num_rows]:
-            name = os.path.relpath(path, root) if root else path
+            name = path[len(prefix):] if prefix and path.startswith(prefix) else path
             digest.update(f"{name}\0{label}\n".encode("utf-8", "surrogateescape"))
     elif isinstance(data, torch.Tensor):
         digest.update(str(tuple(data.shape)).encode())
@@ -302,7 +303,7 @@ def _read_marker(out: Path, fingerprint: dict[str, Any], chunk_rows: int) -> tup
                 f"{marker.get('fingerprint', {}).get('format')}, now {_FORMAT_VERSION}: unreadable images are now "
                 "left out); extract again with --overwrite (Python: overwrite=True)")
         why = {"data_sha256": "the images (files added, removed or renamed since)", "transform": "the image "
-               "transform (normalisation or sizes of another checkpoint file)", "amp": "the precision (--amp)",
+               "transform (normalisation or sizes of another checkpoint file, or another torchvision version)", "amp": "the precision (--amp)",
                "model_sha256": "the model's weights"}
         raise ValueError(
             f"{str(out)!r} holds an extraction of a different job (differs in "
@@ -381,7 +382,7 @@ def extract_to_dir(
             chunk_rows, done, complete, overwrite = chunk_rows or 16 * batch_size, 0, False, True
         else:
             if write_safetensors and not (out / "extracted.safetensors").is_file():
-                with RunLock(out, activity="extracting into"):
+                with RunLock(out, activity="extracting"):
                     _add_safetensors(out)
             logger.info("%s already holds the complete extraction; nothing to do", out)
             return out
@@ -390,7 +391,7 @@ def extract_to_dir(
         # validate first: a data set or model that cannot work must not cost an earlier extraction (a resume
         # of this same job has proven both already, and may have no rows left: stopped while assembling)
         _probe(model, rows, names, device, amp_dtype)
-    with RunLock(out, activity="extracting into"):  # one process writes the folder at a time
+    with RunLock(out, activity="extracting"):  # one process writes the folder at a time
         if not overwrite:  # read again under the lock: another process may have written chunks meanwhile
             chunk_rows, done, complete = _read_marker(out, fingerprint, chunk_rows)
             if complete:

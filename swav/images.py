@@ -127,9 +127,8 @@ def _read_source(source: ImageSource, name: str | None) -> tuple[bytes, str]:
     return data, label
 
 
-def _open_checked(data: bytes, label: str, max_pixels: int) -> tuple[Image.Image, bool]:
-    """Parse the header, refuse decompression bombs, then decode fully (first frame); also whether the file is
-    a 16-bit colour one (:func:`is_16bit_colour`, read from the header before decoding)."""
+def _open_checked(data: bytes, label: str, max_pixels: int) -> Image.Image:
+    """Parse the header and refuse decompression bombs (nothing decoded yet: :func:`_load_checked`)."""
     try:
         with warnings.catch_warnings():  # the size is checked below against max_pixels, with our own message
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -151,7 +150,11 @@ def _open_checked(data: bytes, label: str, max_pixels: int) -> tuple[Image.Image
         raise ImageDecodeError(
             label, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
                    "(decompression-bomb guard; raise max_pixels to allow it)", "too_large")
-    wide = is_16bit_colour(img)
+    return img
+
+
+def _load_checked(img: Image.Image, label: str) -> Image.Image:
+    """Decode an opened image fully (its first frame), naming truncated and corrupt files."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -167,7 +170,7 @@ def _open_checked(data: bytes, label: str, max_pixels: int) -> tuple[Image.Image
                                or isinstance(exc, EOFError)) else "corrupt"
         raise ImageDecodeError(label, f"decoding failed ({message or type(exc).__name__})",
                                kind) from exc
-    return img, wide
+    return img
 
 
 def _apply_exif_orientation(img: Image.Image, label: str) -> Image.Image:
@@ -201,14 +204,7 @@ def _high_bit_depth_to_l(img: Image.Image, bit_depth: int | None = None) -> Imag
     """
     arr = np.asarray(img)
     if img.mode.startswith("I;16") or (img.mode == "I" and arr.min() >= 0 and arr.max() <= 65535):
-        maximum = int(arr.max()) if arr.size else 0
-        if bit_depth is None:
-            _warn_if_low_bit_depth(maximum)
-            top = 65535
-        else:
-            top = (1 << bit_depth) - 1
-            _warn_if_clipped(maximum, bit_depth)
-        out = (np.minimum(arr.astype(np.uint32), top) * 255 + top // 2) // top
+        out = _scale_16bit(arr, bit_depth)
     else:
         arr = arr.astype(np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -217,6 +213,19 @@ def _high_bit_depth_to_l(img: Image.Image, bit_depth: int | None = None) -> Imag
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         out = np.rint((arr - lo) * scale)
     return Image.fromarray(out.astype(np.uint8))  # 2-D uint8 -> mode L
+
+
+def _scale_16bit(arr: np.ndarray, bit_depth: int | None) -> np.ndarray:
+    """16-bit samples to uint8: 0..65535 (or 0..2^bit_depth - 1, larger values clipped) onto 0..255, rounded;
+    the low-bit-depth and clipping warnings on the way."""
+    maximum = int(arr.max()) if arr.size else 0
+    if bit_depth is None:
+        _warn_if_low_bit_depth(maximum)
+        top = 65535
+    else:
+        top = (1 << bit_depth) - 1
+        _warn_if_clipped(maximum, bit_depth)
+    return ((np.minimum(arr.astype(np.uint32), top) * 255 + top // 2) // top).astype(np.uint8)
 
 
 _low_bit_depth_warned = False
@@ -281,15 +290,7 @@ def _decode_16bit_colour(data: bytes, header: Image.Image, label: str, bit_depth
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
         return None
-    colour = arr[..., 2::-1]  # OpenCV's BGR(A) -> RGB
-    maximum = int(colour.max()) if colour.size else 0
-    if bit_depth is None:
-        _warn_if_low_bit_depth(maximum)
-        top = 65535
-    else:
-        top = (1 << bit_depth) - 1
-        _warn_if_clipped(maximum, bit_depth)
-    out = ((np.minimum(colour.astype(np.uint32), top) * 255 + top // 2) // top).astype(np.uint8)
+    out = _scale_16bit(arr[..., 2::-1], bit_depth)  # OpenCV's BGR(A) -> RGB
     if arr.shape[2] == 4:  # alpha: 16-bit too, scaled by its own range
         out = np.dstack([out, ((arr[..., 3].astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)])
     img = Image.fromarray(out, "RGBA" if arr.shape[2] == 4 else "RGB")
@@ -368,11 +369,10 @@ def load_image(
     check_bit_depth(bit_depth)
     limit = default_max_pixels() if max_pixels is None else max_pixels
     data, label = _read_source(source, name)
-    img, wide = _open_checked(data, label, limit)
-    if wide:
-        wide = _decode_16bit_colour(data, img, label, bit_depth)
-        if wide is not None:
-            img = wide
+    img = _open_checked(data, label, limit)
+    # a 16-bit colour file is decoded once, by OpenCV at full precision (Pillow keeps the high bytes only)
+    wide = _decode_16bit_colour(data, img, label, bit_depth) if is_16bit_colour(img) else None
+    img = wide if wide is not None else _load_checked(img, label)
     img = _apply_exif_orientation(img, label)  # (a 16-bit colour image made above is turned already: no EXIF)
     try:
         return _to_8bit(img, channels, bit_depth)

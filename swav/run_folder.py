@@ -94,7 +94,7 @@ class RunLock:
         ...     pass
     """
 
-    def __init__(self, output_dir: str | os.PathLike, activity: str = "training in") -> None:
+    def __init__(self, output_dir: str | os.PathLike, activity: str = "training") -> None:
         self.path = Path(output_dir) / ".swav.lock"
         self.activity = activity
         self._fd: int | None = None
@@ -112,10 +112,10 @@ class RunLock:
             os.close(fd)
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
-            raise RunLockedError(f"another process ({holder}) is {self.activity} {str(self.path.parent)!r} right "
-                                 "now; wait for it to end (or stop it), or choose another --output-dir") from None
+            raise RunLockedError(f"another process ({holder}) is using {str(self.path.parent)!r} right now; wait "
+                                 "for it to end (or stop it), or choose another --output-dir") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, {self.activity}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:

@@ -35,7 +35,8 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 
 from swav.checkpoint import (CheckpointError, CheckpointSaveError, archive_checkpoint, clean_temp_files,
                              final_checkpoint_path, find_latest_checkpoint, list_checkpoints, load_checkpoint,
-                             prune_checkpoints, renumber_after_resplit, save_model_file, step_checkpoint_path)
+                             prune_checkpoints, renumber_after_resplit, save_checkpoint, save_model_file,
+                             step_checkpoint_path)
 from swav.config import Config, RunConfig, config_to_dict, save_config
 from swav.datasets import ImageFolderDataset
 from swav.derived import DerivedValues, derive_values
@@ -210,8 +211,9 @@ def _train(config: Config, *, resume: bool, overwrite: bool, dataset: Dataset | 
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
         _note_in_log(log_handler, f"stopped by an error: {type(exc).__name__}: {reason}")  # the console has it too
-        if ctx.world_size > 1 and not isinstance(exc, (NonFiniteError, CheckpointError, OtherRankFailedError)):
-            # (those are agreed by all ranks, and name the rank at fault)
+        agreed = isinstance(exc, (NonFiniteError, CheckpointError, OtherRankFailedError)) or \
+            getattr(exc, "agreed_by_all_ranks", False)
+        if ctx.world_size > 1 and not agreed:  # (agreed errors stop every rank at once, naming the rank at fault)
             logger.error("rank %d of %d stopped: %s: %s. The other ranks stop at their next collective operation "
                          "(it fails, or times out after run.dist_timeout_minutes=%g); under torchrun the launcher "
                          "also ends them. The earliest error is the cause", ctx.rank, ctx.world_size,
@@ -262,8 +264,8 @@ def _agreed_checkpoint(out: Path, continuing: bool, world_size: int, rank: int) 
     found, error = None, ""
     try:
         found = find_latest_checkpoint(out) if continuing else None
-    except CheckpointError as exc:
-        error = str(exc).splitlines()[0]
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below, whatever failed here
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     mine = None if found is None else found[0].relative_to(out).as_posix()
     views = _gather_objects((mine, error))
     errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(views) if e]
@@ -280,7 +282,7 @@ def _agreed_checkpoint(out: Path, continuing: bool, world_size: int, rank: int) 
                 logger.warning("rank %d: its newest readable checkpoint is %s, rank 0's is %s (a stale file-system "
                                "listing on this node?): resuming from rank 0's, as every rank does", rank, mine,
                                chosen)
-            except (CheckpointError, ValueError, OSError) as exc:  # damaged, unsafe or missing
+            except Exception as exc:  # noqa: BLE001 - damaged, unsafe, missing, memory: agreed below
                 problem = f"rank {rank} cannot read rank 0's newest checkpoint {str(out / chosen)!r}: {exc}"
     problems = [p for p in _gather_objects(problem) if p]
     if problems:
@@ -305,6 +307,7 @@ def _main_writes(ctx: DistContext, what: str, write: Callable[[], Any]) -> None:
     except Exception as exc:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         _gather_objects(error)
+        exc.agreed_by_all_ranks = True  # type: ignore[attr-defined]  (the others stop with it: see _train)
         raise
     failed = _gather_objects(error)[0]
     if failed:
@@ -330,6 +333,7 @@ def _in_turn(ctx: DistContext, what: str, fn: Callable[[], Any]) -> Any:
             except Exception as exc:
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 _gather_objects(error)
+                exc.agreed_by_all_ranks = True  # type: ignore[attr-defined]
                 raise
         failed = [f"rank {r}: {e}" for r, e in enumerate(_gather_objects(error)) if e]
         if failed:
@@ -502,6 +506,13 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
         def tidy_folder() -> None:
             if progress.step != old_step:  # converted to the new global batch's numbering
                 renumber_after_resplit(out, found[0], progress.step)
+                # the renamed file holds its position in the new numbering too, so that a later resume from it
+                # (this run stopping before its first checkpoint) converts nothing, and the metrics records
+                # below are renumbered once only
+                save_checkpoint({**found[1], **progress.as_dict(), "derived": {**(found[1].get("derived") or {}),
+                                 "global_batch_size": derived.global_batch_size,
+                                 "steps_per_epoch": derived.steps_per_epoch}},
+                                step_checkpoint_path(out, progress.step))
             truncate_metrics(out, old_step, renumber=convert)  # the records after the checkpoint are redone
 
         _main_writes(ctx, "prepare the run folder for the resume", tidy_folder)

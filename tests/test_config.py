@@ -368,3 +368,15 @@ def test_zero_sinkhorn_iterations_are_accepted_as_by_the_original():
     assert with_values(Config(), {"swav.sinkhorn_iterations": 0}).swav.sinkhorn_iterations == 0
     with pytest.raises(ValueError, match="swav.sinkhorn_iterations=-1 is invalid"):
         with_values(Config(), {"swav.sinkhorn_iterations": -1})
+
+
+def test_yaml_merge_keys_still_load_and_may_be_overridden(tmp_path):
+    """The duplicate-key check must not break YAML anchors and merge keys (`<<: *base`), whose merged keys a
+    mapping may override."""
+    path = tmp_path / "anchors.yaml"
+    path.write_text("swav: &swav\n  epsilon: 0.03\n  temperature: 0.2\n")
+    from swav.config import load_yaml_text
+    assert load_yaml_text("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  y: 3\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 1, "y": 3}}
+    with pytest.raises(Exception, match="'y' is given twice"):
+        load_yaml_text("b:\n  <<: {x: 1}\n  y: 3\n  y: 4\n")
+    assert load_config_file(path).swav.epsilon == 0.03

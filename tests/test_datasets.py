@@ -416,5 +416,7 @@ def test_a_class_folder_named_train_is_a_class_not_a_split(tmp_path, caplog):
         for name in layout:
             save_png(root / name / "a" / "0.png", 1)
         assert holds_splits(root) == splits, layout
-    save_png(tmp_path / "train_val" / "loose.png", 2)  # an image beside the split folders: not splits
-    assert not holds_splits(tmp_path / "train_val")
+    save_png(tmp_path / "train_val" / "preview.png", 2)  # a stray image beside the split folders: still splits
+    (tmp_path / "train_val" / "__MACOSX").mkdir()  # an archive tool's folder does not count either
+    assert holds_splits(tmp_path / "train_val")
+    assert build_dataset(tmp_path / "train_val").root.endswith("train")

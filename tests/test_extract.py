@@ -534,7 +534,7 @@ def test_a_second_process_extracting_into_the_same_folder_is_refused(tmp_path):
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunLockedError, match=f"another process \\(pid {holder.pid} on .*\\) is extracting into"):
+        with pytest.raises(RunLockedError, match=f"another process \\(pid {holder.pid} on .*, training\\) is using"):
             extract_to_dir(_model(), _Images(), out, batch_size=4, progress=False)
     finally:
         holder.kill()

@@ -67,7 +67,7 @@ def test_kill9_between_checkpoints_then_the_same_command_resumes_by_itself(tmp_p
                proc, tmp_path / "killed.log", "the pause after checkpoint 5")
     before = snapshot(out)
     code, text = run_cli(capsys, argv(idx_data, out))  # started twice by mistake while it still runs
-    assert code == 1 and f"another process (pid {proc.pid} on " in text and "is training in" in text
+    assert code == 1 and f"another process (pid {proc.pid} on " in text and ", training) is using" in text
     assert "continuing it" not in text  # the lock is checked before anything is said about the run
     assert snapshot(out) == before
     proc.kill()  # SIGKILL: no handler, no cleanup

@@ -408,5 +408,28 @@ def test_a_sampled_check_refuses_only_with_confidence(tmp_path):
         return ImageFolderDataset(str(tmp_path / name))
 
     assert folder("few", 128).check_sample() == (64, 2)  # 2 bad of 256, both sampled: 3.1%, lower bound 0.6%
+    lenient = folder("lenient", 1)  # every file unreadable, but data.max_bad_fraction=1 allows any share
+    lenient.tracker.max_bad_fraction = 1.0
+    assert lenient.check_sample() == (64, 64)
     with pytest.raises(TooManyBadImagesError, match="of a sample of 64 of the 256 image files"):
         folder("many", 4).check_sample()  # 64 bad of 256: 16 of the sample
+
+
+def test_a_second_resume_after_a_renumbering_one_converts_nothing_again(tmp_path, image_folder):
+    """The resume that renumbers the steps rewrites the checkpoint it renamed into the new numbering: a run that
+    stops before its next checkpoint and is resumed again must not renumber the metrics (or the position) twice."""
+    first = tiny_config(tmp_path, image_folder, **{"run.checkpoint_every_steps": 1, "run.max_steps": 3,
+                                                    "optim.batch_size_per_device": 8})
+    train(first, model_builder=tiny_model)  # 21 images, batch 8: 2 steps per epoch; step 3 = epoch 1, batch 1
+    smaller = with_values(first, {"optim.batch_size_per_device": 4, "run.max_steps": 0, "debug.inject_error_step": 8})
+    with pytest.raises(RuntimeError, match="inject"):
+        train(smaller, model_builder=tiny_model, resume=True)  # resumed at step 7 (epoch 1, batch 2), fails in 8
+    assert load_checkpoint(step_checkpoint_path(tmp_path, 7))["derived"]["global_batch_size"] == 4
+
+    def steps():
+        records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        return [(r.get("step_before_renumbering"), r["step"]) for r in records if "loss" in r and "epoch_loss" not in r]
+    assert steps() == [(1, 2), (2, 5), (3, 7)]
+    result = train(with_values(smaller, {"debug.inject_error_step": -1}), model_builder=tiny_model, resume=True)
+    assert (result.status, result.step) == ("complete", 15)
+    assert steps()[:3] == [(1, 2), (2, 5), (3, 7)] and [s for _, s in steps()[3:]] == list(range(8, 16))

@@ -156,11 +156,19 @@ def test_every_rank_resumes_from_rank_zeros_checkpoint(tmp_path):
 
 
 def _model_file_blocked(rank: int, world_size: int, root: str):
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("swav").addHandler(handler)
     try:
         train(tiny_config(f"{root}/run", **{"data.pipeline": "tensor", "optim.epochs": 1}), dataset=InMemoryImages(24),
               model_builder=tiny_model, resume=True)
     except Exception as exc:  # noqa: BLE001 - the test compares both ranks' errors
-        return type(exc).__name__, str(exc)
+        return type(exc).__name__, str(exc), [r for r in records if "stopped:" in r]
+    finally:
+        logging.getLogger("swav").removeHandler(handler)
     return None
 
 
@@ -174,6 +182,8 @@ def test_a_write_only_rank_zero_does_fails_on_every_rank_with_rank_zeros_reason(
     assert second[0] == "CheckpointSaveError" and second[1].startswith(f"rank 0 could not write {tmp_path / 'run'}")
     assert first[0] != "CheckpointSaveError" or "rank 0 could not" not in first[1]  # rank 0 keeps its own error
     assert "--resume" in second[1] and [p.name for p in list_checkpoints(tmp_path / "run")] == []
+    # an agreed failure: no rank says the others will stop only at their next collective
+    assert first[2] == second[2] == []
 
 
 def _turns(rank: int, world_size: int, root: str, fail_rank: int):

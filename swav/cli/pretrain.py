@@ -180,7 +180,9 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     else:
         config = Config()
     file_values: dict[str, object] = {}
-    for path in args.config:  # in order, later files' values win
+    if isinstance(args.config, (str, Path)):  # a Namespace made by a caller, not by the parser
+        args.config = [args.config]
+    for path in args.config or []:  # in order, later files' values win
         if not Path(path).expanduser().is_file():
             raise UsageError(f"--config {path!r} does not exist (or is not a file): give the path of a "
                              "YAML config, e.g. a run's config.yaml, or use --recipe NAME")
