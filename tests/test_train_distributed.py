@@ -221,3 +221,36 @@ def test_a_download_is_done_by_rank_zero_first_then_one_process_per_node_then_th
     assert failed[0] == ("own", "no network")
     assert all(f == ("other", "could not prepare the data set (rank 0: FileNotFoundError: no network); every rank "
                               "stops") for f in failed[1:])
+
+
+def _prune_fails_on_rank_zero(rank: int, world_size: int, root: str):
+    import logging
+
+    import swav.train as engine
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("swav").addHandler(handler)
+    if rank == 0:
+        def prune(*args, **kwargs):
+            raise OSError("Input/output error (simulated)")
+        engine.prune_checkpoints = prune
+    try:
+        train(tiny_config(f"{root}/run", **{"data.pipeline": "tensor", "run.checkpoint_every_steps": 1}),
+              dataset=InMemoryImages(24), model_builder=tiny_model)
+    except Exception as exc:  # noqa: BLE001 - the test compares both ranks' errors
+        return type(exc).__name__, str(exc), [r for r in records if "stopped:" in r]
+    finally:
+        logging.getLogger("swav").removeHandler(handler)
+    return None
+
+
+@pytest.mark.distributed
+def test_rank_zeros_own_failure_in_an_agreed_write_is_not_announced_as_a_wait(tmp_path):
+    """An OSError of rank 0's pruning: rank 0 raises it, rank 1 a CheckpointSaveError naming it, and neither logs
+    that the other ranks stop only at their next collective (they have stopped already)."""
+    first, second = run_distributed(_prune_fails_on_rank_zero, 2, str(tmp_path))
+    assert first[0] == "OSError" and second[0] == "CheckpointSaveError"
+    assert "rank 0 could not remove old step checkpoints (OSError: Input/output error (simulated))" in second[1]
+    assert first[2] == second[2] == []
