@@ -187,6 +187,15 @@ class _PausingWriter:
         self.fh.flush()
 
 
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during (``__cause__`` / ``__context__``), in order."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``obj`` atomically to ``path`` (temp file, fsync, rename); CheckpointSaveError on failure."""
     path = Path(path)
@@ -205,7 +214,12 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> Path:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        chain = _exception_chain(exc)
+        interrupted = next((e for e in chain if isinstance(e, KeyboardInterrupt)), None)
+        if interrupted is not None:  # Ctrl-C inside torch's writer comes back as its RuntimeError
+            raise KeyboardInterrupt from None
+        cause = next((e for e in chain if isinstance(e, OSError) and e.strerror), None)  # e.g. no space left
+        reason = cause.strerror if cause is not None else str(exc)
         raise CheckpointSaveError(f"could not write checkpoint {str(path)!r}: {reason}. Previous checkpoints "
                                   "are untouched; free disk space or fix permissions, then resume") from exc
     after = _pause_requested(path, "after")

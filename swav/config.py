@@ -477,6 +477,16 @@ def _flatten(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (readable back with :func:`load_config_file`)."""
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config_to_dict(config), fh, sort_keys=False)
+    """Write the resolved config as YAML (readable back with :func:`load_config_file`), atomically: a kill or a
+    full disk while writing leaves the previous file, never a truncated one."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(config_to_dict(config), fh, sort_keys=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -56,7 +56,8 @@ RUN_FILES = ("config.yaml", "derived.json", "metrics.jsonl", "train.log", "model
 #: config keys that must match for a resume: they change the model's shapes or the meaning of the codes
 FATAL_KEYS = ("model.backbone", "model.small_images", "model.hidden_dim", "model.output_dim",
               "model.num_prototypes", "model.head_batch_norm", "data.channels", "crops.counts", "crops.sizes",
-              "swav.crops_for_assign")
+              "swav.crops_for_assign",
+              "optim.lars")  # LARS and plain SGD keep different optimiser states
 _IGNORED_SECTIONS = ("run", "debug")
 _IGNORED_KEYS = ("data.workers", "data.pipeline", "data.download", "data.compile_colour", "data.check_files",
                  "optim.lr_global_batch")
@@ -186,6 +187,10 @@ def check_run_folder(output_dir: str | os.PathLike, *, resume: bool, overwrite: 
                              "failed, or one stopped early), so nothing trained there would be lost: pass --overwrite "
                              "to start this config there, or choose another --output-dir (Python: "
                              "swav.pretrain(..., overwrite=True), or another run.output_dir)")
+    if finished:
+        raise RunExistsError(f"output folder {folder!r} already holds a complete run{why}: a finished run cannot be "
+                             "continued with other settings. Pass --overwrite to replace it, or choose another "
+                             "--output-dir (Python: swav.pretrain(..., overwrite=True), or another run.output_dir)")
     raise RunExistsError(f"output folder {folder!r} already holds a run{why}. Pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --output-dir (Python: swav.pretrain(..., resume=True) "
                          "or overwrite=True, or another run.output_dir)")

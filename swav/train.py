@@ -52,7 +52,7 @@ from swav.cpu_features import describe_environment
 from swav.pretrain_summary import KnnMonitor
 from swav.run_folder import (RunExistsError, RunLock, bad_images_offset, check_run_folder, clear_run,
                              count_bad_images, holds_run,
-                              partial_resume_checkpoint, resume_refusal)
+                              partial_resume_checkpoint, resume_differences, resume_refusal)
 from swav.schedule import warmup_cosine_schedule
 from swav.train_data import TrainLoader, build_train_loader, colour_stage, data_sizes, resolve_pipeline
 from swav.train_state import (Progress, ResumeMismatchError, restore_training_state, save_training_state,
@@ -148,6 +148,13 @@ def _train(config: Config, *, resume: bool, overwrite: bool, dataset: Dataset | 
             raise ResumeMismatchError(refusal)
         if found is not None and found[1].get("finished"):
             ckpt = found[1]
+            fatal, soft = resume_differences(ckpt.get("config") or {}, config)
+            if fatal or soft:  # "nothing to do" would leave the asked-for training (more epochs...) undone
+                raise RunExistsError(
+                    f"the run in {str(out)!r} is complete (step {ckpt['step']}, epoch {ckpt['epoch']}), and this "
+                    f"command asks for another config ({'; '.join((fatal + soft)[:4])}): a finished run's learning-"
+                    "rate schedule has ended, so it cannot be continued with other settings. Start a new run (another "
+                    "--output-dir, or --overwrite to replace this one), or run the same config to confirm it is done")
             logger.info("the run in %s is complete (step %d, epoch %d; %s); nothing to do", out, ckpt["step"],
                         ckpt["epoch"], found[0])
             return TrainResult("already_complete", out, int(ckpt["step"]), int(ckpt["epoch"]), found[0],
@@ -485,9 +492,6 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
     # old run goes only now, and a fresh folder keeps no config.yaml that would refuse the corrected command
     if prepare_folder is not None:
         prepare_folder()
-    if ctx.is_main:
-        save_config(config, out / "config.yaml")
-        (out / "derived.json").write_text(json.dumps(derived.to_dict(), indent=1) + "\n", encoding="utf-8")
     model = _wrap(raw, ctx, config)
     o = config.optim
     schedule = warmup_cosine_schedule(o.base_lr, o.final_lr, o.epochs, derived.steps_per_epoch, o.warmup_epochs,
@@ -516,6 +520,9 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
             truncate_metrics(out, old_step, renumber=convert)  # the records after the checkpoint are redone
 
         _main_writes(ctx, "prepare the run folder for the resume", tidy_folder)
+    if ctx.is_main:  # after the resume's restore: a resume that cannot load leaves the folder's config as it was
+        save_config(config, out / "config.yaml")
+        (out / "derived.json").write_text(json.dumps(derived.to_dict(), indent=1) + "\n", encoding="utf-8")
     loader = build_train_loader(config, dataset, pipeline=pipeline, rank=ctx.rank, world_size=ctx.world_size,
                                 device=ctx.device)
     if found is not None and progress.batch_in_epoch and hasattr(loader, "stream"):  # a shard stream, mid-epoch

@@ -139,6 +139,17 @@ def _restored_queue(queues: list[Any], saved_world: int, rank: int, derived: Der
     return queue
 
 
+def _apply_optimizer_settings(optimizer: torch.optim.Optimizer, config: Config) -> None:
+    """The config's momentum, weight decay and trust coefficient in the optimiser: ``load_state_dict`` restores
+    the checkpoint's, so a resume that changes them (and says so) would otherwise train with the old ones."""
+    o = config.optim
+    for group in optimizer.param_groups:
+        group["momentum"] = o.momentum
+        group["lars_weight_decay" if "lars_weight_decay" in group else "weight_decay"] = o.weight_decay
+    if hasattr(optimizer, "trust_coefficient"):
+        optimizer.trust_coefficient = o.trust_coefficient
+
+
 def step_converter(ckpt: dict[str, Any], derived: DerivedValues) -> Callable[[int], int] | None:
     """Where a global step of the checkpoint's numbering lies in this run's, when the global batch or the epoch
     length changed (None when they did not): the same epoch, at the batch that the images seen so far in it
@@ -165,6 +176,7 @@ def restore_training_state(ckpt: dict[str, Any], step_fn: SwAVStep, *, config: C
     _check_compatible(ckpt, config, spec, path)
     load_state_checked(step_fn.raw_model, ckpt["model"], strict=True, source=path)
     step_fn.optimizer.load_state_dict(ckpt["optimizer"])
+    _apply_optimizer_settings(step_fn.optimizer, config)  # the saved groups' settings would win otherwise
     if ckpt.get("scaler"):
         step_fn.scaler.load_state_dict(ckpt["scaler"])
     saved_world = int(ckpt.get("world_size", 1))

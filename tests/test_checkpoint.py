@@ -138,3 +138,30 @@ def test_run_folder_protection(tmp_path):
         check_run_folder(tmp_path, resume=True, overwrite=True)
     assert sorted(clear_run(tmp_path)) == ["checkpoints", "config.yaml"]
     assert not holds_run(tmp_path) and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_write_error_names_the_system_cause_and_ctrl_c_stays_an_interrupt(tmp_path, monkeypatch):
+    """torch's writer wraps what goes wrong inside it in its own RuntimeError: a full disk read "[enforce fail
+    at inline_container.cc] unexpected pos", and Ctrl-C became a disk error with exit status 1."""
+    import errno
+
+    import swav.checkpoint as ckpt_module
+
+    def full_disk(obj, fh):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2963968") from exc
+    monkeypatch.setattr(ckpt_module.torch, "save", full_disk)
+    with pytest.raises(CheckpointSaveError, match="No space left on device\\. Previous checkpoints are untouched"):
+        save_checkpoint(state(1), step_checkpoint_path(tmp_path, 1))
+
+    def interrupted(obj, fh):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10") from exc
+    monkeypatch.setattr(ckpt_module.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(state(1), step_checkpoint_path(tmp_path, 2))
+    assert not any(p.name.startswith(".step") for p in (tmp_path / "checkpoints").iterdir())  # no leftover

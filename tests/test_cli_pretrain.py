@@ -214,11 +214,17 @@ def test_resume_without_config_yaml_uses_the_checkpoints_config(tmp_path, caplog
     run = tmp_path / "run"
     train(tiny_config(run, **{"data.pipeline": "tensor", "run.max_steps": 2, "optim.epochs": 2}),
           dataset=InMemoryImages(16), model_builder=tiny_model)
-    (run / "config.yaml").unlink()
-    with caplog.at_level(logging.WARNING, logger="swav"):
-        config, demo = resolve_config(build_parser().parse_args(["pretrain", "--output-dir", str(run), "--resume"]))
-    assert not demo and (config.model.hidden_dim, config.optim.epochs, config.crops.sizes) == (16, 2, (12, 8))
-    assert "config.yaml is missing: continuing with the config stored in" in caplog.text
+    for damage in ("empty", "missing"):  # an empty (or cut) file is no config of defaults either
+        if damage == "empty":
+            (run / "config.yaml").write_text("")
+        else:
+            (run / "config.yaml").unlink()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="swav"):
+            config, demo = resolve_config(build_parser().parse_args(["pretrain", "--output-dir", str(run),
+                                                                     "--resume"]))
+        assert not demo and (config.model.hidden_dim, config.optim.epochs, config.crops.sizes) == (16, 2, (12, 8))
+        assert "config.yaml is missing or unreadable: continuing with the config stored in" in caplog.text
 
 
 def test_a_summary_asked_for_on_unlabelled_data_is_refused_before_training(tmp_path, folder, capsys):

@@ -433,3 +433,28 @@ def test_a_second_resume_after_a_renumbering_one_converts_nothing_again(tmp_path
     result = train(with_values(smaller, {"debug.inject_error_step": -1}), model_builder=tiny_model, resume=True)
     assert (result.status, result.step) == ("complete", 15)
     assert steps()[:3] == [(1, 2), (2, 5), (3, 7)] and [s for _, s in steps()[3:]] == list(range(8, 16))
+
+
+def test_a_resume_with_other_optimiser_settings_trains_with_them(tmp_path, image_folder):
+    """optim.weight_decay / momentum changed on resume were announced but the checkpoint's optimiser groups kept
+    the old values; switching LARS on or off is refused before the folder's config.yaml changes."""
+    first = tiny_config(tmp_path, image_folder, **{"run.max_steps": 3, "optim.lars": False})
+    train(first, model_builder=tiny_model)
+    changed = with_values(first, {"run.max_steps": 4, "optim.weight_decay": 0.1, "optim.momentum": 0.5})
+    train(changed, model_builder=tiny_model, resume=True)
+    group = load_checkpoint(list_checkpoints(tmp_path)[0])["optimizer"]["param_groups"][0]
+    assert (group["weight_decay"], group["momentum"]) == (0.1, 0.5)
+    before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ResumeMismatchError, match="optim.lars"):
+        train(with_values(changed, {"optim.lars": True, "run.max_steps": 5}), model_builder=tiny_model, resume=True)
+    assert (tmp_path / "config.yaml").read_text() == before
+
+
+def test_a_complete_run_asked_for_more_epochs_is_refused_not_nothing_to_do(tmp_path, image_folder):
+    done = tiny_config(tmp_path, image_folder, **{"optim.epochs": 1})
+    train(done, model_builder=tiny_model)
+    assert train(done, model_builder=tiny_model, resume=True).status == "already_complete"  # the same config
+    with pytest.raises(RunExistsError, match="is complete .*another config \\(optim.epochs: checkpoint 1, config 2\\)"):
+        train(with_values(done, {"optim.epochs": 2}), model_builder=tiny_model, resume=True)
+    with pytest.raises(RunExistsError, match="complete run of another config .*cannot be continued"):
+        train(with_values(done, {"optim.epochs": 2}), model_builder=tiny_model)

@@ -124,7 +124,15 @@ def _stored_config(output_dir: Path) -> Config | None:
     in its newest readable checkpoint (with a warning); None when the folder holds neither."""
     own = output_dir / "config.yaml"
     if own.is_file():
-        return load_config_file(own)
+        from swav.config import SECTIONS, read_config_values
+
+        try:  # a run writes every section: an empty or cut file is damaged, not a config of defaults
+            sections = {key.split(".")[0] for key in read_config_values(own)}
+            if sections >= set(SECTIONS):
+                return load_config_file(own)
+            logger.warning("%s is incomplete (sections %s missing)", own, sorted(set(SECTIONS) - sections))
+        except ValueError as exc:  # damaged: the checkpoint's copy below
+            logger.warning("%s is unreadable (%s)", own, str(exc).splitlines()[0])
     from swav.checkpoint import CheckpointError, find_latest_checkpoint
     from swav.config import config_from_dict
 
@@ -134,7 +142,7 @@ def _stored_config(output_dir: Path) -> Config | None:
         return None  # the run itself names the damaged checkpoints
     if found is None or not isinstance(found[1].get("config"), dict):
         return None
-    logger.warning("%s is missing: continuing with the config stored in %s", own, found[0])
+    logger.warning("%s is missing or unreadable: continuing with the config stored in %s", own, found[0])
     return config_from_dict(found[1]["config"])
 
 
