@@ -99,6 +99,9 @@ def main() -> None:
     print(machine_header())
     windows = peak_windows_supported()
     torch.set_num_threads(1)
+    if not args.data.is_dir():
+        raise SystemExit(f"--data {str(args.data)!r} is not a folder: pass a folder of JPEG photos (ImageNet-size, "
+                         "e.g. 500 x 375), as --data DIR")
     files = sorted(p for p in args.data.resolve().iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
         raise SystemExit(f"no JPEG files in {args.data}")
