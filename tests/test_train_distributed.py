@@ -155,7 +155,9 @@ def test_every_rank_resumes_from_rank_zeros_checkpoint(tmp_path):
                       load_checkpoint(list_checkpoints(straight / "run")[0]))
 
 
-def _model_file_blocked(rank: int, world_size: int, root: str):
+def _error_and_stop_lines(run) -> tuple[str, str, list[str]] | None:
+    """``run()``'s error (type name, message) and the "rank N of M stopped:" lines logged meanwhile; None if
+    it raised nothing."""
     import logging
 
     records: list[str] = []
@@ -163,13 +165,18 @@ def _model_file_blocked(rank: int, world_size: int, root: str):
     handler.emit = lambda record: records.append(record.getMessage())
     logging.getLogger("swav").addHandler(handler)
     try:
-        train(tiny_config(f"{root}/run", **{"data.pipeline": "tensor", "optim.epochs": 1}), dataset=InMemoryImages(24),
-              model_builder=tiny_model, resume=True)
-    except Exception as exc:  # noqa: BLE001 - the test compares both ranks' errors
+        run()
+    except Exception as exc:  # noqa: BLE001 - the tests compare both ranks' errors
         return type(exc).__name__, str(exc), [r for r in records if "stopped:" in r]
     finally:
         logging.getLogger("swav").removeHandler(handler)
     return None
+
+
+def _model_file_blocked(rank: int, world_size: int, root: str):
+    return _error_and_stop_lines(lambda: train(
+        tiny_config(f"{root}/run", **{"data.pipeline": "tensor", "optim.epochs": 1}), dataset=InMemoryImages(24),
+        model_builder=tiny_model, resume=True))
 
 
 @pytest.mark.distributed
@@ -224,26 +231,15 @@ def test_a_download_is_done_by_rank_zero_first_then_one_process_per_node_then_th
 
 
 def _prune_fails_on_rank_zero(rank: int, world_size: int, root: str):
-    import logging
-
     import swav.train as engine
 
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logging.getLogger("swav").addHandler(handler)
     if rank == 0:
         def prune(*args, **kwargs):
             raise OSError("Input/output error (simulated)")
         engine.prune_checkpoints = prune
-    try:
-        train(tiny_config(f"{root}/run", **{"data.pipeline": "tensor", "run.checkpoint_every_steps": 1}),
-              dataset=InMemoryImages(24), model_builder=tiny_model)
-    except Exception as exc:  # noqa: BLE001 - the test compares both ranks' errors
-        return type(exc).__name__, str(exc), [r for r in records if "stopped:" in r]
-    finally:
-        logging.getLogger("swav").removeHandler(handler)
-    return None
+    return _error_and_stop_lines(lambda: train(
+        tiny_config(f"{root}/run", **{"data.pipeline": "tensor", "run.checkpoint_every_steps": 1}),
+        dataset=InMemoryImages(24), model_builder=tiny_model))
 
 
 @pytest.mark.distributed
