@@ -80,7 +80,10 @@ def truncate_metrics(output_dir: str | os.PathLike, after_step: int, *,
 class MetricsWriter:
     """Append JSON lines (flushed per record) and mirror numeric values to TensorBoard."""
 
-    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True,
+                 purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first step; TensorBoard drops the events an interrupted run logged from
+        there on (as ``metrics.jsonl`` is truncated), instead of showing those steps twice."""
         self.enabled = enabled
         self._file = None
         self._tb = None
@@ -93,7 +96,7 @@ class MetricsWriter:
             except ImportError:
                 logger.info("tensorboard is not installed: metrics go to %s only", METRICS_FILE)
             else:
-                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled or self._file is None:

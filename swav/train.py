@@ -591,7 +591,8 @@ def _check_model_takes_crops(raw: SwAVModel, config: Config, device: torch.devic
 def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: TrainLoader, progress: Progress,
           out: Path, ctx: DistContext, stop: StopSignals, knn_monitor: KnnMonitor | None) -> TrainResult:
     run = config.run
-    writer = MetricsWriter(out, enabled=ctx.is_main, tensorboard=run.tensorboard)
+    writer = MetricsWriter(out, enabled=ctx.is_main, tensorboard=run.tensorboard,
+                           purge_step=progress.step + 1 if progress.step else None)
     meter = RateMeter(derived.global_batch_size, derived.total_steps, progress.step)
     monitor = CollapseMonitor(derived.collapse_loss,
                               start_step=max(derived.warmup_steps, config.swav.freeze_prototypes_steps),

@@ -458,3 +458,20 @@ def test_a_complete_run_asked_for_more_epochs_is_refused_not_nothing_to_do(tmp_p
         train(with_values(done, {"optim.epochs": 2}), model_builder=tiny_model, resume=True)
     with pytest.raises(RunExistsError, match="complete run of another config .*cannot be continued"):
         train(with_values(done, {"optim.epochs": 2}), model_builder=tiny_model)
+
+
+def test_tensorboard_drops_the_steps_a_resume_trains_again(tmp_path, image_folder):
+    """An interrupted run logged steps after its last checkpoint; the resume trains them again: TensorBoard
+    keeps each step once, as metrics.jsonl does."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(tmp_path, image_folder, **{"run.tensorboard": True, "run.checkpoint_every_steps": 2,
+                                                     "run.checkpoint_every_epochs": 0, "optim.epochs": 1})
+    with pytest.raises(RuntimeError, match="inject"):
+        train(with_values(config, {"debug.inject_error_step": 4}), model_builder=tiny_model)  # steps 1-3 logged
+    train(config, model_builder=tiny_model, resume=True)  # from the checkpoint of step 2: steps 3-5 again
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5], steps
