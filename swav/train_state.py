@@ -162,9 +162,14 @@ def step_converter(ckpt: dict[str, Any], derived: DerivedValues) -> Callable[[in
 
     def convert(step: int) -> int:
         epoch, batch = divmod(step, old_epoch_steps)
-        return epoch * derived.steps_per_epoch + min(batch * old_batch // derived.global_batch_size,
-                                                     derived.steps_per_epoch - 1)
+        return epoch * derived.steps_per_epoch + _batch_in_new_numbering(batch, old_batch, derived)
     return convert
+
+
+def _batch_in_new_numbering(batch: int, old_batch: int, derived: DerivedValues) -> int:
+    """The batch of the epoch that the images seen in its first ``batch`` batches of ``old_batch`` images reach
+    with this run's global batch (rounded down, and never past the epoch's last batch)."""
+    return min(batch * old_batch // derived.global_batch_size, derived.steps_per_epoch - 1)
 
 
 def restore_training_state(ckpt: dict[str, Any], step_fn: SwAVStep, *, config: Config, derived: DerivedValues,
@@ -189,8 +194,9 @@ def restore_training_state(ckpt: dict[str, Any], step_fn: SwAVStep, *, config: C
         restore_rng_state(rngs[rank])
     saved = ckpt.get("derived") or {}
     if step_converter(ckpt, derived) is not None:
-        seen = progress.batch_in_epoch * int(saved.get("global_batch_size", derived.global_batch_size))
-        batch = min(seen // derived.global_batch_size, derived.steps_per_epoch - 1)  # as step_converter
+        old_batch = int(saved.get("global_batch_size", derived.global_batch_size))
+        seen = progress.batch_in_epoch * old_batch
+        batch = _batch_in_new_numbering(progress.batch_in_epoch, old_batch, derived)
         converted = Progress(progress.epoch, batch, progress.epoch * derived.steps_per_epoch + batch)
         again = seen - batch * derived.global_batch_size
         logger.warning("global batch or epoch length changed since the checkpoint (%s -> %s): continuing at "
