@@ -34,7 +34,7 @@ from swav.recipes import load_recipe
 from swav.schedule import warmup_cosine_schedule
 from swav.train import _checked_precision, _optimizer, model_spec_from_config, train
 from swav.train_data import build_train_loader, resolve_pipeline
-from swav.train_step import SwAVStep
+from swav.train_step import SwAVStep, resolve_channels_last
 
 
 INTERVAL = 10
@@ -69,12 +69,13 @@ def premade_rates(config, steps: int, warmup: int) -> tuple[list[float], float]:
     make_ms = 1000 * (time.perf_counter() - start) / len(batches)
     torch.manual_seed(config.run.seed)
     model = build_model(model_spec_from_config(config))
-    if config.run.channels_last:
+    precision = _checked_precision(config, model, device)
+    if resolve_channels_last(config.run.channels_last, device, precision):  # the layout swav pretrain picks
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, config)
     schedule = warmup_cosine_schedule(config.optim.base_lr, config.optim.final_lr, 1, warmup + steps)
     step = SwAVStep(model, model, optimizer, config=config, lr_schedule=schedule, queue_length_per_rank=0,
-                    precision=_checked_precision(config, model, device), device=device, rank=0)
+                    precision=precision, device=device, rank=0)
     for i in range(warmup):
         step(batches[i], i)
     rates = []

@@ -216,7 +216,7 @@ class RunConfig:
     seed: int = 31
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto = bf16 where the hardware supports it, else fp32
-    channels_last: bool = False
+    channels_last: bool | None = None  # null (auto): on for GPUs and for bf16/fp16, off for fp32 on a CPU
     compile: bool = False  # torch.compile the model
     cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms once per crop size
     sync_bn: bool = True  # SyncBatchNorm when world size > 1

@@ -57,7 +57,7 @@ from swav.schedule import warmup_cosine_schedule
 from swav.train_data import TrainLoader, build_train_loader, colour_stage, data_sizes, resolve_pipeline
 from swav.train_state import (Progress, ResumeMismatchError, restore_training_state, save_training_state,
                               step_converter)
-from swav.train_step import SwAVStep, autocast_dtype, bf16_gradients_agree, resolve_precision
+from swav.train_step import SwAVStep, autocast_dtype, bf16_gradients_agree, resolve_channels_last, resolve_precision
 from swav.usage import UsageError
 
 __all__ = ["TrainResult", "train", "model_spec_from_config"]
@@ -438,7 +438,8 @@ def _checked_precision(config: Config, raw: SwAVModel, device: torch.device) -> 
     if precision != "bf16" or device.type != "cpu":
         return precision
     shapes = sorted({(config.data.channels, s, s) for s in config.crops.sizes}, reverse=True)
-    bad = bf16_gradients_agree(raw, shapes)
+    bad = bf16_gradients_agree(raw, shapes, channels_last=resolve_channels_last(config.run.channels_last, device,
+                                                                                 "bf16"))
     if not bad:
         return precision
     if config.run.precision == "auto":
@@ -476,10 +477,11 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
     raw.to(ctx.device)
     if ctx.device.type == "cuda":  # fixed crop sizes: the fastest algorithm per shape, found in the first steps
         torch.backends.cudnn.benchmark = config.run.cudnn_benchmark
-    if config.run.channels_last:
-        raw.to(memory_format=torch.channels_last)  # before DDP registers the parameters
     _check_model_takes_crops(raw, config, ctx.device)  # before the bf16 check on a CPU, which runs the network too
     precision = _checked_precision(config, raw, ctx.device)
+    channels_last = resolve_channels_last(config.run.channels_last, ctx.device, precision)
+    if channels_last:
+        raw.to(memory_format=torch.channels_last)  # before DDP registers the parameters
     dataset_size, samples_per_rank = data_sizes(dataset, ctx.world_size)
     derived = derive_values(config, world_size=ctx.world_size, dataset_size=dataset_size,
                             samples_per_rank=samples_per_rank, device=str(ctx.device), precision=precision,
@@ -542,7 +544,7 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
                 spec.backbone if model_builder is build_model else
                 f"the network of {getattr(model_builder, '__qualname__', 'model_builder')}() (load it back with "
                 "load_pretrained(..., model_builder=...))", derived.dataset_size, derived.steps_per_epoch, derived.total_steps,
-                derived.global_batch_size, precision, pipeline, colour,
+                derived.global_batch_size, precision + (", channels-last" if channels_last else ""), pipeline, colour,
                 f" (batches made {ahead} ahead in a background thread)" if ahead else "")
     return _loop(config, derived, step_fn, loader, progress, out, ctx, stop, knn_monitor)
 

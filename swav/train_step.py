@@ -37,7 +37,7 @@ from swav.loss import swav_loss
 from swav.model import SwAVModel
 from swav.queue import EmbeddingQueue
 
-__all__ = ["cpu_supports_bf16", "resolve_precision", "bf16_gradients_agree", "autocast_dtype", "InjectedFailure",
+__all__ = ["cpu_supports_bf16", "resolve_precision", "resolve_channels_last", "bf16_gradients_agree", "autocast_dtype", "InjectedFailure",
            "StepOutput", "SwAVStep"]
 
 logger = logging.getLogger(__name__)
@@ -69,23 +69,39 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def resolve_channels_last(requested: bool | None, device: torch.device, precision: str) -> bool:
+    """``run.channels_last``: null (auto) -> channels-last on GPUs and wherever autocast runs in bf16/fp16
+    (their convolution kernels are fastest in that layout: 1.25x for the CPU default job's step, see the
+    README's Speed section), the contiguous layout for fp32 on a CPU.
+
+    Example:
+        >>> resolve_channels_last(None, torch.device("cpu"), "bf16"), resolve_channels_last(None, torch.device("cpu"), "fp32")
+        (True, False)
+    """
+    if requested is not None:
+        return bool(requested)
+    return device.type == "cuda" or precision in ("bf16", "fp16")
+
+
 def bf16_gradients_agree(model: nn.Module, crop_shapes: Sequence[tuple[int, int, int]], *, batch: int = 16,
-                         tolerance: float = 4.0) -> list[str]:
+                         tolerance: float = 4.0, channels_last: bool = False) -> list[str]:
     """Parameters whose bf16-autocast gradient is non-finite or ``tolerance`` x larger than in fp32.
 
     Some CPU bf16 kernels return garbage weight gradients for degenerate shapes (seen with torch 2.x
     on AMX CPUs: a 3x3 stride-2 convolution on a 1x1 input gives gradients of 1e11 or inf), which
     would silently corrupt training. One tiny forward/backward of a copy of ``model`` in each
     precision finds them; ``crop_shapes`` are ``(channels, height, width)``, one per crop size (the bug
-    shows from 8 images per backbone pass on).
+    shows from 8 images per backbone pass on); ``channels_last``: the memory layout training will use.
     """
     import copy
 
     generator = torch.Generator().manual_seed(0)
-    crops = [torch.randn(batch, *shape, generator=generator) for shape in crop_shapes]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    crops = [torch.randn(batch, *shape, generator=generator).contiguous(memory_format=layout)
+             for shape in crop_shapes]
     norms: list[dict[str, float]] = []
     for dtype in (None, torch.bfloat16):
-        probe = copy.deepcopy(model).train()
+        probe = copy.deepcopy(model).train().to(memory_format=layout)
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             out = probe(crops)
         torch.stack([s.float().logsumexp(dim=1).mean() for s in out.scores]).sum().backward()
@@ -171,6 +187,7 @@ class SwAVStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.queue: EmbeddingQueue | None = None
         self.consecutive_skips = 0
+        self.channels_last = resolve_channels_last(config.run.channels_last, device, precision)
         self.check_sync = resolve_check_sync(config.run.check_sync, device, optimizer, precision == "fp16")
         self._posted: _PostedFlags | None = None
         self._carried: tuple[int, bool] = (0, False)  # flags read by flush(), for the next step's output
@@ -217,7 +234,7 @@ class SwAVStep:
         cfg = self.config
         lr = self._set_lr(step)
         self.raw_model.normalize_prototypes()
-        if cfg.run.channels_last:
+        if self.channels_last:
             crops = [x.contiguous(memory_format=torch.channels_last) for x in crops]
         else:  # the layout asked for (the CPU's OpenCV colour stage hands over channels-last crops)
             crops = [x.contiguous() for x in crops]

@@ -99,6 +99,24 @@ def test_train_step_benchmark_probes_memory_per_configuration(tmp_path):
     assert [r["variant"] for r in record["rows"]] == ["fp32", "bf16-cl"]
     for row in record["rows"]:
         assert row["peak_rss_gib"] > 0 and len(row["step_times_s"]) == 2
+    assert record["loss_tolerance"] == 0.01 and record["rows"][1]["within_tolerance"] is True
+    assert "bf16-cl: |dloss|" in text and "within tolerance" in text
+
+
+def test_train_step_benchmark_tolerance_refuses_codes_that_moved():
+    """The stated tolerance can fail: a code table with a tenth of every row's mass moved elsewhere is out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_step as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    torch = pytest.importorskip("torch")
+    codes = torch.softmax(torch.randn(2, 16, 30, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert bench.agreement(5.0, codes, (5.0, codes))["within_tolerance"]
+    moved = 0.9 * codes + 0.1 * torch.roll(codes, 1, dims=-1)
+    result = bench.agreement(5.0, moved, (5.0, codes))
+    assert 0.1 < result["codes_mean_row_l1_vs_fp32"] and not result["within_tolerance"]
+    assert not bench.agreement(5.02, codes, (5.0, codes))["within_tolerance"]
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")

@@ -225,6 +225,19 @@ def test_a_failed_first_start_leaves_no_config_that_refuses_the_corrected_comman
     assert train(with_values(limited, {"run.max_steps": 0}), model_builder=tiny_model).status == "complete"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_engine_trains_bf16_channels_last_and_fp32_contiguous_by_default(tmp_path, precision, caplog):
+    """run.channels_last null: the model is trained (and saved) channels-last in bf16, contiguous in fp32 on a CPU."""
+    config = tiny_config(tmp_path, **{"run.precision": precision, "optim.epochs": 1})
+    with caplog.at_level("INFO", logger="swav"):
+        train(config, dataset=InMemoryImages(), model_builder=tiny_model)
+    assert (f"{precision}, channels-last," in caplog.text) is (precision == "bf16")
+    weight = final_state(tmp_path)["model"]["backbone.0.weight"]
+    layout = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    assert weight.is_contiguous(memory_format=layout) and not weight.is_contiguous(
+        memory_format=torch.contiguous_format if precision == "bf16" else torch.channels_last)
+
+
 def test_resume_refuses_a_different_model(tmp_path, image_folder):
     train(tiny_config(tmp_path, image_folder, **{"run.max_steps": 2}), model_builder=tiny_model)
     other = tiny_config(tmp_path, image_folder, **{"model.num_prototypes": 12, "crops.sizes": [12, 6]})
