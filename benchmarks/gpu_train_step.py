@@ -455,7 +455,7 @@ def main() -> None:
     elif not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     else:
-        device = torch.device("cuda")
+        device = torch.device("cuda", torch.cuda.current_device())  # with its index, as the engine's
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -516,10 +516,10 @@ def main() -> None:
                               args.compile_jpeg, check_sync, prefetch)
                 save(row)
                 if args.json:  # the engine's own logs come back with the JSON
-                    for name in ("metrics.jsonl", "train.log"):
-                        if (args.work_dir / "run" / name).is_file():
-                            shutil.copy(args.work_dir / "run" / name, args.json.parent /
-                                        f"engine_{check_sync}_prefetch{prefetch}_{name}")
+                    for log_name in ("metrics.jsonl", "train.log"):
+                        if (args.work_dir / "run" / log_name).is_file():
+                            shutil.copy(args.work_dir / "run" / log_name, args.json.parent /
+                                        f"engine_{check_sync}_prefetch{prefetch}_{log_name}")
                 # a SIGTERM (the caller's time limit) makes the engine save and return "preempted": stop here
                 stopped = row.get("status") == "preempted"
     if args.compile:

@@ -260,13 +260,21 @@ class DeviceMultiCrop:
                 decoded = self._device_decode([encoded[i] for i in jpeg], mode)
                 for i, image in zip(jpeg, decoded):
                     images[i] = image
+            except torch.cuda.OutOfMemoryError:
+                raise  # not a bad file: the GPU is full (decoding on the CPU instead would hide it)
             except RuntimeError as exc:  # one bad file fails the batch: find it image by image
                 logger.debug("batched device decode failed (%s); decoding one by one", exc)
                 for i in jpeg:
                     try:
                         images[i] = self._device_decode(encoded[i], mode)
+                    except torch.cuda.OutOfMemoryError:
+                        raise
                     except RuntimeError:
                         pass
+                if len(jpeg) >= 4 and all(images[i] is None for i in jpeg):  # the decoder itself does not work
+                    self.device_decode = False
+                    logger.warning("the device JPEG decoder failed on all %d JPEGs of a batch (%s): decoding on "
+                                   "the CPU from now on (torchvision built without nvJPEG?)", len(jpeg), exc)
             for i in jpeg:  # the device decoder leaves the EXIF orientation to us (load_image applies it)
                 if images[i] is not None:
                     orientation = orientations[i] if orientations is not None else self._orientation(encoded[i])

@@ -234,8 +234,8 @@ def prefetched(batches: Iterator[Any], depth: int = 1, device: torch.device | No
 
     def produce() -> None:
         try:
-            if cuda:
-                torch.cuda.set_device(device)
+            if cuda:  # the stream's device: "cuda" without an index is the consumer's current GPU
+                torch.cuda.set_device(stream.device)
                 torch.cuda.set_stream(stream)
             for item in batches:
                 if not put(item):

@@ -105,9 +105,12 @@ def test_compiled_dense_stage_in_a_background_thread_matches_eager(device: str) 
             aug.generator = torch.Generator().manual_seed(b)
             yield aug(batches)
 
-    compiled = list(prefetched(made(BatchColorAugment(strategy="dense", compile=True)), depth=1))
+    compiler = BatchColorAugment(strategy="dense", compile=True)
+    compiled = list(prefetched(made(compiler), depth=1, device=torch.device(device)))
     eager = list(made(BatchColorAugment(strategy="masked")))
     assert len(compiled) == 3
+    # compiled for both crop sizes (a compiler failure falls back to the same values, with a warning)
+    assert compiler.compile and len(compiler._compiled_shapes) == 2
     for ours, reference in zip(compiled, eager, strict=True):
         for a, b in zip(ours, reference, strict=True):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)

@@ -287,3 +287,35 @@ def test_an_orientation_stored_as_a_fraction_counts_as_pil_counts_it() -> None:
     shown = load_image(buffer.getvalue()).size  # (width, height) after PIL's exif_transpose
     height, width, orientation = read_header(buffer.getvalue())
     assert shown == (20, 30) and (width, height, orientation) == (20, 30, 6)
+
+
+def test_a_device_decoder_that_fails_on_every_jpeg_hands_over_to_the_cpu_once(monkeypatch, caplog) -> None:
+    """A decoder that rejects every JPEG of a batch (torchvision without nvJPEG) is not asked again: the CPU
+    decodes, the same crops come out, and one warning says so."""
+    encoded = [encode(smooth_image(i)) for i in range(4)]
+    want = DeviceMultiCrop(GROUPS, seed=2)(encoded, list(range(4)))
+    cropper, calls = DeviceMultiCrop(GROUPS, seed=2), []
+
+    def broken(data, mode):
+        calls.append(data)
+        raise RuntimeError("not compiled with nvJPEG support")
+
+    monkeypatch.setattr(cropper, "_device_decode", broken)
+    with caplog.at_level("WARNING", logger="swav"):
+        first = cropper(encoded, list(range(4)))
+        second = cropper(encoded, list(range(4)))
+    assert len(calls) == 5 and not cropper.device_decode  # one batched call, four single ones, then none
+    assert cropper.cpu_decoded == 8 and "decoding on the CPU from now on" in caplog.text
+    for a, b, c in zip(first, second, want):
+        assert torch.equal(a, b) and (a.float() - c.float()).abs().mean() < 2.0
+
+
+def test_a_full_gpu_is_not_taken_for_bad_files(monkeypatch) -> None:
+    cropper = DeviceMultiCrop(GROUPS, seed=2)
+
+    def full(data, mode):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cropper, "_device_decode", full)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cropper([encode(smooth_image(i)) for i in range(2)], [0, 1])

@@ -94,3 +94,17 @@ def test_prefetch_default_is_auto_one_for_the_gpu_device_pipeline_only() -> None
     assert with_values(auto, {"data.prefetch_batches": "null"}).data.prefetch_batches is None
     with pytest.raises(ValueError, match=r"data.prefetch_batches=-1 is invalid: expected an integer >= 0 or null"):
         with_values(auto, {"data.prefetch_batches": -1})
+
+
+def test_the_batch_thread_takes_the_consumers_gpu_and_stream_for_a_device_without_index(monkeypatch) -> None:
+    """``torch.device("cuda")`` has no index, which ``torch.cuda.set_device`` refuses: the thread takes the GPU of the
+    consumer's current stream. The CUDA calls are stubbed so that this runs on a machine without a GPU."""
+    class FakeStream:
+        device = torch.device("cuda", 1)
+
+    consumer_stream, calls = FakeStream(), []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: consumer_stream)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("device", device)))
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: calls.append(("stream", stream)))
+    assert list(prefetched(iter(range(3)), 1, torch.device("cuda"))) == [0, 1, 2]
+    assert calls == [("device", torch.device("cuda", 1)), ("stream", consumer_stream)]
