@@ -32,6 +32,15 @@ def device_constant(values: Sequence[float], device: torch.device, dtype: torch.
     return _CONSTANTS[key]
 
 
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor.to(device)`` without a host-device synchronisation: a host tensor bound for a GPU goes through
+    pinned memory with a non-blocking copy (a copy from pageable memory waits until the GPU has finished all the
+    work queued before it, e.g. the previous training step)."""
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
     return r.mul(_GRAY_WEIGHTS[0]).add_(g, alpha=_GRAY_WEIGHTS[1]).add_(b, alpha=_GRAY_WEIGHTS[2])\

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from swav.color_ops import adjust_hue_batch
+from swav.color_ops import adjust_hue_batch, device_constant, to_device_async
 from swav.multicrop import CropGroup, blur_kernel_size
 
 __all__ = ["TensorMultiCrop", "step_generator", "sample_crop_boxes"]
@@ -235,7 +235,7 @@ class TensorMultiCrop:
         total = n * group.count
         boxes = sample_crop_boxes(total, height, width, (group.min_scale, group.max_scale), generator)
         flips = torch.rand(total, generator=generator) < 0.5
-        theta = _crop_thetas(boxes, flips, height, width).to(device=source.device, dtype=source.dtype)
+        theta = to_device_async(_crop_thetas(boxes, flips, height, width).to(source.dtype), source.device)
         grid = F.affine_grid(theta, [total, c, group.size, group.size], align_corners=False)
         repeated = source.repeat(group.count, 1, 1, 1) if group.count > 1 else source
         out = F.grid_sample(repeated, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -264,15 +264,15 @@ class TensorMultiCrop:
                     chosen = apply & (order[:, position] == op)
                     if bool(chosen.any()):
                         f_n = torch.where(chosen, factors[:, op], neutral[op])
-                        x = self._jitter_op(op, x, f_n.to(device=x.device, dtype=x.dtype))
+                        x = self._jitter_op(op, x, to_device_async(f_n.to(x.dtype), x.device))
         if self.channels == 3 and bool(gray.any()):
-            x = torch.where(gray.to(x.device).view(n, 1, 1, 1), self._luma(x).expand_as(x), x)
+            x = torch.where(to_device_async(gray, x.device).view(n, 1, 1, 1), self._luma(x).expand_as(x), x)
         return x
 
     def _luma(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels == 1:
             return x
-        weights = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        weights = device_constant(_LUMA, x.device, x.dtype).view(1, 3, 1, 1)
         return (x * weights).sum(dim=1, keepdim=True)
 
     def _jitter_op(self, op: int, x: torch.Tensor, f_n: torch.Tensor) -> torch.Tensor:
@@ -300,12 +300,12 @@ class TensorMultiCrop:
             return x
         taps = blur_kernel_size(size, high)
         index = apply.nonzero()[:, 0]
-        kernels = _gaussian_kernels(sigma[index], taps).to(x.device)
-        index = index.to(x.device)
+        kernels = to_device_async(_gaussian_kernels(sigma[index], taps), x.device)
+        index = to_device_async(index, x.device)
         x[index] = _blur(x[index], kernels)
         return x
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        mean = device_constant(self.mean, x.device, x.dtype).view(1, -1, 1, 1)
+        std = device_constant(self.std, x.device, x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std

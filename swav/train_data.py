@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
+from swav.color_ops import to_device_async
 from swav.config import Config
 from swav.multicrop import crop_groups_from_lists, mix_seed, resolve_normalization, seed_worker
 from swav.preemption import ignore_stop_signals
@@ -383,7 +384,7 @@ def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank:
         def tensor_batches() -> Iterator[list[torch.Tensor]]:
             index = torch.tensor(sampler.indices(), dtype=torch.long)
             for b in range(len(index) // batch):
-                chunk = images[index[b * batch:(b + 1) * batch].to(device)]
+                chunk = images[to_device_async(index[b * batch:(b + 1) * batch], device)]
                 yield multicrop(chunk, batch_generator(seed, rank, sampler.epoch, sampler.start_batch + b))
         return TrainLoader(sampler, tensor_batches, device, prefetch=prefetch_depth(config, pipeline, device))
 

@@ -119,3 +119,24 @@ def test_batches_made_in_a_background_thread_train_like_inline_ones(tmp_path, jp
         states.append(final_state(out)["model"])
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts host-device synchronisations on a CUDA GPU")
+def test_the_tensor_pipeline_makes_its_crops_on_a_gpu_without_synchronising():
+    """The in-memory data sets' pipeline (Fashion-MNIST, CIFAR) draws on the host and copies to the GPU: every copy
+    goes through pinned memory, so none waits for the step queued before it."""
+    from swav.tensor_multicrop import TensorMultiCrop
+
+    groups = [CropGroup(32, 2, 0.14, 1.0), CropGroup(16, 4, 0.05, 0.14)]
+    multicrop = TensorMultiCrop(groups, channels=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), blur_prob=0.5)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    multicrop(images, torch.Generator().manual_seed(0))  # first use: the constants reach the GPU
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        crops = multicrop(images, torch.Generator().manual_seed(1))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = multicrop(images.cpu(), torch.Generator().manual_seed(1))
+    for got, expected in zip(crops, want, strict=True):
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=0)
