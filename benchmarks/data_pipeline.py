@@ -151,7 +151,12 @@ def main() -> None:
     pipelines += [(f"FastMultiCrop ({label(s)})", fast_pipeline(s)) for s in args.colour_strategies]
     chosen = [(name, work) for name, work in pipelines if name.split(" ")[0] not in args.skip]
     # rounds: every pipeline once per round, in turn, so that drifts of a shared machine hit all of them alike
-    rounds = [[measure(name, work, args.images) for name, work in chosen] for _ in range(args.rounds)]
+    rounds = []
+    for round_index in range(args.rounds):  # a different pipeline first in each round, results kept in table order
+        first = round_index % len(chosen)
+        order = list(range(first, len(chosen))) + list(range(first))
+        times = {i: measure(chosen[i][0], chosen[i][1], args.images) for i in order}
+        rounds.append([times[i] for i in range(len(chosen))])
     results = []
     for i, (name, _) in enumerate(chosen):
         runs = [r[i] for r in rounds]

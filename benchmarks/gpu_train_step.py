@@ -471,10 +471,13 @@ def main() -> None:
             return {"input": f"{label} (FAILED: {type(error).__name__}: {str(error)[:200]})", "batch": 0,
                     "images_per_s": float("nan"), "error": f"{type(error).__name__}: {error}"}
 
+    started = time.perf_counter()
+
     def save(row=None):
         if row is not None:
             report["rows"].append(row)
             print(row, flush=True)
+        report["wall_s"] = time.perf_counter() - started  # the whole script so far (the budget is 8 minutes)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
 
@@ -524,7 +527,9 @@ def main() -> None:
                 stopped = row.get("status") == "preempted"
     if args.compile:
         save(run_compiled(max(args.batch_sizes), args.steps, args.warmup, device))
-    print(f"\nResNet-50, 2x224 + 6x96, {name}, torch {torch.__version__} (fp32 rows use TF32 matmul/conv)")
+    save()
+    print(f"\nResNet-50, 2x224 + 6x96, {name}, torch {torch.__version__} (fp32 rows use TF32 matmul/conv); "
+          f"{report['wall_s']:.0f} s in all")
     if report["sync_audit"]:
         print("host-device synchronisations per call: " + ", ".join(f"{k}: {v}" for k, v in report["sync_audit"].items()))
     print(f"{'input':<52}{'batch':>6}{'precision':>10}{'img/s':>9}{'bb-only img/s':>15}{'step/bb':>9}{'peak GiB':>10}"

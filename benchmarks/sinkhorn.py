@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/sinkhorn.py [--device cuda] [--json out.json]
 
-Prints milliseconds per call (3 iterations, eps 0.05, float32) for the exp-domain and the
+Prints milliseconds per call (the median of --repeats single calls after a warm-up; 3 iterations, eps 0.05, float32) for the exp-domain and the
 log-domain variants at (B, K) = (256, 3000), (4096, 3000), (4096, 30000) (``--sizes`` for others), and
 the peak memory of each row: on a GPU the memory allocated, on the CPU the process's peak resident memory
 while the row ran (the scores, the codes, the iterations' buffers, plus the process's baseline, printed first).
@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from machine import describe as describe_machine, header as machine_header, peak_rss_gib, peak_windows_supported, reset_peak_rss  # noqa: E402
 import torch.nn.functional as F
@@ -29,11 +30,13 @@ def measure(B: int, K: int, log_domain: bool, device: torch.device, repeats: int
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sinkhorn_knopp(scores, log_domain=log_domain)  # warm-up
     sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    times = []
+    for _ in range(repeats):  # the median of single calls: a slow spell of a shared machine hits one of them
+        start = time.perf_counter()
         sinkhorn_knopp(scores, log_domain=log_domain)
-    sync()
-    return (time.perf_counter() - start) / repeats * 1e3
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
 
 
 def peak_memory_of(fn, device: torch.device) -> tuple[float, float]:

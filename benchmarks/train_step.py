@@ -13,7 +13,7 @@ LOSS_TOLERANCE and CODES_MEAN_L1_TOLERANCE, and a configuration outside them mak
 warm-up, one step and one backbone-only call) whose peak resident memory is the "peak GiB" column.
 
 The configurations are timed in rounds: each round runs one step and one backbone-only call of every
-configuration in turn, so that a slow spell of a shared machine falls on all of them alike. The table
+configuration in turn (a different configuration first in each round), so that a slow spell of a shared machine falls on all of them alike. The table
 gives the median over rounds (and the fastest round, which is the least disturbed one); ratios are
 ratios of medians, except "paired": the median over rounds of step / backbone-only measured back to back
 (alternating which comes first), which a slow spell of a few seconds disturbs much less. "opt ms" is the optimiser step alone (over every parameter), timed on the
@@ -236,7 +236,8 @@ def main() -> None:
                      "loss": loss, **agreement(loss, codes, reference),
                      "step_times_s": [], "backbone_only_times_s": [], "optimizer_times_s": []})
     for round_index in range(args.repeats):
-        for step, row in zip(steps, rows):
+        first = round_index % len(rows)  # each configuration leads a round in turn (none always runs cold first)
+        for step, row in list(zip(steps, rows))[first:] + list(zip(steps, rows))[:first]:
             # step and backbone-only back to back, in alternating order: their ratio within a round is
             # much less exposed to the shared host's slow spells than a ratio of medians over all rounds
             if round_index % 2:
@@ -263,8 +264,9 @@ def main() -> None:
     print(f"\n{args.preset}: crops {list(config.crops.counts)} x {list(config.crops.sizes)} px, batch "
           f"{config.optim.batch_size_per_device}, backbone {config.model.backbone}, {torch.get_num_threads()} threads; "
           f"this process, every configuration resident: peak {peak_rss_gib():.2f} GiB")
-    print(f"medians of {args.repeats} interleaved rounds (min: fastest round)")
-    print(f"{'variant':<23}{'precision':<10}{'ch-last':>8}{'matmul':>9}{'compile':>8}{'s/step':>9}{'min':>8}{'img/s':>9}{'vs fp32':>9}"
+    print(f"medians of {args.repeats} interleaved rounds (min: fastest round); 'vs ref', |dloss| and |dcodes| "
+          f"against the first configuration, {names[0]}")
+    print(f"{'variant':<23}{'precision':<10}{'ch-last':>8}{'matmul':>9}{'compile':>8}{'s/step':>9}{'min':>8}{'img/s':>9}{'vs ref':>9}"
           f"{'min vs':>8}{'step/bb':>9}{'paired':>8}{'opt ms':>8}{'|dloss|':>10}{'|dcodes|':>10}{'peak GiB':>10}")
     for r in rows:
         print(f"{r['variant']:<23}{r['precision']:<10}{str(r['channels_last']):>8}{r['small_map_matmul']:>9}{str(r['compile']):>8}{r['step_s']:>9.3f}"

@@ -146,7 +146,7 @@ def test_gpu_benchmark_script_runs_every_path_on_the_cpu(tmp_path):
     out = tmp_path / "g.json"
     text = run_script("gpu_train_step.py", "--smoke-cpu", "--batch-sizes", "2", "--steps", "1", "--warmup", "0",
                       "--data", str(photos), "--workers", "1", "--skip-fp32", "--work-dir", str(tmp_path / "work"),
-                      "--json", str(out), timeout=600)
+                      "--json", str(out), "--engine-steps", "2", "--engine-prefetch", "0", timeout=600)
     assert "host-device synchronisations per call" in text
     record = json.loads(out.read_text())
     check_machine(record)
@@ -154,3 +154,7 @@ def test_gpu_benchmark_script_runs_every_path_on_the_cpu(tmp_path):
     assert inputs[0] == "synthetic" and any(i.startswith("jpeg") for i in inputs)
     assert not [row["error"] for row in record["rows"] if "error" in row]  # a failed row is recorded, not raised
     assert all("peak_gib" in row for row in record["rows"])
+    # swav pretrain itself (what gpu_check.sh's first call measures) ran its steps
+    engine = [row for row in record["rows"] if row["input"].startswith("swav pretrain")]
+    assert len(engine) == 1 and engine[0]["status"] == "max_steps" and engine[0]["steps"] == 2
+    assert 0 < engine[0]["wall_s"] < record["wall_s"]
