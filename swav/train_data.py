@@ -41,7 +41,7 @@ from swav.config import Config
 from swav.multicrop import crop_groups_from_lists, mix_seed, resolve_normalization, seed_worker
 from swav.preemption import ignore_stop_signals
 
-__all__ = ["ResumableSampler", "CropDataset", "TrainLoader", "worker_init", "data_sizes", "in_memory_images",
+__all__ = ["ResumableSampler", "CropDataset", "TrainLoader", "worker_init", "loader_generator", "data_sizes", "in_memory_images",
            "resolve_pipeline", "batch_generator", "prefetch_depth", "colour_stage", "per_image_stages", "build_train_loader"]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,14 @@ def worker_init(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: per-(rank, worker) seeds; stop signals are left to the main process."""
     seed_worker(worker_id)
     ignore_stop_signals()
+
+
+def loader_generator(seed: int, rank: int) -> torch.Generator:
+    """The DataLoader's own generator: each of its iterators draws its workers' base seed from it instead of from
+    torch's global random state, which a resume restores and the model may draw from (dropout, drop-path): a
+    resumed run opens an iterator the uninterrupted one did not, and that extra draw would change every later
+    draw of the model."""
+    return torch.Generator().manual_seed(mix_seed(seed, rank, 0x10AD) % (1 << 63))
 
 
 def data_sizes(dataset: Dataset, world_size: int) -> tuple[int, int]:
@@ -395,7 +403,8 @@ def build_train_loader(config: Config, dataset: Dataset, *, pipeline: str, rank:
     workers = d.workers
     loader = DataLoader(CropDataset(dataset, transform), batch_size=batch, sampler=sampler, drop_last=True,
                         num_workers=workers, collate_fn=multicrop_collate, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0, worker_init_fn=worker_init if workers > 0 else None)
+                        persistent_workers=workers > 0, worker_init_fn=worker_init if workers > 0 else None,
+                        generator=loader_generator(seed, rank))
 
     def file_batches() -> Iterator[list[torch.Tensor]]:
         for b, crops in enumerate(loader):
@@ -424,7 +433,7 @@ def _device_loader(config: Config, dataset: Dataset, sampler: ResumableSampler, 
     workers = d.workers
     loader = DataLoader(encoded, batch_size=config.optim.batch_size_per_device, sampler=sampler, drop_last=True,
                         num_workers=workers, collate_fn=encoded_collate, persistent_workers=workers > 0,
-                        worker_init_fn=worker_init if workers > 0 else None)
+                        worker_init_fn=worker_init if workers > 0 else None, generator=loader_generator(seed, rank))
 
     def device_batches() -> Iterator[list[torch.Tensor]]:
         for b, (buffer, ends, indices, epoch, boxes, sizes) in enumerate(loader):

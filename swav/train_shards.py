@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from swav.batch_augment import multicrop_collate
 from swav.config import Config
 from swav.shards import ShardDataset, Skipped
-from swav.train_data import TrainLoader, batch_generator, per_image_stages, worker_init
+from swav.train_data import TrainLoader, batch_generator, loader_generator, per_image_stages, worker_init
 
 __all__ = ["guaranteed_samples_per_rank", "resume_skips", "sample_index", "ShardCropStream", "ShardTrainLoader",
            "SkippedBatch", "shard_collate", "shard_data_sizes", "build_shard_loader"]
@@ -277,6 +277,7 @@ def build_shard_loader(config: Config, dataset: ShardDataset, *, pipeline: str, 
     stream = ShardCropStream(dataset, transform)
     loader = DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=shard_collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
-                        worker_init_fn=worker_init if workers > 0 else None)
+                        worker_init_fn=worker_init if workers > 0 else None,
+                        generator=loader_generator(config.run.seed, rank))
     return ShardTrainLoader(stream, loader, batch_size=batch, steps_per_epoch=steps, augment=augment,
                             seed=config.run.seed, rank=rank, device=device)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from swav.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, step_checkpoint_path
 from swav.config import config_to_dict, load_config_file, with_values
@@ -19,6 +20,7 @@ from swav.health import NonFiniteError
 from swav.run_folder import RunExistsError
 from swav.train import train
 from swav.train_state import ResumeMismatchError
+from swav.model import SwAVModel
 from tests.train_helpers import InMemoryImages, assert_same_state, final_state, tiny_config, tiny_model
 
 
@@ -236,6 +238,30 @@ def test_the_engine_trains_bf16_channels_last_and_fp32_contiguous_by_default(tmp
     layout = torch.channels_last if precision == "bf16" else torch.contiguous_format
     assert weight.is_contiguous(memory_format=layout) and not weight.is_contiguous(
         memory_format=torch.contiguous_format if precision == "bf16" else torch.channels_last)
+
+
+def dropout_model(spec):
+    """tiny_model with a Dropout: its masks come from torch's global random state, which a resume restores."""
+    trunk = nn.Sequential(nn.Conv2d(spec.in_channels, 6, 3, padding=1), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return SwAVModel(trunk, 8, spec.hidden_dim, spec.output_dim, spec.num_prototypes, spec.head_batch_norm)
+
+
+@pytest.mark.parametrize("pipeline", ["tensor", "pil", "batched", "device"])
+def test_resume_is_bit_identical_for_a_model_that_draws_random_numbers(tmp_path, image_folder, pipeline):
+    """A resumed run opens a data-loader iterator mid-epoch that the straight run did not: it must not draw from
+    the global random state the model's dropout masks come from."""
+    dataset = InMemoryImages(20) if pipeline == "tensor" else None
+    data = None if pipeline == "tensor" else image_folder
+    values = {"data.pipeline": pipeline, "optim.epochs": 2}
+
+    def run(out, steps, resume=False):
+        train(tiny_config(out, data, **values, **{"run.max_steps": steps}), dataset=dataset,
+              model_builder=dropout_model, resume=resume)
+    run(tmp_path / "straight", 8)
+    run(tmp_path / "split", 3)  # mid-epoch (5 batches of 4 per epoch)
+    run(tmp_path / "split", 8, resume=True)
+    assert_same_state(final_state(tmp_path / "straight"), final_state(tmp_path / "split"))
 
 
 def test_resume_refuses_a_different_model(tmp_path, image_folder):
