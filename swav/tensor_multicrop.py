@@ -43,7 +43,7 @@ _LOG_RATIO = (math.log(3.0 / 4.0), math.log(4.0 / 3.0))
 _ATTEMPTS = 10
 _MASK64 = (1 << 64) - 1
 # ITU-R 601 luma (torchvision's rgb_to_grayscale)
-_LUMA = (0.299, 0.587, 0.114)
+_LUMA = (0.2989, 0.587, 0.114)
 
 
 def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:

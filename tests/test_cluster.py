@@ -422,3 +422,14 @@ def test_equipartition_needs_a_sinkhorn_round():
     """0 iterations balance nothing: the clusters would be argmax's, recorded as equipartition."""
     with pytest.raises(ValueError, match="--sinkhorn-iterations\\) must be >= 1 for equipartition"):
         assign_clusters(_unit(10, 4, 0), _unit(3, 4, 1), method="equipartition", iterations=0)
+
+
+def test_nmi_and_ari_take_their_textbook_values_off_perfect_agreement() -> None:
+    """Two true classes of 3 images against three clusters of 2: NMI with the arithmetic-mean normalisation,
+    ARI = (index - expected) / (max - expected)."""
+    import math
+
+    metrics = clustering_metrics([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2])
+    mutual, h_labels, h_clusters = 2 / 3 * math.log(2), math.log(2), math.log(3)
+    assert metrics["nmi"] == pytest.approx(mutual / ((h_labels + h_clusters) / 2))
+    assert metrics["ari"] == pytest.approx((2 - 1.2) / (4.5 - 1.2))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swav.multicrop import CropGroup
+from swav.multicrop import CropGroup, blur_kernel_size
 from swav.tensor_multicrop import (
     TensorMultiCrop,
     _blur,
@@ -152,9 +152,9 @@ def test_rgb_ops_neutral_factors_are_identity_and_grayscale():
     x = torch.rand(4, 3, 8, 8)
     for op, neutral in ((0, 1.0), (1, 1.0), (2, 1.0), (3, 0.0)):
         assert torch.allclose(mc._jitter_op(op, x, torch.full((4,), neutral)), x, atol=1e-5), op
-    # saturation 0 gives the luma image; a hue turn of 1/3 permutes pure primaries (approximately)
+    # saturation 0 gives the luma image (torchvision's weights); a hue turn of 1/3 permutes pure primaries (approximately)
     gray = mc._jitter_op(2, x, torch.zeros(4))
-    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    luma = 0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     assert torch.allclose(gray, luma[:, None].expand_as(x), atol=1e-6)
     grayscale = TensorMultiCrop([(8, 1, 1.0, 1.0)], channels=3, mean=(0, 0, 0), std=(1, 1, 1), jitter_prob=0.0,
                                 blur_prob=0.0, grayscale_prob=1.0)
@@ -211,3 +211,70 @@ def test_hue_jitter_is_torchvisions_hsv_shift_per_sample() -> None:
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     torch.testing.assert_close(multicrop._jitter_op(3, red, torch.tensor([1 / 3])).flatten(),
                                torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
+
+
+def _rate_ok(mask: torch.Tensor, p: float) -> bool:
+    """Within 4.5 standard errors of the rate ``p``."""
+    return abs(mask.float().mean().item() - p) < 4.5 * math.sqrt(p * (1 - p) / mask.numel())
+
+
+def test_jitter_draws_every_op_at_every_position_with_torchvisions_ranges(monkeypatch) -> None:
+    """The colour jitter of the in-memory pipeline (chosen for IDX/CIFAR data): each of the four ops is equally likely
+    at each position of the order, and the factors are uniform over torchvision's ranges at strength 0.8
+    (brightness/contrast/saturation [0.2, 1.8], hue [-0.2, 0.2])."""
+    multicrop = TensorMultiCrop([(8, 1, 1.0, 1.0)], channels=3, jitter_prob=1.0, blur_prob=0.0, grayscale_prob=0.0)
+    calls, original = [], multicrop._jitter_op
+    monkeypatch.setattr(multicrop, "_jitter_op",
+                        lambda op, x, f: (calls.append((op, f.clone())), original(op, x, f))[1])
+    n = 4000
+    multicrop(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8), step_generator(0, 0, 0))
+    assert [op for op, _ in calls] == list(range(4)) * 4  # position by position, every op at every position
+    neutral = [1.0, 1.0, 1.0, 0.0]
+    factors = torch.zeros(n, 4)
+    for i, (op, f) in enumerate(calls):
+        chosen = f != neutral[op]
+        assert _rate_ok(chosen, 0.25), (i // 4, op)
+        factors[chosen, op] = f[chosen]
+    for op, (low, high) in enumerate([(0.2, 1.8)] * 3 + [(-0.2, 0.2)]):
+        f = factors[:, op]
+        assert low - 1e-6 <= f.min() < low + 0.01 and high - 0.01 < f.max() <= high + 1e-6, op
+        assert abs(f.mean() - (low + high) / 2) < 4.5 * (high - low) / math.sqrt(12 * n)
+
+
+def test_grayscale_rate_is_a_fifth() -> None:
+    multicrop = TensorMultiCrop([(8, 1, 1.0, 1.0)], channels=3, jitter_prob=0.0, blur_prob=0.0)
+    (out,) = multicrop(torch.randint(0, 256, (4000, 3, 8, 8), dtype=torch.uint8), step_generator(1, 0, 0))
+    x = out * torch.tensor(multicrop.std).view(1, 3, 1, 1) + torch.tensor(multicrop.mean).view(1, 3, 1, 1)
+    gray = ((x[:, 0] - x[:, 1]).abs().amax(dim=(1, 2)) < 1e-5) & ((x[:, 1] - x[:, 2]).abs().amax(dim=(1, 2)) < 1e-5)
+    assert _rate_ok(gray, 0.2)
+
+
+def test_contrast_of_colour_crops_is_torchvisions() -> None:
+    """Contrast blends with the mean of the luma (not of all channels), as torchvision's adjust_contrast."""
+    import torchvision.transforms.v2.functional as TF
+
+    multicrop = TensorMultiCrop([(8, 1, 1.0, 1.0)], channels=3)
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    f = torch.tensor([0.2, 0.6, 1.0, 1.4, 1.8])
+    expected = torch.stack([TF.adjust_contrast(x[i], float(f[i])) for i in range(5)])
+    torch.testing.assert_close(multicrop._jitter_op(1, x, f), expected, atol=1e-5, rtol=0)
+
+
+def test_blur_kernel_width_and_a_sigma_per_crop(monkeypatch) -> None:
+    import swav.tensor_multicrop as tm
+
+    seen, original = [], tm._gaussian_kernels
+    monkeypatch.setattr(tm, "_gaussian_kernels",
+                        lambda sigma, size: (seen.append((sigma.clone(), size)), original(sigma, size))[1])
+    multicrop = TensorMultiCrop([(16, 1, 1.0, 1.0)], channels=3, jitter_prob=0.0, blur_prob=1.0, grayscale_prob=0.0)
+    multicrop(torch.randint(0, 256, (3000, 3, 16, 16), dtype=torch.uint8), step_generator(2, 0, 0))
+    (sigma, size), = seen
+    assert size == blur_kernel_size(16)
+    assert 0.1 <= sigma.min() and sigma.max() <= 2.0 and len(sigma.unique()) == len(sigma)
+    assert abs(float(sigma.mean()) - 1.05) < 4.5 * 1.9 / math.sqrt(12 * len(sigma))
+
+
+def test_crop_boxes_are_centred_on_average_vertically_too() -> None:
+    boxes = sample_crop_boxes(20000, 96, 96, (0.2, 0.6), torch.Generator().manual_seed(1))
+    top, left, h, w = boxes.T
+    assert abs(float((top + h / 2).double().mean()) - 48) < 0.5

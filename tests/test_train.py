@@ -514,3 +514,39 @@ def test_tensorboard_drops_the_steps_a_resume_trains_again(tmp_path, image_folde
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5], steps
+
+
+def test_a_resume_with_a_smaller_batch_continues_at_the_rounded_down_batch(tmp_path, caplog):
+    first = tiny_config(tmp_path, None, **{"run.max_steps": 2, "data.pipeline": "tensor"})
+    train(first, dataset=InMemoryImages(20), model_builder=tiny_model)  # 8 images of epoch 0 seen
+    smaller = with_values(first, {"optim.batch_size_per_device": 3, "run.max_steps": 3})
+    with caplog.at_level("WARNING", logger="swav"):
+        result = train(smaller, dataset=InMemoryImages(20), model_builder=tiny_model, resume=True)
+    assert "continuing at epoch 0, batch 2 (step 2)" in caplog.text  # 8 // 3 = 2 whole batches of 3
+    assert "about 2 images of this epoch are trained on a second time" in caplog.text
+    assert result.step == 3
+
+
+def test_resume_restores_the_gradient_scaler(tmp_path):
+    """fp16's loss scale (grown or cut by the steps so far) comes back with the checkpoint."""
+    from swav.derived import derive_values
+    from swav.train_state import Progress, restore_training_state, save_training_state
+    from swav.train_step import SwAVStep
+    from tests.reliability_helpers import poisonable_model, tiny_spec
+
+    cfg = tiny_config(tmp_path, **{"crops.counts": [2], "crops.sizes": [8], "crops.min_scales": [0.3],
+                                   "crops.max_scales": [1.0]})
+    derived = derive_values(cfg, world_size=1, dataset_size=20, device="cpu", precision="fp16", pipeline="tensor")
+
+    def make_step():
+        model = poisonable_model(tiny_spec())
+        return SwAVStep(model, model, torch.optim.SGD(model.parameters(), lr=0.1), config=cfg,
+                        lr_schedule=np.full(10, 0.1), queue_length_per_rank=0, precision="fp16",
+                        device=torch.device("cpu"), rank=0)
+    saved = make_step()
+    saved.scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    saved([torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)], step=0)  # initialises the scaler's state
+    path = save_training_state(tmp_path / "c.pt", saved, Progress(0, 1, 1), config=cfg, derived=derived, rank=0)
+    fresh = make_step()
+    restore_training_state(load_checkpoint(path), fresh, config=cfg, derived=derived, rank=0, path=str(path))
+    assert fresh.scaler.get_scale() == saved.scaler.get_scale() != 65536.0
