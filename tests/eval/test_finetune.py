@@ -190,3 +190,8 @@ def test_default_learning_rates_and_milestones():
     assert scaled_milestones(1) == () and scaled_milestones(2) == (1,) and scaled_milestones(3) == (2,)  # decays that happen, once each
     with pytest.raises(ValueError, match="label_fraction"):
         default_learning_rates(0.0)
+    # the semi-supervised protocol: SGD with momentum 0.9, no weight decay, x0.2 at the milestones
+    import inspect
+    from swav.eval.finetune import finetune
+    defaults = {k: p.default for k, p in inspect.signature(finetune).parameters.items()}
+    assert (defaults["momentum"], defaults["weight_decay"], defaults["gamma"]) == (0.9, 0.0, 0.2)
