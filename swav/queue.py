@@ -62,9 +62,3 @@ class EmbeddingQueue(nn.Module):
             self.embeddings[:, :batch] = z_ABD.to(self.embeddings.dtype)
         self._filled = min(self.length, self._filled + batch)
         self.filled.fill_(self._filled)
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        self.embeddings.zero_()
-        self.filled.zero_()
-        self._filled = 0

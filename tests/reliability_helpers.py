@@ -55,7 +55,7 @@ def argv(data: Path, out: Path, *extra: str) -> list[str]:
 def launch(args: list[str], log: Path, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     """``python -m swav <args>`` with one thread, output to ``log`` (files, so that no pipe can fill up)."""
     full_env = {k: v for k, v in os.environ.items() if k != PAUSE_HOOK_ENV}
-    full_env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    full_env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))  # as the in-process reference
     with open(log, "wb") as fh:
         return subprocess.Popen([sys.executable, "-m", "swav", *args], stdout=fh, stderr=subprocess.STDOUT,
                                 env=full_env, cwd=ROOT, **kwargs)

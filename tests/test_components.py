@@ -180,6 +180,14 @@ def test_schedule_official_formula():
         warmup_cosine_schedule(1.0, 0.0, 2, 3, warmup_epochs=3)
 
 
+def test_a_fractional_warm_up_lasts_the_nearest_whole_number_of_steps():
+    """0.7 epochs of 5 steps: 4 warm-up steps (3.5 rounds to 4), the base lr reached at the last of them."""
+    lrs = warmup_cosine_schedule(1.0, 0.0, 2, 5, warmup_epochs=0.7, start_warmup=0.1)
+    np.testing.assert_allclose(lrs[:4], [0.1, 0.4, 0.7, 1.0])
+    assert lrs[4] == 1.0 and lrs[5] < 1.0  # the cosine starts at the base lr
+    assert len(warmup_cosine_schedule(1.0, 0.0, 2, 5, warmup_epochs=0.5)) == 10
+
+
 def test_lars_fused_update_equals_the_foreach_update_when_a_parameter_starts_late():
     """The fused SGD kernel (default on CPU) gives the same parameters as the per-tensor path, also when
     one parameter gets its first gradient steps after the others (prototypes during freezing)."""
@@ -245,3 +253,46 @@ def test_lars_reuses_the_gradient_norms_of_its_finiteness_check_only_for_the_sam
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     layers[0].weight.grad = torch.full_like(layers[0].weight, float("nan"))
     assert not bool(opts[0].gradients_finite())
+
+
+# --- LARS: decay inside the trust ratio (LA1), group decay (LA4), zero gradient passes untouched (LA2),
+#     1-d parameters decayed too (LA8)
+@pytest.mark.parametrize("fused", [True, False])
+def test_lars_decay_dominated_update_groups_and_zero_gradients(fused):
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (nn.Parameter(torch.randn(10, generator=g)) for _ in range(3))
+    w = nn.Parameter(torch.randn(3, 4, generator=g))
+    opt = LARS([{"params": [a, w]}, {"params": [b], "weight_decay": 0.0}, {"params": [c]}], lr=1.0,
+               weight_decay=0.5, fused=fused)
+    grads = {p: 1e-3 * torch.randn(p.shape, generator=g) for p in (a, b, w)}
+    for p, gr in grads.items():
+        p.grad = gr.clone()
+    c.grad = torch.zeros(10)
+    before = {p: p.detach().clone() for p in (a, b, c, w)}
+    opt.step()
+    for p, wd in ((a, 0.5), (w, 0.5), (b, 0.0)):
+        (ref, _), = naive_lars_step([before[p]], [grads[p]], [None], 1.0, 0.9, wd, 0.001)
+        torch.testing.assert_close(p.detach() - before[p], ref - before[p], rtol=1e-5, atol=0)
+    assert torch.equal(c.detach(), before[c])  # LARC: no decay where ||g|| = 0
+
+
+# --- prototypes: every head re-normalised (P2)
+def test_every_prototype_head_is_normalised():
+    multi = Prototypes(16, [5, 7, 3])
+    with torch.no_grad():
+        for w in multi.weights():
+            w.mul_(3.0)
+    multi.normalize_()
+    for w in multi.weights():
+        torch.testing.assert_close(w.norm(dim=1), torch.ones(len(w)), atol=1e-6, rtol=0)
+
+
+# --- the head runs once over all crops, so its BatchNorm sees large and small crops together (SPEC §2) (MO3)
+def test_head_batch_norm_sees_all_crops_together_in_training():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = SwAVModel(tiny_backbone(), 8, hidden_dim=16, output_dim=4, num_prototypes=10).train()
+    crops = [torch.randn(3, 3, 24, 24), torch.randn(3, 3, 24, 24), torch.randn(3, 3, 12, 12), torch.randn(3, 3, 12, 12)]
+    out = model(crops)
+    feats = torch.cat([model.backbone(torch.cat(crops[:2])), model.backbone(torch.cat(crops[2:]))])
+    torch.testing.assert_close(out.embeddings, F.normalize(model.projection_head(feats), dim=1), atol=1e-6, rtol=1e-5)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from swav.loss import SwAVLoss, swav_loss
-from tests.test_sinkhorn import naive_sinkhorn
+from tests.test_sinkhorn import naive_sinkhorn, numpy_sinkhorn, one_confident_sample
 
 
 def naive_loss(scores, num_crops, assign, tau, eps, iters, queue=None):
@@ -130,3 +130,19 @@ def test_scores_of_the_wrong_shape_are_refused():
         swav_loss([torch.randn(12, 10), torch.randn(12, 10)], num_crops=4, queue_scores=[[None, None]])
     with pytest.raises(ValueError, match="not a positive multiple"):
         swav_loss(torch.randn(0, 10), num_crops=4)
+
+
+# --- loss: every hyper-parameter reaches the math (L1, L3, L4) and log_domain reaches Sinkhorn (L9)
+@pytest.mark.parametrize("tau,eps,iters", [(0.25, 0.03, 1), (0.05, 0.1, 5)])
+def test_loss_matches_naive_loop_at_other_hyperparameters(tau, eps, iters):
+    V, B, K = 4, 5, 7
+    scores = cosine_scores(V * B, K)
+    got = swav_loss(scores.double(), V, (0, 1), temperature=tau, epsilon=eps, sinkhorn_iterations=iters)
+    assert abs(got.item() - naive_loss(scores, V, (0, 1), tau, eps, iters)) < 1e-6
+
+
+def test_loss_codes_at_small_epsilon_are_exact():
+    s = one_confident_sample(B=64, K=300)
+    _, codes = swav_loss(torch.cat([s, s.flip(0)]), 2, (0,), epsilon=0.005, return_codes=True)
+    np.testing.assert_allclose(codes[0].double().numpy(), numpy_sinkhorn(s.double().numpy(), 0.005, 3),
+                               atol=1e-5, rtol=1e-3)

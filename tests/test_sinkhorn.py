@@ -153,3 +153,9 @@ def test_distributed_equals_single_process(world_size):
     for log_domain in (False, True):
         parts = run_distributed(_distributed_codes, world_size, scores, log_domain)
         torch.testing.assert_close(torch.cat(parts), single, atol=1e-6, rtol=0)
+
+
+# --- sinkhorn iterations=0 (S3)
+def test_zero_iterations_is_the_scaled_kernel():
+    s = unit_scores(7, 10).double()
+    np.testing.assert_allclose(sinkhorn_knopp(s, iterations=0).numpy(), naive_sinkhorn(s.numpy(), 0.05, 0), rtol=1e-9)

@@ -78,7 +78,7 @@ def test_resume_is_bit_identical(tmp_path, image_folder, variant, caplog):
 
 def official_lr(base, final, epochs, steps_per_epoch, warmup_epochs, start_warmup):
     """SPEC §9 written out the slow way: linear warm-up, then cosine, one value per step."""
-    warmup = int(warmup_epochs * steps_per_epoch)
+    warmup = round(warmup_epochs * steps_per_epoch)  # a fractional warm-up (the default recipe's 0.2) to the nearest step
     total = epochs * steps_per_epoch
     lrs = []
     for t in range(total):
