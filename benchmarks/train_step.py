@@ -63,14 +63,14 @@ def preset_config(name: str, batch: int | None) -> Config:
 # first and then runs the foreach SGD update, and whether the compact trunks pool their last map with a matrix
 # product (CompactResNet.MATMUL_POOL) or with adaptive_avg_pool2d
 # (fused None: LARS's own default, the fused kernel wherever PyTorch has one)
-VARIANTS = {"fp32": ("fp32", False, False, "all", None, True), "bf16": ("bf16", False, False, "all", None, True),
-            "bf16-cl-onednn": ("bf16", True, False, "none", None, True),
-            "bf16-cl-1x1": ("bf16", True, False, "1x1", None, True),
-            "bf16-cl": ("bf16", True, False, "all", None, True),
-            "bf16-cl-compile": ("bf16", True, True, "all", None, True),
-            "bf16-cl-kxk1": ("bf16", True, False, "all+kxk1", None, True),
-            "bf16-cl-unfused-lars": ("bf16", True, False, "all", False, True),
-            "bf16-cl-adaptive-pool": ("bf16", True, False, "all", None, False)}
+VARIANTS = {"fp32": ("fp32", False, False, "all", None, False), "bf16": ("bf16", False, False, "all", None, False),
+            "bf16-cl-onednn": ("bf16", True, False, "none", None, False),
+            "bf16-cl-1x1": ("bf16", True, False, "1x1", None, False),
+            "bf16-cl": ("bf16", True, False, "all", None, False),
+            "bf16-cl-compile": ("bf16", True, True, "all", None, False),
+            "bf16-cl-kxk1": ("bf16", True, False, "all+kxk1", None, False),
+            "bf16-cl-unfused-lars": ("bf16", True, False, "all", False, False),
+            "bf16-cl-matmul-pool": ("bf16", True, False, "all", None, True)}
 
 
 # how far a configuration's first step may be from the reference's (the first variant, fp32 by default) on the
@@ -100,17 +100,17 @@ def make_crops(config: Config, seed: int = 0) -> list[torch.Tensor]:
 
 
 def make_step(config: Config, model, precision: str, channels_last: bool, compile_model: bool,
-              small_map_matmul: str = "all", fused_lars: bool | None = None, matmul_pool: bool = True) -> SwAVStep:
+              small_map_matmul: str = "all", fused_lars: bool | None = None, matmul_pool: bool = False) -> SwAVStep:
     config = with_values(config, {"run.channels_last": channels_last})
     model = copy.deepcopy(model)
     kinds = {type(m) for m in model.modules()}
     if small_map_matmul != "all" and SmallMapConv2d not in kinds:
         print(f"note: small-map matmul={small_map_matmul!r} changes nothing here: this backbone has no SmallMapConv2d")
-    if not matmul_pool and CompactResNet not in kinds:
-        print("note: matmul_pool=False changes nothing here: this backbone is not a CompactResNet")
+    if matmul_pool and CompactResNet not in kinds:
+        print("note: matmul_pool=True changes nothing here: this backbone is not a CompactResNet")
     for module in model.modules():  # the others through oneDNN's convolution
-        if isinstance(module, CompactResNet) and not matmul_pool:
-            module.MATMUL_POOL = False
+        if isinstance(module, CompactResNet):
+            module.MATMUL_POOL = matmul_pool
         if not isinstance(module, SmallMapConv2d):
             continue
         if small_map_matmul == "all+kxk1":  # stride-1 3x3 ones too, whatever the CPU (the rule for AMX CPUs)
