@@ -151,6 +151,8 @@ def main() -> None:
     pipelines += [(f"FastMultiCrop ({label(s)})", fast_pipeline(s)) for s in args.colour_strategies]
     chosen = [(name, work) for name, work in pipelines if name.split(" ")[0] not in args.skip]
     # rounds: every pipeline once per round, in turn, so that drifts of a shared machine hit all of them alike
+    if not chosen:
+        parser.error("--skip leaves no pipeline to time")
     rounds = []
     for round_index in range(args.rounds):  # a different pipeline first in each round, results kept in table order
         first = round_index % len(chosen)

@@ -252,6 +252,7 @@ class DeviceMultiCrop:
         ``names`` (e.g. file paths) serve the messages. A file that cannot be decoded is None in the result
         and recorded in the tracker, or, without one, an error naming it."""
         images: list[torch.Tensor | None] = [None] * len(encoded)
+        rejected: tuple[list[int], str] | None = None  # a batch whose every JPEG the device decoder refused
         jpeg = [i for i, data in enumerate(encoded)
                 if self.device_decode and bytes(data[:3].tolist()) == _JPEG_MAGIC]
         if jpeg:
@@ -271,10 +272,8 @@ class DeviceMultiCrop:
                         raise
                     except RuntimeError:
                         pass
-                if len(jpeg) >= 4 and all(images[i] is None for i in jpeg):  # the decoder itself does not work
-                    self.device_decode = False
-                    logger.warning("the device JPEG decoder failed on all %d JPEGs of a batch (%s): decoding on "
-                                   "the CPU from now on (torchvision built without nvJPEG?)", len(jpeg), exc)
+                if len(jpeg) >= 4 and all(images[i] is None for i in jpeg):  # the decoder, or the files?
+                    rejected = (list(jpeg), str(exc))
             for i in jpeg:  # the device decoder leaves the EXIF orientation to us (load_image applies it)
                 if images[i] is not None:
                     orientation = orientations[i] if orientations is not None else self._orientation(encoded[i])
@@ -295,6 +294,13 @@ class DeviceMultiCrop:
                 self.tracker.record_bad(label, exc.reason)
                 continue
             images[i] = pil_to_tensor(pil).to(self.device, non_blocking=True)
+        if rejected is not None and sum(images[i] is not None for i in rejected[0]) * 2 >= len(rejected[0]):
+            # the CPU read most of what the device decoder refused: the decoder does not work here (a batch of
+            # corrupt files leaves it on)
+            self.device_decode = False
+            logger.warning("the device JPEG decoder failed on all %d JPEGs of a batch that the CPU decodes (%s): "
+                           "decoding on the CPU from now on (torchvision built without nvJPEG?)", len(rejected[0]),
+                           rejected[1])
         return images
 
     @staticmethod

@@ -70,6 +70,8 @@ SAME_RUN_IGNORED_KEYS = ("run.output_dir", "run.rank", "run.local_rank",
                          "run.dist_url", "run.dist_timeout_minutes", "run.world_size",
                          # what is checked before a start, not how the run trains
                          "data.check_files", "optim.lr_global_batch",
+                         # the memory layout, not what is trained (folders of older versions hold false, now null)
+                         "run.channels_last",
                          # limits of one invocation (never taken over from config.yaml), and debug hooks
                          "run.max_steps", "run.time_budget_minutes")
 

@@ -432,14 +432,15 @@ def _sync_bn_group(group_size: int, world_size: int) -> dist.ProcessGroup | None
     return group
 
 
-def _checked_precision(config: Config, raw: SwAVModel, device: torch.device) -> str:
-    """Resolve run.precision; on CPU, bf16 must give the same gradients as fp32 (see bf16_gradients_agree)."""
+def _checked_precision(config: Config, raw: SwAVModel, device: torch.device, layout: bool | None = None) -> str:
+    """Resolve run.precision; on CPU, bf16 must give the same gradients as fp32 (see bf16_gradients_agree), in the
+    memory layout ``layout`` (run.channels_last, possibly set to false for a network that cannot take it)."""
+    layout = config.run.channels_last if layout is None else layout
     precision = resolve_precision(config.run.precision, device)
     if precision != "bf16" or device.type != "cpu":
         return precision
     shapes = sorted({(config.data.channels, s, s) for s in config.crops.sizes}, reverse=True)
-    bad = bf16_gradients_agree(raw, shapes, channels_last=resolve_channels_last(config.run.channels_last, device,
-                                                                                 "bf16"))
+    bad = bf16_gradients_agree(raw, shapes, channels_last=resolve_channels_last(layout, device, "bf16"))
     if not bad:
         return precision
     if config.run.precision == "auto":
@@ -478,8 +479,19 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
     if ctx.device.type == "cuda":  # fixed crop sizes: the fastest algorithm per shape, found in the first steps
         torch.backends.cudnn.benchmark = config.run.cudnn_benchmark
     _check_model_takes_crops(raw, config, ctx.device)  # before the bf16 check on a CPU, which runs the network too
-    precision = _checked_precision(config, raw, ctx.device)
-    channels_last = resolve_channels_last(config.run.channels_last, ctx.device, precision)
+    layout = config.run.channels_last
+    if layout is not False:
+        failure = _channels_last_failure(raw, config, ctx.device)
+        if failure and layout:
+            raise ValueError(f"run.channels_last=true, but this network fails on channels-last crops ({failure}); "
+                             "set run.channels_last to false (or null: channels-last where the network takes it)")
+        if failure:
+            logger.warning("this network fails on channels-last crops (%s; e.g. a .view() of a channels-last map): "
+                           "training in the contiguous layout, which is slower on GPUs and in bf16; "
+                           "--set run.channels_last=false says so and silences this", failure)
+            layout = False
+    precision = _checked_precision(config, raw, ctx.device, layout)
+    channels_last = resolve_channels_last(layout, ctx.device, precision)
     if channels_last:
         raw.to(memory_format=torch.channels_last)  # before DDP registers the parameters
     dataset_size, samples_per_rank = data_sizes(dataset, ctx.world_size)
@@ -500,7 +512,7 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
                                       o.start_warmup)
     step_fn = SwAVStep(model, raw, _optimizer(raw, config), config=config, lr_schedule=schedule,
                        queue_length_per_rank=derived.queue_length_per_rank, precision=precision, device=ctx.device,
-                       rank=ctx.rank)
+                       rank=ctx.rank, channels_last=channels_last)
     progress = Progress()
     if found is not None:
         ckpt = partial_resume_checkpoint(found[1], config, raw, step_fn.optimizer, source=str(found[0])) \
@@ -587,6 +599,27 @@ def _check_model_takes_crops(raw: SwAVModel, config: Config, device: torch.devic
                            "or choose a convolutional backbone" if vit else
                            "Check that this network takes these crop sizes and channels")) from None
     finally:
+        raw.train(was_training)
+
+
+def _channels_last_failure(raw: SwAVModel, config: Config, device: torch.device) -> str:
+    """'' if the network takes channels-last crops (a forward of one per crop size, as above, with its weights
+    channels-last for the probe), else the error's first line: a user's network may flatten with ``.view()``."""
+    was_training = raw.training
+    raw.eval()
+    raw.to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            for size in sorted(set(config.crops.sizes)):
+                crop = torch.zeros(1, config.data.channels, size, size, device=device)
+                raw([crop.contiguous(memory_format=torch.channels_last)])
+        return ""
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    finally:
+        raw.to(memory_format=torch.contiguous_format)
         raw.train(was_training)
 
 

@@ -175,7 +175,7 @@ class SwAVStep:
 
     def __init__(self, model: nn.Module, raw_model: SwAVModel, optimizer: torch.optim.Optimizer, *,
                  config: Config, lr_schedule: np.ndarray, queue_length_per_rank: int, precision: str,
-                 device: torch.device, rank: int) -> None:
+                 device: torch.device, rank: int, channels_last: bool | None = None) -> None:
         self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
         self.config = config
         self.lr_schedule = lr_schedule
@@ -187,7 +187,10 @@ class SwAVStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.queue: EmbeddingQueue | None = None
         self.consecutive_skips = 0
-        self.channels_last = resolve_channels_last(config.run.channels_last, device, precision)
+        # the crops' layout: the engine's decision (which a network that cannot take channels-last overrides), else
+        # run.channels_last resolved
+        self.channels_last = resolve_channels_last(config.run.channels_last if channels_last is None else channels_last,
+                                                   device, precision)
         self.check_sync = resolve_check_sync(config.run.check_sync, device, optimizer, precision == "fp16")
         self._posted: _PostedFlags | None = None
         self._carried: tuple[int, bool] = (0, False)  # flags read by flush(), for the next step's output

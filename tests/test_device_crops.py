@@ -319,3 +319,14 @@ def test_a_full_gpu_is_not_taken_for_bad_files(monkeypatch) -> None:
     monkeypatch.setattr(cropper, "_device_decode", full)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         cropper([encode(smooth_image(i)) for i in range(2)], [0, 1])
+
+
+def test_a_batch_of_corrupt_jpegs_leaves_the_device_decoder_on() -> None:
+    """Files the CPU cannot read either say nothing about the decoder: it stays on."""
+    from swav.images import BadImageTracker
+
+    corrupt = [torch.frombuffer(bytearray(b"\xff\xd8\xff" + bytes([i]) * 200), dtype=torch.uint8) for i in range(4)]
+    cropper = DeviceMultiCrop(GROUPS, seed=2, tracker=BadImageTracker())
+    assert cropper.decode(corrupt) == [None] * 4 and cropper.device_decode and cropper.tracker.bad_files
+    good = cropper.decode([encode(smooth_image(i)) for i in range(4)])
+    assert all(image is not None for image in good) and cropper.cpu_decoded == 4  # the corrupt ones only

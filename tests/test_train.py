@@ -240,6 +240,37 @@ def test_the_engine_trains_bf16_channels_last_and_fp32_contiguous_by_default(tmp
         memory_format=torch.contiguous_format if precision == "bf16" else torch.channels_last)
 
 
+def view_model(spec):
+    """A user's network that flattens with .view(): it cannot take channels-last maps."""
+    class Trunk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(spec.in_channels, 2, 3, padding=1)
+
+        def forward(self, x):
+            y = nn.functional.adaptive_avg_pool2d(self.conv(x), 2)
+            return y.view(y.size(0), -1)
+    return SwAVModel(Trunk(), 8, spec.hidden_dim, spec.output_dim, spec.num_prototypes, spec.head_batch_norm)
+
+
+def test_a_network_that_cannot_take_channels_last_trains_contiguous_or_is_named(tmp_path, caplog):
+    """run.channels_last null: the engine falls back to the contiguous layout with a warning; true: a clear error
+    before anything is written. An older folder's false is the same run as today's null."""
+    config = tiny_config(tmp_path, **{"run.precision": "bf16", "optim.epochs": 1})
+    with caplog.at_level("INFO", logger="swav"):
+        result = train(config, dataset=InMemoryImages(), model_builder=view_model)
+    assert result.status == "complete" and "fails on channels-last crops" in caplog.text
+    assert "bf16, channels-last" not in caplog.text  # the log line names the layout trained in
+    assert final_state(tmp_path)["model"]["backbone.conv.weight"].is_contiguous()
+    forced = tiny_config(tmp_path / "forced", **{"run.precision": "bf16", "run.channels_last": True})
+    with pytest.raises(ValueError, match="run.channels_last=true, but this network fails on channels-last crops"):
+        train(forced, dataset=InMemoryImages(), model_builder=view_model)
+    assert not (tmp_path / "forced" / "config.yaml").exists()
+    from swav.run_folder import run_differences
+    old = config_to_dict(with_values(config, {"run.channels_last": False}))
+    assert run_differences(old, config) == []
+
+
 def dropout_model(spec):
     """tiny_model with a Dropout: its masks come from torch's global random state, which a resume restores."""
     trunk = nn.Sequential(nn.Conv2d(spec.in_channels, 6, 3, padding=1), nn.ReLU(), nn.Dropout(0.5),
