@@ -480,7 +480,8 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
         torch.backends.cudnn.benchmark = config.run.cudnn_benchmark
     _check_model_takes_crops(raw, config, ctx.device)  # before the bf16 check on a CPU, which runs the network too
     layout = config.run.channels_last
-    if layout is not False:
+    # probed only where the layout can resolve to channels-last (fp32 on a CPU stays contiguous)
+    if layout or (layout is None and (ctx.device.type == "cuda" or config.run.precision != "fp32")):
         failure = _channels_last_failure(raw, config, ctx.device)
         if failure and layout:
             raise ValueError(f"run.channels_last=true, but this network fails on channels-last crops ({failure}); "
