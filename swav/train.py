@@ -482,7 +482,8 @@ def _fit(config: Config, ctx: DistContext, out: Path, found: tuple[Path, dict] |
     layout = config.run.channels_last
     # probed only where the layout can resolve to channels-last (fp32 on a CPU stays contiguous)
     if layout or (layout is None and (ctx.device.type == "cuda" or config.run.precision != "fp32")):
-        failure = _channels_last_failure(raw, config, ctx.device)
+        probe = _crop_probe_failure(raw, config, ctx.device, channels_last=True)
+        failure = probe[1] if probe else ""
         if failure and layout:
             raise ValueError(f"run.channels_last=true, but this network fails on channels-last crops ({failure}); "
                              "set run.channels_last to false (or null: channels-last where the network takes it)")
@@ -578,50 +579,44 @@ def _warn_if_shard_layout_changed(ckpt: dict, config: Config, world_size: int, e
                        max(int(saved_workers), 1), saved_world, int(saved_workers), saved_world)
 
 
-def _check_model_takes_crops(raw: SwAVModel, config: Config, device: torch.device) -> None:
-    """One forward of one blank crop per crop size, in eval mode without gradients (no state changes), so that
-    a network that cannot take these sizes is named before anything in the run folder is written."""
+def _crop_probe_failure(raw: SwAVModel, config: Config, device: torch.device,
+                        channels_last: bool = False) -> tuple[int, str] | None:
+    """None if one forward of one blank crop per crop size works, else (the crop size, the error's first line). Eval mode without
+    gradients (no state changes); ``channels_last``: crops and weights in that layout for the probe (a user's
+    network may flatten with ``.view()``), the weights contiguous again afterwards."""
     was_training = raw.training
     raw.eval()
-    try:
-        with torch.no_grad():
-            for size in sorted(set(config.crops.sizes)):
-                try:
-                    raw([torch.zeros(1, config.data.channels, size, size, device=device)])
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except (RuntimeError, AssertionError, ValueError) as exc:
-                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    vit = str(config.model.backbone).startswith("vit")
-                    raise ValueError(
-                        f"model.backbone={config.model.backbone!r} fails on a {size}x{size} crop "
-                        f"(crops.sizes={list(config.crops.sizes)}, data.channels={config.data.channels}): {reason}. "
-                        + ("torchvision's vision transformers take only their image size, 224: make every crop 224 "
-                           "or choose a convolutional backbone" if vit else
-                           "Check that this network takes these crop sizes and channels")) from None
-    finally:
-        raw.train(was_training)
-
-
-def _channels_last_failure(raw: SwAVModel, config: Config, device: torch.device) -> str:
-    """'' if the network takes channels-last crops (a forward of one per crop size, as above, with its weights
-    channels-last for the probe), else the error's first line: a user's network may flatten with ``.view()``."""
-    was_training = raw.training
-    raw.eval()
-    raw.to(memory_format=torch.channels_last)
+    if channels_last:
+        raw.to(memory_format=torch.channels_last)
     try:
         with torch.no_grad():
             for size in sorted(set(config.crops.sizes)):
                 crop = torch.zeros(1, config.data.channels, size, size, device=device)
-                raw([crop.contiguous(memory_format=torch.channels_last)])
-        return ""
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                try:
+                    raw([crop.contiguous(memory_format=torch.channels_last) if channels_last else crop])
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except (RuntimeError, AssertionError, ValueError) as exc:
+                    return size, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None
     finally:
-        raw.to(memory_format=torch.contiguous_format)
+        if channels_last:
+            raw.to(memory_format=torch.contiguous_format)
         raw.train(was_training)
+
+
+def _check_model_takes_crops(raw: SwAVModel, config: Config, device: torch.device) -> None:
+    """A network that cannot take the crop sizes is named before anything in the run folder is written."""
+    failure = _crop_probe_failure(raw, config, device)
+    if failure:
+        size, reason = failure
+        vit = str(config.model.backbone).startswith("vit")
+        raise ValueError(
+            f"model.backbone={config.model.backbone!r} fails on a {size}x{size} crop "
+            f"(crops.sizes={list(config.crops.sizes)}, data.channels={config.data.channels}): {reason}. "
+            + ("torchvision's vision transformers take only their image size, 224: make every crop 224 "
+               "or choose a convolutional backbone" if vit else
+               "Check that this network takes these crop sizes and channels"))
 
 
 def _loop(config: Config, derived: DerivedValues, step_fn: SwAVStep, loader: TrainLoader, progress: Progress,
